@@ -1,0 +1,46 @@
+# `make demo` and `make test` work on a fresh machine: both bootstrap .venv first.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+TORCH   ?= torch==2.13.0
+# The whole suite runs its Triton kernels on CPU through Triton's interpreter.
+TEST_ENV := TRITON_INTERPRET=1 OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+
+.PHONY: bootstrap demo test test-fast bench ext cmake-test clean
+
+bootstrap: $(VENV)/.bootstrapped
+
+$(VENV)/.bootstrapped: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@# Pin a CPU torch only when none is installed (a GPU machine keeps its own).
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	@# --no-build-isolation: build unigen._C against the torch installed above.
+	$(PY) -m pip install -q --no-build-isolation -e .
+	@$(PY) -c "from unigen._extension import cpp_ops_available as a, cpp_ops_error as e; print('[unigen] C++ ops:', 'built' if a() else 'not built (' + str(e()) + ')')"
+	@touch $@
+
+demo: bootstrap
+	$(PY) -m unigen.demo
+
+test: bootstrap
+	$(TEST_ENV) $(PY) -m pytest tests -q --timeout=900
+
+test-fast: bootstrap
+	$(TEST_ENV) $(PY) -m pytest tests -q -x -m "not slow"
+
+bench: bootstrap
+	$(PY) -m pytest benchmarks --benchmark-only -q
+
+ext: bootstrap
+	$(PY) setup.py build_ext --inplace
+
+# Builds the same op library against libtorch and runs its C++ tests.
+cmake-test: bootstrap
+	cmake -S . -B cmake-build -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DCMAKE_BUILD_TYPE=Release
+	cmake --build cmake-build -j 2
+	cd cmake-build && ctest --output-on-failure
+
+clean:
+	rm -rf build cmake-build *.egg-info unigen/*.so

@@ -1,0 +1,86 @@
+"""Build and install UniGen.
+
+The C++ op library ``unigen._C`` is optional: when torch's C++ toolchain is missing or the
+build fails, the package still installs and every op falls back to its Python path.
+CUDA sources in ``csrc/cuda`` are compiled only when torch is a CUDA build and nvcc is present.
+Install with ``pip install --no-build-isolation -e .`` so the extension is built against the
+torch that is already installed (an isolated build would fetch another torch).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("UNIGEN_NO_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # torch missing: pure-Python install
+        print(f"[unigen] torch not importable ({exc}); building without unigen._C", file=sys.stderr)
+        return [], {}
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    extra_compile = {"cxx": ["-O3", "-fopenmp", "-std=c++17"]}
+    extra_link = ["-fopenmp"]
+    ext_cls = cpp_extension.CppExtension
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if cuda_sources and torch.version.cuda and cpp_extension.CUDA_HOME:
+        ext_cls = cpp_extension.CUDAExtension
+        sources += cuda_sources
+        extra_compile["nvcc"] = ["-O3"]
+    ext = ext_cls(
+        "unigen._C",
+        sources,
+        extra_compile_args=extra_compile,
+        extra_link_args=extra_link,
+    )
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """Never let a failed extension build break the install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:
+                print(f"[unigen] building unigen._C failed ({exc}); ops use their Python paths",
+                      file=sys.stderr)
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                print(f"[unigen] building {ext.name} failed ({exc}); ops use their Python paths",
+                      file=sys.stderr)
+
+    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="unigen",
+    version="0.1.0",
+    description="UniGen: a fast training core for multilingual multimodal generative pre-training",
+    python_requires=">=3.10",
+    # `kernels/` installs as the subpackage `unigen.kernels`, never as a top-level `kernels`
+    # module (PyPI's `kernels` package owns that name).
+    packages=find_packages(include=["unigen", "unigen.*"]) + ["unigen.kernels"],
+    package_dir={"unigen": "unigen", "unigen.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["torch>=2.5", "numpy", "safetensors", "pyyaml", "tqdm"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "triton>=3.6", "ninja"],
+        "model": ["transformers>=4.45", "tokenizers", "sentencepiece", "pillow"],
+        "data": ["nvidia-dali-cuda130", "webdataset", "pillow"],
+        "compare": ["liger-kernel", "cut-cross-entropy", "flash-attn", "open_clip_torch"],
+    },
+)

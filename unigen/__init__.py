@@ -1,0 +1,17 @@
+"""UniGen: unified generative pre-training for multilingual multimodal representation.
+
+The fused ops live in :mod:`unigen.kernels`; the model (``UniGen``, ``UniGenConfig``) in
+:mod:`unigen.model`. Heavy submodules are imported lazily so ``import unigen`` stays cheap.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {"UniGen": "unigen.model", "UniGenConfig": "unigen.config"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'unigen' has no attribute {name!r}")
