@@ -1,0 +1,685 @@
+"""Fused linear + vocabulary cross-entropy: ``F.cross_entropy(F.linear(h, W, b), y)`` without the
+N×V logits.
+
+Layout of this file (the house pattern):
+
+1. argument checking and the per-row loss definition shared by every backend;
+2. the readable PyTorch reference (fp32 math, vocabulary-chunked, also the CPU fallback);
+3. the Triton kernels and their launchers;
+4. the ``torch.library`` custom ops (forward, backward, fake kernels, autograd) that dispatch to
+   the reference, the Triton kernels or the C++ op ``torch.ops.unigen.fused_linear_cross_entropy``;
+5. the functional form and the ``nn.Module``.
+
+Per valid row n (target t = target[n] != ignore_index), with logits z = h_n·Wᵀ + b:
+
+    loss_n = lse(z) - (1-ε)·z_t - (ε/V)·Σ_j z_j + z_loss·lse(z)²
+
+which equals PyTorch's label-smoothed cross-entropy plus the z-loss of PaLM. The ops return the
+unreduced row losses; the reduction and ``token_weights`` are applied on top with ordinary torch
+ops, so autograd hands the backward a per-row gradient ``g_n`` and every reduction gets exact
+gradients from the same kernels:
+
+    ∂loss/∂z_nj = g_n·[softmax(z)_j·(1 + 2·z_loss·lse) - (1-ε)·[j = t] - ε/V]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from unigen._extension import cpp_ops_available
+
+from ._backend import resolve_backend, triton_available
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+
+OP = "fused_linear_cross_entropy"
+REDUCTIONS = ("mean", "sum", "none")
+
+# Vocabulary chunk of the reference and of the backward's matmuls: bounds the transient
+# [rows, chunk] buffer (8192 rows × 4096 × 4 B = 128 MiB at most in fp32 on the reference path).
+REFERENCE_VOCAB_CHUNK = 4096
+
+
+class CrossEntropyStats(NamedTuple):
+    """Per-row statistics for logging (detached, fp32/bool, 0/False on ignored rows)."""
+
+    lse: torch.Tensor  # log-sum-exp of the logits
+    correct: torch.Tensor  # argmax(logits) == target
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. argument checking
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, label_smoothing,
+                  z_loss, reduction):
+    check_tensor(hidden, "hidden", op=OP, dtypes=FLOAT_DTYPES)
+    check_tensor(weight, "weight", op=OP, ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device)
+    check_tensor(target, "target", op=OP, dtypes=INDEX_DTYPES, device=hidden.device)
+    if hidden.dim() < 1:
+        raise ValueError(f"{OP}: hidden must have shape [..., D], got a scalar")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{OP}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    vocab, dim = weight.shape
+    if hidden.shape[-1] != dim:
+        raise ValueError(f"{OP}: hidden has last dimension {hidden.shape[-1]} but weight is "
+                         f"[V={vocab}, D={dim}]")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{OP}: target shape {tuple(target.shape)} must equal hidden's leading "
+                         f"shape {tuple(hidden.shape[:-1])}")
+    if bias is not None:
+        check_tensor(bias, "bias", op=OP, ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
+        if bias.shape[0] != vocab:
+            raise ValueError(f"{OP}: bias has {bias.shape[0]} entries, weight has V={vocab} rows")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{OP}: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+    if token_weights is not None:
+        check_tensor(token_weights, "token_weights", op=OP, dtypes=FLOAT_DTYPES, device=hidden.device)
+        if tuple(token_weights.shape) != tuple(target.shape):
+            raise ValueError(f"{OP}: token_weights shape {tuple(token_weights.shape)} must equal "
+                             f"target shape {tuple(target.shape)}")
+    if target.numel() == 0:
+        raise ValueError(f"{OP}: empty batch (target has no elements)")
+    if vocab == 0 or dim == 0:
+        raise ValueError(f"{OP}: weight must be non-empty, got shape {tuple(weight.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"{OP}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not (isinstance(z_loss, (int, float)) and z_loss >= 0.0 and math.isfinite(z_loss)):
+        raise ValueError(f"{OP}: z_loss must be a finite float >= 0, got {z_loss!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_target_range(target, vocab, ignore_index)
+
+
+def _check_target_range(target, vocab, ignore_index):
+    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+    msg = f"{OP}: target values must be in [0, {vocab}) or equal ignore_index={ignore_index}"
+    if target.device.type == "cuda":
+        # A host check would sync; the device assert fails the stream with this message instead.
+        torch._assert_async(~bad.any(), msg)
+    elif bool(bad.any()):
+        first = int(bad.nonzero()[0, 0]) if target.dim() == 1 else tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{msg}; got {target[first].item() if target.dim() == 1 else target[first].item()}"
+                         f" at position {first}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. the PyTorch reference (fp32, vocabulary-chunked: never holds more than [rows, chunk])
+# ---------------------------------------------------------------------------------------------
+
+
+def _valid_rows(target, ignore_index):
+    """Indices of the rows that carry a loss: ignored rows are dropped before any matmul."""
+    return (target != ignore_index).nonzero().squeeze(1)
+
+
+def _math_dtype(dtype):
+    """fp32 math for fp16/bf16/fp32 inputs, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
+                      vocab_chunk=REFERENCE_VOCAB_CHUNK):
+    """Row losses, lse and argmax-correctness; fp32 math one vocabulary chunk at a time."""
+    n, vocab = target.shape[0], weight.shape[0]
+    acc = _math_dtype(hidden.dtype)
+    loss = hidden.new_zeros(n, dtype=acc)
+    lse_out = hidden.new_zeros(n, dtype=acc)
+    correct = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    rows = _valid_rows(target, ignore_index)
+    if rows.numel() == 0:
+        return loss, lse_out, correct
+    h = hidden.index_select(0, rows).to(acc)
+    t = target.index_select(0, rows).long()
+    m = h.new_full((rows.numel(),), -math.inf)  # running max (online log-sum-exp)
+    s = h.new_zeros(rows.numel())  # running Σ exp(z - m)
+    z_target = h.new_zeros(rows.numel())
+    z_sum = h.new_zeros(rows.numel())
+    best = h.new_full((rows.numel(),), -math.inf)
+    best_idx = torch.zeros_like(t)
+    for start in range(0, vocab, vocab_chunk):
+        stop = min(start + vocab_chunk, vocab)
+        z = h @ weight[start:stop].to(acc).t()
+        if bias is not None:
+            z += bias[start:stop].to(acc)
+        chunk_max, chunk_arg = z.max(dim=1)
+        m_new = torch.maximum(m, chunk_max)
+        s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)
+        m = m_new
+        better = chunk_max > best  # strict: the first maximum wins, as torch.argmax
+        best = torch.where(better, chunk_max, best)
+        best_idx = torch.where(better, chunk_arg + start, best_idx)
+        in_chunk = (t >= start) & (t < stop)
+        local = (t - start).clamp(0, stop - start - 1)
+        z_target += torch.where(in_chunk, z.gather(1, local[:, None]).squeeze(1), 0.0)
+        if label_smoothing > 0.0:
+            z_sum += z.sum(dim=1)
+    lse = m + torch.log(s)
+    row_loss = lse - (1.0 - label_smoothing) * z_target
+    if label_smoothing > 0.0:
+        row_loss = row_loss - (label_smoothing / vocab) * z_sum
+    if z_loss > 0.0:
+        row_loss = row_loss + z_loss * lse * lse
+    loss[rows] = row_loss
+    lse_out[rows] = lse
+    correct[rows] = best_idx == t
+    return loss, lse_out, correct
+
+
+def _logit_grad_chunk(z, lse, t_local, in_chunk, g, label_smoothing, z_loss, vocab):
+    """∂loss/∂z for one [rows, chunk] block of fp32 logits (overwrites z)."""
+    p = torch.exp(z.sub_(lse[:, None]))
+    if z_loss > 0.0:
+        p.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+    if label_smoothing > 0.0:
+        p.sub_(label_smoothing / vocab)
+    on_target = in_chunk.to(p.dtype).mul_(-(1.0 - label_smoothing))
+    p.scatter_add_(1, t_local[:, None], on_target[:, None])
+    return p.mul_(g[:, None])
+
+
+def reference_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
+                       z_loss, need_hidden, need_weight, need_bias, vocab_chunk=REFERENCE_VOCAB_CHUNK):
+    """Gradients for hidden, weight and bias given the per-row loss gradient ``grad_rows``."""
+    vocab = weight.shape[0]
+    acc = _math_dtype(hidden.dtype)
+    grad_h = torch.zeros_like(hidden, dtype=acc) if need_hidden else None
+    grad_w = torch.zeros_like(weight, dtype=acc) if need_weight else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    rows = _valid_rows(target, ignore_index)
+    if rows.numel() > 0:
+        h = hidden.index_select(0, rows).to(acc)
+        t = target.index_select(0, rows).long()
+        g = grad_rows.index_select(0, rows).to(acc)
+        row_lse = lse.index_select(0, rows).to(acc)
+        gh = torch.zeros_like(h) if need_hidden else None
+        for start in range(0, vocab, vocab_chunk):
+            stop = min(start + vocab_chunk, vocab)
+            w = weight[start:stop].to(acc)
+            z = h @ w.t()
+            if bias is not None:
+                z += bias[start:stop].to(acc)
+            in_chunk = (t >= start) & (t < stop)
+            local = (t - start).clamp(0, stop - start - 1)
+            dz = _logit_grad_chunk(z, row_lse, local, in_chunk, g, label_smoothing, z_loss, vocab)
+            if need_hidden:
+                gh += dz @ w
+            if need_weight:
+                grad_w[start:stop] = dz.t() @ h
+            if need_bias:
+                grad_b[start:stop] = dz.sum(dim=0)
+        if need_hidden:
+            grad_h[rows] = gh
+    return (
+        grad_h.to(hidden.dtype) if need_hidden else None,
+        grad_w.to(weight.dtype) if need_weight else None,
+        grad_b.to(bias.dtype) if need_bias else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _flce_forward_kernel(
+        h_ptr, w_ptr, b_ptr, target_ptr, order_ptr, n_valid_ptr,
+        part_lse_ptr, part_best_ptr, part_arg_ptr, part_zt_ptr, part_zsum_ptr,
+        n_rows, vocab, dim, vocab_per_split,
+        stride_h, stride_w,
+        HAS_BIAS: tl.constexpr, SMOOTHING: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """One program: BLOCK_N rows × one vocabulary split, online log-sum-exp over its tiles.
+
+        Rows come through ``order`` (valid rows first) and programs past ``n_valid`` exit at once,
+        so ignored rows cost nothing and no host sync is needed to count them.
+        """
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n_valid = tl.load(n_valid_ptr)
+        if pid_n * BLOCK_N >= n_valid:
+            return
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = offs_n < n_valid
+        rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0)
+        tgt = tl.load(target_ptr + rows, mask=row_mask, other=0)
+        v_begin = pid_s * vocab_per_split
+        v_end = tl.minimum(v_begin + vocab_per_split, vocab)
+
+        m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        s = tl.zeros((BLOCK_N,), tl.float32)
+        best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        best_idx = tl.zeros((BLOCK_N,), tl.int32)
+        zt = tl.zeros((BLOCK_N,), tl.float32)
+        zsum = tl.zeros((BLOCK_N,), tl.float32)
+        offs_d = tl.arange(0, BLOCK_D)
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            col_mask = offs_v < v_end
+            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+            for d0 in range(0, dim, BLOCK_D):
+                d_mask = (d0 + offs_d) < dim
+                h = tl.load(h_ptr + rows[:, None] * stride_h + (d0 + offs_d)[None, :],
+                            mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                w = tl.load(w_ptr + offs_v[:, None] * stride_w + (d0 + offs_d)[None, :],
+                            mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if SMOOTHING:
+                zsum += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
+            zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
+            acc = tl.where(col_mask[None, :], acc, float("-inf"))
+            tile_max = tl.max(acc, axis=1)
+            # first index of the tile maximum, as torch.argmax
+            tile_arg = tl.min(tl.where(acc == tile_max[:, None], offs_v[None, :], 2147483647), axis=1)
+            better = tile_max > best
+            best = tl.where(better, tile_max, best)
+            best_idx = tl.where(better, tile_arg, best_idx)
+            m_new = tl.maximum(m, tile_max)
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(acc - m_new[:, None]), axis=1)
+            m = m_new
+        out = pid_s * n_rows + offs_n
+        tl.store(part_lse_ptr + out, m + tl.log(s), mask=row_mask)
+        tl.store(part_best_ptr + out, best, mask=row_mask)
+        tl.store(part_arg_ptr + out, best_idx, mask=row_mask)
+        tl.store(part_zt_ptr + out, zt, mask=row_mask)
+        if SMOOTHING:
+            tl.store(part_zsum_ptr + out, zsum, mask=row_mask)
+
+    @triton.jit
+    def _flce_logit_grad_kernel(
+        h_ptr, w_ptr, b_ptr, target_ptr, order_ptr, n_valid_ptr, lse_ptr, grad_ptr, dz_ptr,
+        vocab, dim, v_start, chunk,
+        stride_h, stride_w, stride_dz,
+        label_smoothing, z_loss,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """∂loss/∂z for compacted rows × one vocabulary chunk, recomputing the logits tile by tile.
+
+        The logits themselves never reach memory; only this chunk's gradient does, which the
+        launcher then applies with two dense matmuls (dH += dZ·W_c, dW_c = dZᵀ·H).
+        """
+        pid_n = tl.program_id(0)
+        pid_v = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
+        offs_v = v_start + offs_c
+        n_valid = tl.load(n_valid_ptr)
+        row_mask = offs_n < n_valid
+        col_mask = (offs_c < chunk) & (offs_v < vocab)
+        if pid_n * BLOCK_N >= n_valid:
+            # rows past n_valid are ignored rows: their gradient is exactly zero
+            tl.store(dz_ptr + offs_n[:, None] * stride_dz + offs_c[None, :],
+                     tl.zeros((BLOCK_N, BLOCK_V), tl.float32).to(dz_ptr.dtype.element_ty),
+                     mask=(offs_n[:, None] < tl.num_programs(0) * BLOCK_N) & (offs_c[None, :] < chunk))
+            return
+        rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0)
+        tgt = tl.load(target_ptr + rows, mask=row_mask, other=0)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            d_mask = (d0 + offs_d) < dim
+            h = tl.load(h_ptr + rows[:, None] * stride_h + (d0 + offs_d)[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_v[:, None] * stride_w + (d0 + offs_d)[None, :],
+                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        p = tl.exp(acc - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
+        dz = p - label_smoothing / vocab - tl.where(offs_v[None, :] == tgt[:, None], 1.0 - label_smoothing, 0.0)
+        dz = tl.where(row_mask[:, None] & col_mask[None, :], dz * g[:, None], 0.0)
+        tl.store(dz_ptr + offs_n[:, None] * stride_dz + offs_c[None, :], dz.to(dz_ptr.dtype.element_ty),
+                 mask=(offs_c[None, :] < chunk) & (offs_n[:, None] < tl.num_programs(0) * BLOCK_N))
+
+
+def _triton_tiles(dtype, n_rows, dim):
+    """Tile sizes. On GPUs 64×128 logit tiles with a 64-wide K step keep the bf16 MMA units busy
+    while the fp32 accumulator fits in registers; under the CPU interpreter small tiles are faster."""
+    if _interpreting():
+        return 16, 32, 16
+    return 64, 128, 64
+
+
+def _interpreting():
+    from ._backend import triton_interpreting
+
+    return triton_interpreting()
+
+
+def _dot_precision(dtype):
+    # fp32 inputs: exact IEEE products like torch's default matmul (no silent TF32).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _compact_rows(target, ignore_index):
+    """Valid rows first, and their count as a device tensor: no host sync."""
+    valid = target != ignore_index
+    order = torch.argsort((~valid).to(torch.int8), stable=True).to(torch.int32)
+    n_valid = valid.sum(dtype=torch.int32).reshape(1)
+    return order, n_valid
+
+
+def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss):
+    n, dim = hidden.shape
+    vocab = weight.shape[0]
+    block_n, block_v, block_d = _triton_tiles(hidden.dtype, n, dim)
+    order, n_valid = _compact_rows(target, ignore_index)
+    # Split the vocabulary so that (row blocks × splits) fills the GPU even for small N; each
+    # split's partial lse is merged below (the partial buffers are [splits, N] floats: tiny).
+    row_blocks = triton.cdiv(n, block_n)
+    splits = max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(1024, row_blocks)))
+    vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
+    splits = triton.cdiv(vocab, vocab_per_split)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    part_lse = torch.full((splits, n), -math.inf, **f32)
+    part_best = torch.full((splits, n), -math.inf, **f32)
+    part_arg = torch.zeros((splits, n), dtype=torch.int32, device=hidden.device)
+    part_zt = torch.zeros((splits, n), **f32)
+    part_zsum = torch.zeros((splits, n), **f32) if label_smoothing > 0 else part_zt
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    _flce_forward_kernel[(row_blocks, splits)](
+        hidden, weight, bias if bias is not None else weight, target, order, n_valid,
+        part_lse, part_best, part_arg, part_zt, part_zsum,
+        n, vocab, dim, vocab_per_split,
+        hidden.stride(0), weight.stride(0),
+        HAS_BIAS=bias is not None, SMOOTHING=label_smoothing > 0,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+        DOT_PRECISION=_dot_precision(hidden.dtype),
+    )
+    # Partials are indexed by compacted position; scatter back to the original rows.
+    lse_c = torch.logsumexp(part_lse, dim=0)
+    best_split = part_best.argmax(dim=0, keepdim=True)  # first split wins ties, as torch.argmax
+    arg_c = part_arg.gather(0, best_split).squeeze(0)
+    zt_c = part_zt.sum(dim=0)
+    loss_c = lse_c - (1.0 - label_smoothing) * zt_c
+    if label_smoothing > 0:
+        loss_c = loss_c - (label_smoothing / vocab) * part_zsum.sum(dim=0)
+    if z_loss > 0:
+        loss_c = loss_c + z_loss * lse_c * lse_c
+    order_l = order.long()
+    valid_c = torch.arange(n, device=hidden.device) < n_valid
+    tgt_c = target.index_select(0, order_l)
+    loss = torch.zeros(n, **f32).index_put_((order_l,), torch.where(valid_c, loss_c, 0.0))
+    lse = torch.zeros(n, **f32).index_put_((order_l,), torch.where(valid_c, lse_c, 0.0))
+    correct = torch.zeros(n, dtype=torch.bool, device=hidden.device).index_put_(
+        (order_l,), valid_c & (arg_c.long() == tgt_c.long()))
+    return loss, lse, correct
+
+
+def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
+                    z_loss, need_hidden, need_weight, need_bias):
+    n, dim = hidden.shape
+    vocab = weight.shape[0]
+    block_n, block_v, block_d = _triton_tiles(hidden.dtype, n, dim)
+    order, n_valid = _compact_rows(target, ignore_index)
+    order_l = order.long()
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    grad_rows = grad_rows.contiguous().float()
+    # dZ is kept in the input precision so the two matmuls below run on tensor cores (fp32
+    # accumulation inside); the chunk bounds the transient buffer to rows × chunk elements.
+    chunk = _backward_vocab_chunk(n, vocab, hidden.element_size(), block_v)
+    dz = torch.empty((triton.cdiv(n, block_n) * block_n, chunk), dtype=hidden.dtype, device=hidden.device)
+    h_c = hidden.index_select(0, order_l)  # compacted rows: dZ row i belongs to h_c row i
+    grad_h_c = torch.zeros((n, dim), dtype=torch.float32, device=hidden.device) if need_hidden else None
+    grad_w = torch.empty_like(weight) if need_weight else None
+    grad_b = torch.empty_like(bias) if need_bias else None
+    for v_start in range(0, vocab, chunk):
+        width = min(chunk, vocab - v_start)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(width, block_v))
+        _flce_logit_grad_kernel[grid](
+            hidden, weight, bias if bias is not None else weight, target, order, n_valid, lse,
+            grad_rows, dz,
+            vocab, dim, v_start, width,
+            hidden.stride(0), weight.stride(0), dz.stride(0),
+            float(label_smoothing), float(z_loss),
+            HAS_BIAS=bias is not None,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+            DOT_PRECISION=_dot_precision(hidden.dtype),
+        )
+        dz_c = dz[:n, :width]
+        w_c = weight[v_start:v_start + width]
+        if need_hidden:
+            _accumulate_mm(grad_h_c, dz_c, w_c)
+        if need_weight:
+            torch.mm(dz_c.t(), h_c, out=grad_w[v_start:v_start + width])
+        if need_bias:
+            grad_b[v_start:v_start + width] = dz_c.float().sum(dim=0).to(bias.dtype)
+    grad_h = None
+    if need_hidden:
+        grad_h = torch.empty_like(hidden).index_put_((order_l,), grad_h_c.to(hidden.dtype))
+    return grad_h, grad_w, grad_b
+
+
+def _accumulate_mm(acc, a, b):
+    """acc (fp32) += a @ b, with one rounding per chunk at most."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:  # fp32 output straight from the tensor-core GEMM (torch >= 2.8 on CUDA)
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    acc.add_(torch.mm(a, b).float())
+
+
+def _backward_vocab_chunk(n, vocab, elem_size, block_v, budget_bytes=32 * 2**20):
+    """Largest vocabulary chunk (a multiple of the tile) whose dZ buffer fits in ~32 MiB."""
+    cols = max(block_v, (budget_bytes // max(1, n * elem_size)) // block_v * block_v)
+    return min(cols, triton.cdiv(vocab, block_v) * block_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. torch.library custom ops: one opaque node for torch.compile, autograd attached
+# ---------------------------------------------------------------------------------------------
+
+_PY_IMPLS = ("torch", "triton")
+
+
+def _forward_impl(impl):
+    if impl not in _PY_IMPLS:
+        raise ValueError(f"{OP}: unknown implementation {impl!r}")
+    return triton_forward if impl == "triton" else reference_forward
+
+
+def _backward_impl(impl):
+    if impl not in _PY_IMPLS:
+        raise ValueError(f"{OP}: unknown implementation {impl!r}")
+    return triton_backward if impl == "triton" else reference_backward
+
+
+@torch.library.custom_op("unigen::flce_forward", mutates_args=())
+def _flce_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(impl)(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss)
+
+
+@_flce_forward_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, impl):
+    n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
+            hidden.new_empty(n, dtype=torch.bool))
+
+
+@torch.library.custom_op("unigen::flce_backward", mutates_args=())
+def _flce_backward_op(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None, target: torch.Tensor, lse: torch.Tensor,
+                      ignore_index: int, label_smoothing: float, z_loss: float, impl: str,
+                      need_hidden: bool, need_weight: bool, need_bias: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _backward_impl(impl)(grad_rows, hidden, weight, bias, target, lse, ignore_index,
+                                 label_smoothing, z_loss, need_hidden, need_weight, need_bias)
+    # custom ops cannot return None: an unneeded gradient is an empty tensor
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@_flce_backward_op.register_fake
+def _(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, impl,
+      need_hidden, need_weight, need_bias):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, ignore_index, label_smoothing, z_loss = inputs[:7]
+    ctx.impl = inputs[7] if len(inputs) > 7 else "cpp"
+    ctx.ignore_index, ctx.label_smoothing, ctx.z_loss = ignore_index, label_smoothing, z_loss
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias, target, output[1])
+
+
+def _backward(ctx, grad_rows, _grad_lse, _grad_correct):
+    hidden, weight, bias, target, lse = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    if not (need_h or need_w or need_b):
+        return (None,) * (8 if ctx.impl != "cpp" else 7)
+    if ctx.impl == "cpp":
+        gh, gw, gb = torch.ops.unigen.fused_linear_cross_entropy_backward(
+            grad_rows, hidden, weight, bias, target, lse, ctx.ignore_index, ctx.label_smoothing,
+            ctx.z_loss, [need_h, need_w, need_b])
+    else:
+        gh, gw, gb = _flce_backward_op(grad_rows, hidden, weight, bias, target, lse,
+                                       ctx.ignore_index, ctx.label_smoothing, ctx.z_loss, ctx.impl,
+                                       need_h, need_w, need_b)
+    grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None,
+             None, None, None, None)
+    return grads + ((None,) if ctx.impl != "cpp" else ())
+
+
+torch.library.register_autograd("unigen::flce_forward", _backward, setup_context=_setup_context)
+
+
+def _register_cpp_op():
+    """Fake kernels and autograd for the C++ op ``torch.ops.unigen.fused_linear_cross_entropy``."""
+    @torch.library.register_fake("unigen::fused_linear_cross_entropy")
+    def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss):
+        n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
+        return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
+                hidden.new_empty(n, dtype=torch.bool))
+
+    @torch.library.register_fake("unigen::fused_linear_cross_entropy_backward")
+    def _(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing, z_loss,
+          output_mask):
+        return (torch.empty_like(hidden) if output_mask[0] else hidden.new_empty(0),
+                torch.empty_like(weight) if output_mask[1] else hidden.new_empty(0),
+                torch.empty_like(bias) if (output_mask[2] and bias is not None) else hidden.new_empty(0))
+
+    torch.library.register_autograd("unigen::fused_linear_cross_entropy", _backward,
+                                    setup_context=_setup_context)
+
+
+if cpp_ops_available():
+    _register_cpp_op()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. functional form and module
+# ---------------------------------------------------------------------------------------------
+
+
+def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
+                               label_smoothing=0.0, z_loss=0.0, token_weights=None,
+                               reduction="mean", backend="auto", return_stats=False):
+    """Loss of ``F.cross_entropy(F.linear(hidden, weight, bias), target)`` without the N×V logits.
+
+    Args:
+        hidden: ``[..., D]`` activations (fp16, bf16, fp32; fp64 on the torch and C++ paths).
+        weight: ``[V, D]`` output projection (same dtype as ``hidden``).
+        target: ``[...]`` class indices in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]``.
+        ignore_index: rows with this target carry no loss and are dropped before any matmul.
+        label_smoothing: ε of PyTorch's label smoothing (uniform over all V classes).
+        z_loss: coefficient of ``lse²`` added to every row's loss (0 disables it).
+        token_weights: optional ``[...]`` per-row weights multiplying each row's loss. With
+            ``reduction="sum"`` weights ``coef_task / n_task`` give ``Σ_task coef_task·mean_task``;
+            with ``"mean"`` the result is ``Σ w·loss / Σ w`` over non-ignored rows (PyTorch's
+            weighted-mean convention).
+        reduction: ``"mean"`` (0/0 = nan when every row is ignored, as PyTorch), ``"sum"``
+            (0 when every row is ignored) or ``"none"`` (``[...]``, 0 on ignored rows).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpp"`` (see :mod:`unigen.kernels`).
+        return_stats: also return :class:`CrossEntropyStats` (per-row lse and argmax-correctness,
+            detached) for logging.
+
+    Returns:
+        the loss in ``hidden``'s dtype, and the stats when ``return_stats``.
+    """
+    _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, label_smoothing,
+                  z_loss, reduction)
+    impl = resolve_backend(backend, hidden.device, op=OP)
+    if impl == "triton" and hidden.dtype == torch.float64:
+        raise TypeError(f"{OP}: backend='triton' supports float16, bfloat16 and float32 inputs; "
+                        f"use backend='torch' or 'cpp' for float64")
+    lead_shape = target.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = target.reshape(-1)
+    ls, zl = float(label_smoothing), float(z_loss)
+    if impl == "cpp":
+        rows, lse, correct = torch.ops.unigen.fused_linear_cross_entropy(
+            h2, weight, bias, t1, ignore_index, ls, zl)
+    else:
+        rows, lse, correct = _flce_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, impl)
+    valid = t1 != ignore_index
+    if token_weights is not None:
+        w = token_weights.reshape(-1).to(rows.dtype)
+        rows = rows * w
+        denom = torch.where(valid, w, 0.0).sum()
+    else:
+        denom = valid.sum(dtype=rows.dtype)
+    if reduction == "none":
+        loss = rows.reshape(lead_shape)
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / denom
+    loss = loss.to(hidden.dtype)
+    if return_stats:
+        return loss, CrossEntropyStats(lse.detach().reshape(lead_shape), correct.reshape(lead_shape))
+    return loss
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_cross_entropy`: a drop-in for
+    ``nn.CrossEntropyLoss()(F.linear(hidden, weight, bias), target)``."""
+
+    def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
+                 backend="auto"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, hidden, weight, target, bias=None, *, token_weights=None, return_stats=False):
+        return fused_linear_cross_entropy(
+            hidden, weight, target, bias, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, token_weights=token_weights,
+            reduction=self.reduction, backend=self.backend, return_stats=return_stats)
+
+    def extra_repr(self):
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"z_loss={self.z_loss}, reduction={self.reduction!r}, backend={self.backend!r}")
