@@ -100,13 +100,12 @@ def _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, lab
 def _check_target_range(target, vocab, ignore_index):
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     msg = f"{OP}: target values must be in [0, {vocab}) or equal ignore_index={ignore_index}"
-    if target.device.type == "cuda":
-        # A host check would sync; the device assert fails the stream with this message instead.
+    if target.device.type == "cuda" or torch.compiler.is_compiling():
+        # A host check would sync (or break the graph); the device assert fails with this message.
         torch._assert_async(~bad.any(), msg)
     elif bool(bad.any()):
-        first = int(bad.nonzero()[0, 0]) if target.dim() == 1 else tuple(bad.nonzero()[0].tolist())
-        raise ValueError(f"{msg}; got {target[first].item() if target.dim() == 1 else target[first].item()}"
-                         f" at position {first}")
+        position = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{msg}; got {target[position].item()} at position {position}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +238,7 @@ if triton_available():
         stride_h, stride_w,
         HAS_BIAS: tl.constexpr, SMOOTHING: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
         """One program: BLOCK_N rows × one vocabulary split, online log-sum-exp over its tiles.
 
@@ -275,6 +274,8 @@ if triton_available():
                             mask=row_mask[:, None] & d_mask[None, :], other=0.0)
                 w = tl.load(w_ptr + offs_v[:, None] * stride_w + (d0 + offs_d)[None, :],
                             mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                if UPCAST_DOT:
+                    h, w = h.to(tl.float32), w.to(tl.float32)
                 acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -307,7 +308,7 @@ if triton_available():
         label_smoothing, z_loss,
         HAS_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
         """∂loss/∂z for compacted rows × one vocabulary chunk, recomputing the logits tile by tile.
 
@@ -340,6 +341,8 @@ if triton_available():
                         mask=row_mask[:, None] & d_mask[None, :], other=0.0)
             w = tl.load(w_ptr + offs_v[:, None] * stride_w + (d0 + offs_d)[None, :],
                         mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                h, w = h.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -367,6 +370,12 @@ def _interpreting():
 def _dot_precision(dtype):
     # fp32 inputs: exact IEEE products like torch's default matmul (no silent TF32).
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast_dot(dtype):
+    # Triton's CPU interpreter computes bf16 tl.dot wrongly; there (only) the operands go
+    # through fp32, which is exact for bf16 values. GPUs use the native bf16 MMA.
+    return dtype == torch.bfloat16 and _interpreting()
 
 
 def _compact_rows(target, ignore_index):
@@ -403,7 +412,7 @@ def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, 
         hidden.stride(0), weight.stride(0),
         HAS_BIAS=bias is not None, SMOOTHING=label_smoothing > 0,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(hidden.dtype),
+        DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
     )
     # Partials are indexed by compacted position; scatter back to the original rows.
     lse_c = torch.logsumexp(part_lse, dim=0)
@@ -454,7 +463,7 @@ def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, 
             float(label_smoothing), float(z_loss),
             HAS_BIAS=bias is not None,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-            DOT_PRECISION=_dot_precision(hidden.dtype),
+            DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
         )
         dz_c = dz[:n, :width]
         w_c = weight[v_start:v_start + width]

@@ -1,0 +1,318 @@
+"""fused_linear_cross_entropy against F.cross_entropy(F.linear(...)) on every backend."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unigen._extension import cpp_ops_available
+from unigen.kernels import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
+from unigen.kernels._backend import triton_available
+
+BACKENDS = ["torch"]
+if cpp_ops_available():
+    BACKENDS.append("cpp")
+if triton_available():
+    BACKENDS.append("triton")
+
+# (N, D, V): V not a multiple of any block, N = 1, D not a power of two.
+SHAPES = [(1, 8, 33), (37, 19, 101), (64, 48, 257)]
+
+
+def naive_loss(hidden, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
+               z_loss=0.0, token_weights=None, reduction="mean"):
+    """The straightforward formula, in the inputs' own precision."""
+    lead = target.shape
+    hidden, target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    logits = F.linear(hidden, weight, bias)
+    rows = F.cross_entropy(logits, target, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, reduction="none")
+    valid = target != ignore_index
+    if z_loss:
+        rows = rows + z_loss * torch.where(valid, torch.logsumexp(logits, dim=-1) ** 2, 0.0)
+    if token_weights is not None:
+        rows = rows * token_weights
+        denom = torch.where(valid, token_weights, 0.0).sum()
+    else:
+        denom = valid.sum()
+    if reduction == "none":
+        return rows.reshape(lead)
+    return rows.sum() if reduction == "sum" else rows.sum() / denom
+
+
+def make_inputs(n, d, v, dtype, *, bias=True, ignore_every=5, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=g, dtype=torch.float64) / d ** 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=g, dtype=torch.float64) * 0.1).to(dtype).requires_grad_() if bias else None
+    target = torch.randint(0, v, (n,), generator=g)
+    if ignore_every and n > 1:
+        target[::ignore_every] = -100
+    return hidden, weight, b, target
+
+
+def grads(loss, inputs, upstream):
+    return torch.autograd.grad(loss, [x for x in inputs if x is not None], upstream)
+
+
+def _tol(dtype):
+    return {torch.float64: 1e-10, torch.float32: 2e-5}[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_naive_fp32_fp64(backend, shape, reduction):
+    dtypes = [torch.float32] if backend == "triton" else [torch.float64, torch.float32]
+    for dtype in dtypes:
+        hidden, weight, bias, target = make_inputs(*shape, dtype)
+        ours = fused_linear_cross_entropy(hidden, weight, target, bias, reduction=reduction,
+                                          backend=backend)
+        ref = naive_loss(hidden, weight, target, bias, reduction=reduction)
+        upstream = torch.randn_like(ref)
+        tol = _tol(dtype)
+        torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+        for a, b in zip(grads(ours, (hidden, weight, bias), upstream),
+                        grads(ref, (hidden, weight, bias), upstream)):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-3), (0.25, 1e-2)])
+def test_label_smoothing_and_z_loss(backend, label_smoothing, z_loss):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    hidden, weight, bias, target = make_inputs(29, 24, 77, dtype)
+    for reduction in ("mean", "none"):
+        ours = fused_linear_cross_entropy(hidden, weight, target, bias, label_smoothing=label_smoothing,
+                                          z_loss=z_loss, reduction=reduction, backend=backend)
+        ref = naive_loss(hidden, weight, target, bias, label_smoothing=label_smoothing,
+                         z_loss=z_loss, reduction=reduction)
+        upstream = torch.randn_like(ref)
+        torch.testing.assert_close(ours, ref, atol=_tol(dtype), rtol=_tol(dtype))
+        for a, b in zip(grads(ours, (hidden, weight, bias), upstream),
+                        grads(ref, (hidden, weight, bias), upstream)):
+            torch.testing.assert_close(a, b, atol=_tol(dtype), rtol=_tol(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_weights_give_weighted_task_means(backend):
+    """Σ_task coef·mean_task of a packed multi-task batch in one call with reduction='sum'."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    hidden, weight, _, target = make_inputs(40, 16, 61, dtype, bias=False, ignore_every=7)
+    task = torch.arange(40) % 3
+    coef = torch.tensor([1.0, 0.5, 2.0], dtype=dtype)
+    valid = target != -100
+    counts = torch.stack([((task == k) & valid).sum() for k in range(3)]).to(dtype)
+    token_weights = coef[task] / counts[task]
+    ours = fused_linear_cross_entropy(hidden, weight, target, token_weights=token_weights,
+                                      reduction="sum", backend=backend)
+    expected = sum(coef[k] * F.cross_entropy(F.linear(hidden[task == k], weight), target[task == k])
+                   for k in range(3))
+    torch.testing.assert_close(ours, expected, atol=_tol(dtype), rtol=_tol(dtype))
+    for a, b in zip(grads(ours, (hidden, weight), torch.tensor(1.0, dtype=dtype)),
+                    grads(expected, (hidden, weight), torch.tensor(1.0, dtype=dtype))):
+        torch.testing.assert_close(a, b, atol=_tol(dtype), rtol=_tol(dtype))
+    # and the weighted mean follows PyTorch's Σw·l / Σw convention
+    mean = fused_linear_cross_entropy(hidden, weight, target, token_weights=token_weights,
+                                      backend=backend)
+    torch.testing.assert_close(mean, naive_loss(hidden, weight, target, token_weights=token_weights),
+                               atol=_tol(dtype), rtol=_tol(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_magnitude_logits(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    hidden, weight, bias, target = make_inputs(19, 16, 70, dtype, scale=300.0)
+    ours = fused_linear_cross_entropy(hidden, weight, target, bias, backend=backend)
+    ref = naive_loss(hidden, weight, target, bias)
+    assert torch.isfinite(ours)
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-5)
+    for a, b in zip(grads(ours, (hidden, weight, bias), torch.ones_like(ref)),
+                    grads(ref, (hidden, weight, bias), torch.ones_like(ref))):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_and_leading_dims(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    hidden, weight, bias, target = make_inputs(3 * 11, 16, 45, dtype, ignore_every=3)
+    h3 = hidden.detach().reshape(3, 11, 16).requires_grad_()
+    t3 = target.reshape(3, 11).clone()
+    t3[t3 == -100] = 7  # a custom ignore index that is also a valid class id elsewhere
+    t3[0, 0], t3[2, 4] = 7, 7
+    ours = fused_linear_cross_entropy(h3, weight, t3, bias, ignore_index=7, reduction="none", backend=backend)
+    ref = naive_loss(h3, weight, t3, bias, ignore_index=7, reduction="none")
+    assert ours.shape == (3, 11)
+    torch.testing.assert_close(ours, ref, atol=_tol(dtype), rtol=_tol(dtype))
+    assert (ours[t3 == 7] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_rows(backend):
+    dtype = torch.float32
+    hidden, weight, bias, target = make_inputs(6, 8, 20, dtype)
+    target.fill_(-100)
+    total = fused_linear_cross_entropy(hidden, weight, target, bias, reduction="sum", backend=backend)
+    assert total.item() == 0.0
+    gh, gw, gb = grads(total, (hidden, weight, bias), torch.tensor(1.0))
+    assert not gh.any() and not gw.any() and not gb.any()
+    mean = fused_linear_cross_entropy(hidden, weight, target, bias, reduction="mean", backend=backend)
+    ref = F.cross_entropy(F.linear(hidden, weight, bias), target)
+    assert torch.isnan(mean) and torch.isnan(ref)  # PyTorch's 0/0 convention
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_error_within_2x_of_pytorch(backend, dtype):
+    """Error against an fp64 reference at most ~2× that of the same-precision PyTorch formula."""
+    if backend == "cpp" and dtype == torch.float16:
+        pytest.skip("covered by bf16; fp16 goes through the same fp32 path")
+    hidden, weight, bias, target = make_inputs(48, 32, 131, dtype, scale=2.0)
+    exact_in = [x.detach().double().requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
+    exact = naive_loss(*exact_in[:2], target, exact_in[2])
+    exact_g = grads(exact, exact_in, torch.tensor(1.0, dtype=torch.float64))
+    same = naive_loss(hidden, weight, target, bias)
+    same_g = grads(same, (hidden, weight, bias), torch.tensor(1.0, dtype=dtype))
+    ours = fused_linear_cross_entropy(hidden, weight, target, bias, backend=backend)
+    ours_g = grads(ours, (hidden, weight, bias), torch.tensor(1.0, dtype=dtype))
+    assert ours.dtype == dtype
+    err = lambda a, b: (a.double() - b).abs().max().item()
+    assert err(ours, exact) <= 2 * err(same, exact) + 1e-3
+    for o, s, e in zip(ours_g, same_g, exact_g):
+        assert err(o, e) <= 2 * err(s, e) + 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats(backend):
+    hidden, weight, bias, target = make_inputs(21, 16, 40, torch.float32)
+    loss, stats = fused_linear_cross_entropy(hidden, weight, target, bias, backend=backend, return_stats=True)
+    logits = F.linear(hidden, weight, bias).detach()
+    valid = target != -100
+    torch.testing.assert_close(stats.lse, torch.where(valid, torch.logsumexp(logits, -1), 0.0),
+                               atol=2e-5, rtol=2e-5)
+    assert torch.equal(stats.correct, valid & (logits.argmax(-1) == target))
+    assert not stats.lse.requires_grad
+
+
+def test_no_gradient_work_without_grad():
+    hidden, weight, bias, target = make_inputs(9, 8, 20, torch.float32)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden, weight, target, bias, backend="torch")
+    assert not loss.requires_grad
+
+
+def test_only_weight_requires_grad():
+    hidden, weight, bias, target = make_inputs(9, 8, 20, torch.float64)
+    hidden = hidden.detach()
+    ours = fused_linear_cross_entropy(hidden, weight, target, backend="torch")
+    ref = naive_loss(hidden, weight, target)
+    (gw,) = torch.autograd.grad(ours, weight)
+    (gw_ref,) = torch.autograd.grad(ref, weight)
+    torch.testing.assert_close(gw, gw_ref)
+
+
+def test_module_matches_functional():
+    hidden, weight, bias, target = make_inputs(13, 8, 30, torch.float64)
+    module = FusedLinearCrossEntropyLoss(label_smoothing=0.1, backend="torch")
+    torch.testing.assert_close(module(hidden, weight, target, bias),
+                               naive_loss(hidden, weight, target, bias, label_smoothing=0.1))
+    assert "label_smoothing=0.1" in repr(module)
+
+
+def test_torch_compile_without_graph_break():
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.out = torch.nn.Linear(8, 30, bias=False)
+            self.loss = FusedLinearCrossEntropyLoss(backend="torch")
+
+        def forward(self, x, y):
+            return self.loss(torch.tanh(self.proj(x)), self.out.weight, y)
+
+    torch._dynamo.reset()
+    model = Head()
+    x, y = torch.randn(12, 8), torch.randint(0, 30, (12,))
+    eager = model(x, y)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, y)
+    torch.testing.assert_close(out, eager)
+    out.backward()
+    assert model.out.weight.grad is not None
+
+
+@pytest.mark.skipif(not cpp_ops_available(), reason="unigen._C not built")
+def test_opcheck_cpp_op():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(8, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(50, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (8,), generator=g)
+    t[0] = -100
+    op = torch.ops.unigen.fused_linear_cross_entropy.default
+    torch.library.opcheck(op, (h, w, b, t, -100, 0.1, 0.01))
+    torch.library.opcheck(op, (h.detach(), w.detach(), None, t, -100, 0.0, 0.0))
+
+
+def test_opcheck_python_op():
+    h = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (8,))
+    torch.library.opcheck(torch.ops.unigen.flce_forward.default, (h, w, None, t, -100, 0.0, 0.0, "torch"))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(weight=torch.randn(30, 9)), "hidden has last dimension"),
+    (dict(target=torch.randint(0, 30, (5,))), "target shape"),
+    (dict(target=torch.tensor([0, 1, 2, 30, 4, 5, 6, 7, 8, 9, 10, 11])), r"target values must be in \[0, 30\)"),
+    (dict(target=torch.tensor([0, 1, 2, -3, 4, 5, 6, 7, 8, 9, 10, 11])), r"target values"),
+    (dict(target=torch.zeros(12)), "target must have dtype"),
+    (dict(weight=torch.randn(30, 8, dtype=torch.float64)), "weight dtype"),
+    (dict(bias=torch.randn(29)), "bias has 29 entries"),
+    (dict(token_weights=torch.ones(11)), "token_weights shape"),
+    (dict(reduction="avg"), "reduction must be one of"),
+    (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(z_loss=-1.0), "z_loss"),
+    (dict(backend="cuda"), "backend must be one of"),
+])
+def test_bad_inputs(bad, match):
+    args = dict(hidden=torch.randn(12, 8), weight=torch.randn(30, 8), target=torch.randint(0, 30, (12,)))
+    kwargs = {k: bad.pop(k) for k in list(bad) if k not in args}
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_linear_cross_entropy(args["hidden"], args["weight"], args["target"], **kwargs)
+
+
+def test_empty_batch():
+    with pytest.raises(ValueError, match="empty batch"):
+        fused_linear_cross_entropy(torch.randn(0, 8), torch.randn(30, 8), torch.zeros(0, dtype=torch.long))
+
+
+def test_triton_rejects_fp64_and_cpu_without_interpreter(monkeypatch):
+    h, w, t = torch.randn(4, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
+    if triton_available():
+        with pytest.raises(TypeError, match="float64"):
+            fused_linear_cross_entropy(h, w, t, backend="triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            fused_linear_cross_entropy(h.float(), w.float(), t, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_triton_matches_reference(dtype):
+    hidden, weight, bias, target = make_inputs(1000, 256, 5003, dtype, scale=2.0)
+    hidden, weight, bias, target = (x.detach().cuda().requires_grad_() for x in (hidden, weight, bias)), None, None, None
+    h, w, b = hidden
+    t = torch.randint(0, 5003, (1000,), device="cuda")
+    t[::3] = -100
+    ours = fused_linear_cross_entropy(h, w, t, b, label_smoothing=0.1, z_loss=1e-4, backend="triton")
+    exact_in = [x.detach().double().requires_grad_() for x in (h, w, b)]
+    exact = naive_loss(*exact_in[:2], t, exact_in[2], label_smoothing=0.1, z_loss=1e-4)
+    same = naive_loss(h, w, t, b, label_smoothing=0.1, z_loss=1e-4)
+    err = lambda a, e: (a.double() - e).abs().max().item()
+    assert err(ours, exact) <= 2 * err(same, exact) + 1e-5
+    og = grads(ours, (h, w, b), torch.tensor(1.0, device="cuda", dtype=dtype))
+    sg = grads(same, (h, w, b), torch.tensor(1.0, device="cuda", dtype=dtype))
+    eg = grads(exact, exact_in, torch.tensor(1.0, device="cuda", dtype=torch.float64))
+    for o, s, e in zip(og, sg, eg):
+        assert err(o, e) <= 2 * err(s, e) + 1e-6
