@@ -25,13 +25,13 @@ demo: bootstrap
 	$(PY) -m unigen.demo
 
 test: bootstrap
-	$(TEST_ENV) $(PY) -m pytest tests -q --timeout=900
+	$(TEST_ENV) $(VENV)/bin/pytest tests -q --timeout=900
 
 test-fast: bootstrap
-	$(TEST_ENV) $(PY) -m pytest tests -q -x -m "not slow"
+	$(TEST_ENV) $(VENV)/bin/pytest tests -q -x -m "not slow"
 
 bench: bootstrap
-	$(PY) -m pytest benchmarks --benchmark-only -q
+	$(VENV)/bin/pytest benchmarks --benchmark-only -q
 
 ext: bootstrap
 	$(PY) setup.py build_ext --inplace

@@ -80,7 +80,7 @@ setup(
         "triton": ["triton>=3.6"],
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "triton>=3.6", "ninja"],
         "model": ["transformers>=4.45", "tokenizers", "sentencepiece", "pillow"],
-        "data": ["nvidia-dali-cuda130", "webdataset", "pillow"],
+        "data": ["nvidia-dali-cuda130==2.4.0", "webdataset", "pillow"],
         "compare": ["liger-kernel", "cut-cross-entropy", "flash-attn", "open_clip_torch"],
     },
 )

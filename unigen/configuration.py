@@ -1,0 +1,399 @@
+"""Configs as nested ``@dataclass(kw_only=True)`` classes, YAML files and CLI overrides.
+
+One source of truth: the dataclass. A YAML (or JSON) file sets any subset of its fields, and
+``--section.key=value`` arguments override single fields; every value is checked against the
+field's annotation (int, float, bool, str, ``Optional``/``X | None``, ``Literal``, ``Enum``,
+``tuple``/``list``, ``dict[str, X]``, nested dataclasses). An unknown key fails with the list
+of valid keys, a bad value with the key and the expected type. The dataclass is built last, so
+its ``__post_init__`` validation runs on the resolved values. ``save_config`` writes the
+resolved config next to a run's outputs.
+
+    cfg = load_config(TrainConfig, "run.yaml", ["--optim.lr=3e-4", "--data.ratios.qus=0.5"])
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import enum
+import json
+import os
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "config_to_dict", "config_from_dict", "load_config", "save_config",
+           "apply_overrides", "parse_override_args", "config_from_argv"]
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~"}
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config dataclass.
+
+    ``kind`` is ``"key"`` (unknown key), ``"value"`` (wrong type/value), ``"missing"`` (a
+    required key is absent) or ``"invalid"`` (the dataclass's own validation failed).
+    """
+
+    def __init__(self, message: str, kind: str = "value"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        inner = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(inner) + (" or None" if type(None) in args else "")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.name) for m in tp)
+    if origin is not None:
+        args = ", ".join("..." if a is Ellipsis else _type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys in {where}: "
+                       f"{', '.join(sorted(valid))}", kind="key")
+
+
+def _coerce(value: Any, tp: Any, key: str, *, from_string: bool = False) -> Any:
+    """``value`` (parsed YAML, or the raw override string) checked and converted to ``tp``."""
+
+    def bad(extra: str = "") -> ConfigError:
+        return ConfigError(f"bad value {value!r} for {key!r}: expected {_type_name(tp)}{extra}")
+
+    if tp is Any or tp is typing.Any:
+        return yaml.safe_load(value) if from_string else value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if (value is None or (from_string and value.strip().lower() in _NONE)) \
+                and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, from_string=from_string)
+            except ConfigError:
+                continue
+        raise bad()
+    if origin is typing.Literal:
+        for choice in args:
+            if value == choice or (from_string and str(choice) == value):
+                return choice
+        raise bad()
+    if _is_dataclass_type(tp):
+        if from_string:
+            raise ConfigError(f"{key!r} is a section, not a value; set its fields with "
+                              f"--{key}.<field>=... (fields: {', '.join(sorted(_fields(tp)))})")
+        if not isinstance(value, dict):
+            raise bad(f", a mapping of its fields, got {type(value).__name__}")
+        return config_from_dict(tp, value, prefix=key)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        for m in tp:
+            if value == m.name or value == m.value or (from_string and str(m.value) == value):
+                return m
+        raise bad()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad(" (true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if from_string:
+            return str(value)
+        raise bad(f", got {type(value).__name__}")
+    if origin in (tuple, list) or tp in (tuple, list):
+        items = value
+        if from_string:
+            text = value.strip()
+            if text.startswith("["):
+                items = yaml.safe_load(text)
+            else:
+                items = [] if not text else [p.strip() for p in text.split(",")]
+            from_string = not text.startswith("[")
+        if not isinstance(items, (list, tuple)):
+            raise bad()
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise bad(f" of length {len(args)}, got {len(items)} items")
+            conv = [_coerce(v, a, f"{key}[{i}]", from_string=from_string)
+                    for i, (v, a) in enumerate(zip(items, args))]
+        else:
+            elem = args[0] if args else Any
+            conv = [_coerce(v, elem, f"{key}[{i}]", from_string=from_string)
+                    for i, v in enumerate(items)]
+        return tuple(conv) if (origin is tuple or tp is tuple) else conv
+    if origin is dict or tp is dict:
+        items = yaml.safe_load(value) if from_string else value
+        if not isinstance(items, dict):
+            raise bad()
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}")
+                for k, v in items.items()}
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise bad()
+    raise ConfigError(f"{key!r}: unsupported annotation {tp!r}")
+
+
+def config_to_dict(cfg) -> dict:
+    """A plain dict (YAML/JSON-ready: tuples become lists, enums their values)."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+        raise TypeError(f"config_to_dict needs a dataclass instance, got {type(cfg).__name__}")
+    return plain(cfg)
+
+
+def config_from_dict(cls, data: dict, *, prefix: str = ""):
+    """Build ``cls`` from a (possibly partial) dict; unknown keys and bad values raise."""
+    if not _is_dataclass_type(cls):
+        raise TypeError(f"config_from_dict needs a dataclass type, got {cls!r}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, "
+                          f"got {type(data).__name__}")
+    hints, fields = _hints(cls), _fields(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise _unknown_key(key, fields, repr(prefix) if prefix else cls.__name__)
+        kwargs[name] = _coerce(value, hints[name], key)
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix or cls.__name__}: missing required key(s) "
+                          f"{', '.join(repr(f'{prefix}.{m}' if prefix else m) for m in missing)}",
+                          kind="missing")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}", kind="invalid") from exc
+
+
+def parse_override_args(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``["--a.b=1", "--c", "2"]`` → ``[("a.b", "1"), ("c", "2")]``."""
+    out, i = [], 0
+    args = list(args)
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected an override '--section.key=value', got {arg!r}")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override {arg!r} has no value; write {arg}=VALUE")
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"malformed override key in {arg!r}")
+        out.append((key.replace("-", "_"), value))
+        i += 1
+    return out
+
+
+def apply_overrides(cls, data: dict, overrides: Sequence[str] | Sequence[tuple[str, str]]) -> dict:
+    """``data`` (a partial dict for ``cls``) with the overrides applied, each type-checked."""
+    pairs = parse_override_args(overrides) if overrides and isinstance(overrides[0], str) \
+        else list(overrides)
+    data = copy.deepcopy(data) if data else {}
+    for key, raw in pairs:
+        node_cls, node = cls, data
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            path = ".".join(parts[: depth + 1])
+            fields = _fields(node_cls)
+            if part not in fields:
+                where = repr(".".join(parts[:depth])) if depth else node_cls.__name__
+                raise _unknown_key(path, fields, where)
+            tp = _hints(node_cls)[part]
+            last = depth == len(parts) - 1
+            if last:
+                node[part] = _to_plain(_coerce(raw, tp, path, from_string=True))
+                break
+            inner = _unwrap_optional(tp)
+            if _is_dataclass_type(inner):
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node_cls, node = inner, node[part]
+                continue
+            if typing.get_origin(inner) is dict and depth == len(parts) - 2:
+                vt = typing.get_args(inner)[1] if typing.get_args(inner) else Any
+                current = node.get(part)
+                if not isinstance(current, dict):
+                    default = _field_default(node_cls, part)
+                    current = dict(default) if isinstance(default, dict) else {}
+                current[parts[-1]] = _to_plain(_coerce(raw, vt, key, from_string=True))
+                node[part] = current
+                break
+            raise ConfigError(f"{path!r} is a {_type_name(tp)} value, it has no key "
+                              f"{parts[depth + 1]!r}; write --{path}=VALUE")
+    return data
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _field_default(cls, name):
+    f = _fields(cls)[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _to_plain(v):
+    if isinstance(v, enum.Enum):
+        return v.name
+    if isinstance(v, tuple):
+        return [_to_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _to_plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_to_plain(x) for x in v]
+    return v
+
+
+def _read_file(path: str | os.PathLike) -> dict:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot parse config file ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level of a config file must be a mapping")
+    return data
+
+
+def load_config(cls, yaml_path: str | os.PathLike | None = None,
+                overrides: Sequence[str] = ()):
+    """Defaults of ``cls`` ← the YAML/JSON file ← ``--section.key=value`` overrides."""
+    data = _read_file(yaml_path) if yaml_path is not None else {}
+    if overrides:
+        # check the file's keys and values first, so its errors name the file; a missing key
+        # or a failed validation may still be fixed by the overrides
+        try:
+            config_from_dict(cls, data)
+        except ConfigError as exc:
+            if yaml_path is not None and exc.kind in ("key", "value"):
+                raise ConfigError(f"{os.fspath(yaml_path)}: {exc}", kind=exc.kind) from None
+        data = apply_overrides(cls, data, list(overrides))
+    try:
+        return config_from_dict(cls, data)
+    except ConfigError as exc:
+        if yaml_path is not None and not overrides:
+            raise ConfigError(f"{os.fspath(yaml_path)}: {exc}", kind=exc.kind) from None
+        raise
+
+
+def save_config(cfg, path: str | os.PathLike) -> str:
+    """Write the resolved config as YAML (``.yaml``/``.yml``) or JSON (``.json``)."""
+    path = os.fspath(path)
+    data = config_to_dict(cfg)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith((".yaml", ".yml")):
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    elif path.endswith(".json"):
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    else:
+        raise ValueError(f"save_config: {path!r} must end in .yaml, .yml or .json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def config_from_argv(cls, argv: Sequence[str]):
+    """``--config FILE`` (optional) plus ``--section.key=value`` overrides → a config."""
+    argv, config_path, rest, i = list(argv), None, [], 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file name")
+            config_path, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--config="):
+            config_path, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return load_config(cls, config_path, rest)

@@ -1,0 +1,77 @@
+"""From a :class:`~unigen.data.config.DataConfig` to the task streams and the mixed dataset."""
+
+from __future__ import annotations
+
+import functools
+
+from .collate import collate_task_batch
+from .config import DataConfig
+from .image_pipeline import ImageSpec, PilImageDecoder, dali_available
+from .mixing import MixedTaskDataset, TaskMixer
+from .multilingual_captions import MultilingualCaptionStream
+from .qa import QAStream
+from .sharding import ShardSpec
+from .text_pairs import CCLMTextPairStream, WikiMatrixStream
+from .tokenize import TaskTokenizer
+from .webdataset_images import ImageStore, WebdatasetImageTextStream
+
+# distinct per-task seed offsets: the shuffles of the task streams are independent
+_SEED_OFFSET = {"trans": 101, "cap": 202, "qus": 303, "match": 404}
+
+
+def build_task_streams(cfg: DataConfig, shard: ShardSpec) -> dict[str, object]:
+    """Endless, sharded streams for the tasks with a positive ratio; images stay encoded."""
+
+    def common(task):
+        return dict(seed=cfg.seed + _SEED_OFFSET[task], shuffle=cfg.shuffle,
+                    shuffle_buffer=cfg.shuffle_buffer, epochs=None, shard=shard,
+                    strict=cfg.strict)
+
+    streams: dict[str, object] = {}
+    store = None
+    if cfg.image_shards and ({"qus", "match"} & set(cfg.ratios)):
+        store = ImageStore(list(cfg.image_shards))
+    if "trans" in cfg.ratios:
+        parts = {}
+        if cfg.wikimatrix:
+            parts["wikimatrix"] = WikiMatrixStream(list(cfg.wikimatrix), min_score=cfg.min_score,
+                                                   **common("trans"))
+        if cfg.cclm_text_pairs:
+            parts["cclm"] = CCLMTextPairStream(list(cfg.cclm_text_pairs), **common("trans"))
+        # both corpora: alternate them, resumably, through a two-way mixer
+        streams["trans"] = (next(iter(parts.values())) if len(parts) == 1 else
+                            TaskMixer(parts, {k: 1.0 for k in parts}, seed=cfg.seed,
+                                      mode="interleave"))
+    if "cap" in cfg.ratios:
+        streams["cap"] = WebdatasetImageTextStream(list(cfg.image_shards), task="cap",
+                                                   **common("cap"))
+    if "qus" in cfg.ratios:
+        streams["qus"] = QAStream(list(cfg.ccqa), images=store, **common("qus"))
+    if "match" in cfg.ratios:
+        if cfg.cc6l:
+            streams["match"] = MultilingualCaptionStream(
+                list(cfg.cc6l), images=store, multilingual_fraction=cfg.multilingual_fraction,
+                languages=cfg.image_languages, task="match", **common("match"))
+        else:
+            streams["match"] = WebdatasetImageTextStream(list(cfg.image_shards), task="match",
+                                                         **common("match"))
+    return streams
+
+
+def build_mixed_dataset(cfg: DataConfig, tokenizer: TaskTokenizer, *, rank: int | None = None,
+                        world_size: int | None = None) -> MixedTaskDataset:
+    """The training dataset: ``DataLoader(ds, batch_size=None, num_workers=cfg.num_workers)``.
+
+    With the DALI backend the workers leave images encoded and the trainer calls
+    :func:`~unigen.data.collate.decode_batch_images` with a
+    :class:`~unigen.data.image_pipeline.DaliImageDecoder` in the main process; with PIL the
+    workers decode.
+    """
+    use_dali = cfg.image_backend == "dali" or (cfg.image_backend == "auto" and dali_available())
+    decoder = None if use_dali else PilImageDecoder(ImageSpec(cfg.image_size, cfg.interpolation))
+    collate = functools.partial(collate_task_batch, encoder_pad_id=tokenizer.encoder_pad_id,
+                                decoder_pad_id=tokenizer.decoder_pad_id, image_decoder=decoder)
+    return MixedTaskDataset(functools.partial(build_task_streams, cfg), cfg.ratios,
+                            batch_size=cfg.batch_size, seed=cfg.seed, mode=cfg.mixing,
+                            collate=collate, transform=tokenizer, rank=rank,
+                            world_size=world_size)

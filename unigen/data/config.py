@@ -1,0 +1,81 @@
+"""The data section of a training config (a ``@dataclass(kw_only=True)``, see
+:mod:`unigen.configuration` for YAML files and ``--data.key=value`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .mixing import validate_ratios
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    wikimatrix: tuple[str, ...] = ()
+    """WikiMatrix ``.tsv[.gz]`` files, directories or globs (translation task)."""
+    cclm_text_pairs: tuple[str, ...] = ()
+    """CCLM-style ``{source_text, target_text}`` JSON lines (translation task)."""
+    image_shards: tuple[str, ...] = ()
+    """img2dataset webdataset shards of English image–text pairs (CC3M; captioning)."""
+    cc6l: tuple[str, ...] = ()
+    """CC6L multilingual caption JSON lines (matching/contrastive); empty: CC3M pairs instead."""
+    ccqa: tuple[str, ...] = ()
+    """CCQA question-answer JSON lines keyed by image key (question answering)."""
+    ratios: dict[str, float] = field(
+        default_factory=lambda: {"trans": 1.0, "cap": 1.0, "qus": 1.0, "match": 1.0})
+    """Relative share of each task's samples in a batch (0 switches a task off)."""
+    mixing: Literal["random", "interleave"] = "random"
+    """Task draws: i.i.d. by ratio, or deterministic smooth weighted round-robin."""
+    min_score: float | None = 1.04
+    """Drop WikiMatrix rows with a lower margin score (None keeps all)."""
+    multilingual_fraction: float = 0.1
+    """Share of CC6L images used with a random non-English caption (paper §4.1: 10%)."""
+    image_languages: tuple[str, ...] | None = None
+    """Non-English CC6L languages that may be drawn (None: all present)."""
+    image_backend: Literal["auto", "dali", "pil"] = "auto"
+    """Image decoding: DALI (GPU decode when CUDA is there), PIL, or DALI when installed."""
+    image_size: int = 224
+    """Side of the square model input (paper §4.2: 224)."""
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    """Resize filter (bilinear: DALI and PIL agree within 2/255)."""
+    encoder_tokenizer: str = ""
+    """Local directory of the XLM-R-style encoder tokenizer."""
+    decoder_tokenizer: str = ""
+    """Local directory of the GPT-2-style decoder tokenizer."""
+    max_encoder_len: int = 40
+    """Encoder tokens per text (paper §4.2: 40)."""
+    max_target_len: int = 64
+    """Decoder target tokens, end-of-text included."""
+    batch_size: int = 64
+    """Samples per batch per rank (all tasks together)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle: bool = True
+    """Shuffle file order per epoch and samples through a buffer."""
+    shuffle_buffer: int = 1000
+    """Samples held by each stream's shuffle buffer."""
+    seed: int = 0
+    """Seeds shuffling, task draws and the CC6L language choice."""
+    strict: bool = True
+    """Malformed files raise (True) or their bad lines are skipped and counted (False)."""
+
+    def __post_init__(self):
+        self.ratios = validate_ratios(self.ratios)
+        if not 0.0 <= self.multilingual_fraction <= 1.0:
+            raise ValueError(f"multilingual_fraction must be in [0, 1], got "
+                             f"{self.multilingual_fraction}")
+        for name in ("image_size", "batch_size", "max_encoder_len", "max_target_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("num_workers and shuffle_buffer must be >= 0")
+        needs = {"trans": bool(self.wikimatrix or self.cclm_text_pairs),
+                 "cap": bool(self.image_shards), "qus": bool(self.ccqa and self.image_shards),
+                 "match": bool(self.image_shards)}
+        # only checked once some data is configured, so a bare DataConfig() is a valid default
+        if any((self.wikimatrix, self.cclm_text_pairs, self.image_shards, self.cc6l, self.ccqa)):
+            missing = [t for t in self.ratios if not needs[t]]
+            if missing:
+                raise ValueError(f"tasks {missing} have a positive ratio but no data: trans "
+                                 f"needs wikimatrix/cclm_text_pairs, cap and match need "
+                                 f"image_shards, qus needs ccqa and image_shards")
