@@ -1,0 +1,193 @@
+"""Packed prefix-LM attention, forward + backward: ours vs the public alternatives.
+
+The workload of the UniGen decoder: 512 samples of 75-115 tokens (prefix = 32 query tokens +
+0-40 XLM-R embeddings + the task token), 12 heads, head_dim 64, bf16, packed into one
+``[total_tokens, heads, head_dim]`` tensor. Two masks: ``causal`` (prefix_lens = 0, GPT-2 as
+pre-trained) and ``prefix`` (bidirectional prefix, prefix-LM).
+
+Providers (each skips cleanly when it cannot run here):
+
+- ``ours``: ``prefix_lm_attention(backend="triton")`` on the packed tensors;
+- ``sdpa_padded``: ``F.scaled_dot_product_attention`` on the batch padded to the longest sample
+  with a dense boolean mask ``[B, 1, L, L]`` (padding and mask built outside the timed region:
+  the padded model holds them already);
+- ``flex``: FlexAttention (compiled) on the packed tensors, the prefix-LM block mask built
+  inside the timed region as it must be for every new batch;
+- ``flash_attn``: flash-attn's varlen kernel (one causal call, or the two-call prefix-LM
+  decomposition), when flash-attn is installed;
+- ``torch_varlen``: the same over PyTorch's own varlen flash kernel, when this torch has it.
+
+Targets on a GPU (same run, same device): prefix-LM >= 1.5x FlexAttention and >= 3x padded
+SDPA; causal within 1.2x of the fastest varlen causal kernel. On CPU only a tiny case runs
+(seconds), to keep this file importable and exercised; its timings mean nothing.
+
+Each benchmark records the device, the versions and the extra peak memory of one fwd+bwd
+(``peak_mem_mb``) in ``extra_info``; ``benchmarks/conftest.py`` writes the session's table with
+the speed-up of ``ours`` over every provider of the same case. ``test_ours_tile_sweep`` times our
+kernels under other tile sizes (GPU only; its "ours" row is the default tiles).
+Run: ``pytest benchmarks/test_bench_attention.py --benchmark-only``.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.conftest import PeakMemory, bench_device, device_name, sync
+from unigen.kernels import prefix_lm_attention
+from unigen.kernels._backend import triton_available, triton_interpreting
+from unigen.kernels.prefix_lm_attention import (
+    flash_attn_available,
+    torch_varlen_available,
+    triton_backward,
+    triton_forward,
+)
+
+DEVICE = bench_device()
+CUDA = DEVICE.type == "cuda"
+
+if CUDA:
+    SHAPE = dict(samples=512, min_len=75, max_len=115, heads=12, head_dim=64, dtype=torch.bfloat16)
+    ROUNDS, WARMUP = 20, 3
+else:
+    SHAPE = dict(samples=4, min_len=6, max_len=12, heads=2, head_dim=16, dtype=torch.float32)
+    ROUNDS, WARMUP = 2, 1
+
+PROVIDERS = ["ours", "sdpa_padded", "flex", "flash_attn", "torch_varlen"]
+MASKS = ["causal", "prefix"]
+
+
+def _workload(mask):
+    g = torch.Generator().manual_seed(0)
+    n = SHAPE["samples"]
+    lengths = torch.randint(SHAPE["min_len"], SHAPE["max_len"] + 1, (n,), generator=g)
+    if mask == "causal":
+        prefixes = torch.zeros_like(lengths)
+    else:
+        # 32 query tokens + up to 40 text embeddings + the task token, never the whole sample
+        # (scaled down with the tiny CPU shape)
+        base = min(33, SHAPE["min_len"] // 2)
+        extra = torch.randint(0, max(1, min(41, SHAPE["min_len"] - base)), (n,), generator=g)
+        prefixes = torch.minimum(base + extra, lengths - 1)
+    cu = torch.zeros(n + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    T, H, D = int(cu[-1]), SHAPE["heads"], SHAPE["head_dim"]
+    q, k, v, do = (torch.randn(T, H, D, generator=g).to(DEVICE, SHAPE["dtype"]) for _ in range(4))
+    return dict(q=q, k=k, v=v, do=do, cu=cu.to(DEVICE), plen=prefixes.to(DEVICE, torch.int32),
+                lengths=lengths, max_seqlen=int(lengths.max()))
+
+
+def _padded(w):
+    """[B, H, L, D] copies of q, k, v, do and the dense boolean mask [B, 1, L, L]."""
+    lengths, L = w["lengths"], w["max_seqlen"]
+    B = lengths.numel()
+    H, D = SHAPE["heads"], SHAPE["head_dim"]
+    valid = torch.arange(L)[None, :] < lengths[:, None]
+    out = []
+    for name in ("q", "k", "v", "do"):
+        x = torch.zeros(B, L, H, D, dtype=SHAPE["dtype"], device=DEVICE)
+        x[valid.to(DEVICE)] = w[name]
+        out.append(x.transpose(1, 2).contiguous())
+    pos = torch.arange(L)
+    plen = w["plen"].cpu().long()[:, None, None]
+    qpos, kpos = pos[None, :, None], pos[None, None, :]
+    allowed = ((kpos <= qpos) | ((kpos < plen) & (qpos < plen))) & valid[:, None, :]
+    return (*out, allowed[:, None].to(DEVICE))
+
+
+def _step(provider, w):
+    """A closure running one forward + backward of ``provider``; None when it cannot run here."""
+    if provider == "sdpa_padded":
+        q, k, v, do, mask = _padded(w)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+        def run():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return torch.autograd.grad(out, (q, k, v), do)
+
+        return run
+    backend = {"ours": "triton", "flex": "flex", "flash_attn": "flash_attn",
+               "torch_varlen": "torch_varlen"}[provider]
+    if provider == "ours" and not (triton_available() and (CUDA or triton_interpreting())):
+        return None
+    if provider == "flex" and not CUDA:
+        return None  # PyTorch's FlexAttention has no CPU backward
+    if provider == "flash_attn" and not (CUDA and flash_attn_available()):
+        return None
+    if provider == "torch_varlen" and not (CUDA and torch_varlen_available()):
+        return None
+    q, k, v = (w[n].detach().requires_grad_() for n in ("q", "k", "v"))
+
+    def run():
+        out = prefix_lm_attention(q, k, v, w["cu"], w["plen"], max_seqlen=w["max_seqlen"],
+                                  backend=backend)
+        return torch.autograd.grad(out, (q, k, v), w["do"])
+
+    return run
+
+
+def _synced(fn):
+    def run():
+        fn()
+        sync(DEVICE)
+
+    return run
+
+
+def _measure(benchmark, run, **info):
+    run()  # compile / cache the mask code outside the timed rounds
+    with PeakMemory(DEVICE) as mem:
+        run()
+    benchmark.extra_info.update(
+        device=device_name(DEVICE), torch=torch.__version__, triton=_triton_version(),
+        samples=SHAPE["samples"], heads=SHAPE["heads"], head_dim=SHAPE["head_dim"],
+        dtype=str(SHAPE["dtype"]).replace("torch.", ""), peak_mem_mb=mem.extra_mb, **info,
+    )
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_attention_fwd_bwd(benchmark, provider, mask):
+    w = _workload(mask)
+    step = _step(provider, w)
+    if step is None:
+        pytest.skip(f"{provider} is not available on {DEVICE.type}")
+    _measure(benchmark, _synced(step), tokens=int(w["cu"][-1]))
+
+
+# Tile configurations of our kernels to sweep on a GPU (the first is the default, reported as
+# "ours"); the winner replaces the default in kernels/prefix_lm_attention.py::_triton_config.
+TILE_CONFIGS = {
+    "ours": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "ours_m32n64": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+    "ours_m64n32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+    "ours_m128n64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "ours_m128n32": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2),
+    "ours_m32n32": dict(BLOCK_M=32, BLOCK_N=32, num_warps=2, num_stages=2),
+}
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("provider", TILE_CONFIGS)
+def test_ours_tile_sweep(benchmark, provider, mask):
+    if not (CUDA and triton_available()):
+        pytest.skip("the tile sweep runs on a GPU only")
+    cfg = TILE_CONFIGS[provider]
+    w = _workload(mask)
+    scale = SHAPE["head_dim"] ** -0.5
+
+    def step():
+        out, lse = triton_forward(w["q"], w["k"], w["v"], w["cu"], w["plen"], scale, config=cfg)
+        return triton_backward(w["do"], w["q"], w["k"], w["v"], out, lse, w["cu"], w["plen"],
+                               scale, config=cfg)
+
+    _measure(benchmark, _synced(step), tokens=int(w["cu"][-1]), **cfg)
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None

@@ -1,0 +1,844 @@
+"""Packed variable-length prefix-LM attention (FlashAttention-2 style, in Triton).
+
+The GPT-2 decoder of UniGen sees, per sample, a prefix (visual query tokens and/or XLM-R text
+embeddings, then a task token) followed by the English target tokens: ~75-115 tokens, of very
+different lengths per task. We pack the samples of a micro-batch into one sequence of
+``total_tokens`` (sample ``i`` spans ``cu_seqlens[i]:cu_seqlens[i+1]``) and attend within each
+sample only. Token ``t`` of sample ``i`` attends to the tokens ``s`` of sample ``i`` with ``s <= t``,
+or with ``s`` and ``t`` both in the prefix (``< prefix_lens[i]``, positions counted from the sample
+start). ``prefix_lens[i] == 0`` is plain causal attention; ``prefix_lens[i] == len(sample)`` is
+fully bidirectional attention inside the sample.
+
+The key observation every path here uses: in that mask, the keys row ``t`` may attend form ONE
+contiguous range of packed positions, ``[start(t), max(t + 1, start(t) + prefix(t)))``, and the
+queries that attend key ``s`` form one contiguous range too, ``[s if s is a text token else
+start(s), end(s))``. So the mask is two integers per token, computed on the device from
+(``cu_seqlens``, ``prefix_lens``), and a block of queries only ever visits the key blocks between
+its smallest start and its largest end: tiles outside that range (other samples, the future) are
+never loaded.
+
+Layout of this file (the house pattern):
+
+1. validation, per-token sample ids and mask ranges;
+2. the readable dense-mask PyTorch reference (fp32 math) and the dense mask itself;
+3. the portable backends: SDPA on the padded batch, FlexAttention, flash-attn varlen;
+4. the Triton kernels (forward, backward preprocess, dK/dV, dQ) and their launchers;
+5. the ``torch.library`` custom ops (forward + backward, fake kernels, autograd);
+6. the functional form ``prefix_lm_attention`` and the module ``PrefixLMAttention``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import resolve_backend, triton_available, triton_interpreting
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+
+OP = "prefix_lm_attention"
+
+#: Every value ``backend=`` accepts. ``"torch"`` is the dense-mask reference (O(T^2) memory: tests
+#: and small inputs only); ``"sdpa"`` pads the batch and calls PyTorch SDPA with a boolean mask;
+#: ``"flex"`` is FlexAttention with a packed prefix-LM block mask; ``"flash_attn"`` the
+#: flash-attn varlen kernel (two calls for prefix-LM); ``"torch_varlen"`` the same decomposition
+#: over PyTorch's own varlen flash kernel; ``"cpp"`` has no implementation.
+ATTENTION_BACKENDS = ("auto", "triton", "torch", "sdpa", "flex", "flash_attn", "torch_varlen", "cpp")
+
+#: Dtypes the Triton kernels take (tl.dot has no float64 path on every GPU we target).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: Largest head_dim the Triton kernels handle (the q tile and the fp32 accumulator live in
+#: registers; beyond 256 they spill).
+TRITON_MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. validation, sample ids, per-token mask ranges
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # older torch
+        return False
+
+
+def check_cu_seqlens(cu_seqlens, prefix_lens, total_tokens: int, *, op: str = OP, max_seqlen=None,
+                     device=None):
+    """Check the shapes and the values of (``cu_seqlens``, ``prefix_lens``); raise a clear error.
+
+    The value checks read the tensors on the host (one transfer on CUDA, free on CPU).
+    """
+    check_tensor(cu_seqlens, "cu_seqlens", op=op, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    check_tensor(prefix_lens, "prefix_lens", op=op, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens must hold at least 2 values (batch of >= 1 sample), "
+                         f"got shape {tuple(cu_seqlens.shape)}")
+    if prefix_lens.numel() != cu_seqlens.numel() - 1:
+        raise ValueError(f"{op}: prefix_lens must have one value per sample (len(cu_seqlens) - 1 = "
+                         f"{cu_seqlens.numel() - 1}), got shape {tuple(prefix_lens.shape)}")
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    pl = prefix_lens.detach().to("cpu", torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0:
+        raise ValueError(f"{op}: cu_seqlens[0] must be 0, got {int(cu[0])}")
+    if int(cu[-1]) != total_tokens:
+        raise ValueError(f"{op}: cu_seqlens[-1] must equal total_tokens = {total_tokens} (the first "
+                         f"dimension of the packed tensors), got {int(cu[-1])}")
+    if bool((lengths < 0).any()):
+        i = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"{op}: cu_seqlens must be non-decreasing, but cu_seqlens[{i + 1}] = "
+                         f"{int(cu[i + 1])} < cu_seqlens[{i}] = {int(cu[i])}")
+    bad = (pl < 0) | (pl > lengths)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{op}: prefix_lens[{i}] = {int(pl[i])} must lie in [0, length of sample "
+                         f"{i} = {int(lengths[i])}]")
+    if max_seqlen is not None and lengths.numel() and int(lengths.max()) > max_seqlen:
+        i = int(torch.argmax(lengths))
+        raise ValueError(f"{op}: max_seqlen = {max_seqlen} is smaller than the length of sample "
+                         f"{i} ({int(lengths[i])})")
+
+
+def sample_ids(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """int32 [T]: the sample each packed token belongs to (no host sync: a device searchsorted)."""
+    cu = cu_seqlens.to(torch.int32)
+    tok = torch.arange(total_tokens, device=cu.device, dtype=torch.int32)
+    sid = torch.searchsorted(cu, tok, right=True) - 1
+    # Clamping keeps every later gather in bounds even for invalid cu_seqlens (validate=False).
+    return sid.clamp_(0, max(cu.numel() - 2, 0)).to(torch.int32)
+
+
+def key_ranges(cu_seqlens, prefix_lens, total_tokens: int):
+    """Per query token t: the contiguous key range ``[lo[t], hi[t])`` it may attend (int64 [T])."""
+    sid = sample_ids(cu_seqlens, total_tokens).long()
+    start = cu_seqlens.long()[sid]
+    t = torch.arange(total_tokens, device=cu_seqlens.device)
+    hi = torch.maximum(t + 1, start + prefix_lens.long()[sid])
+    return start, hi
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. the dense-mask reference
+# ---------------------------------------------------------------------------------------------
+
+
+def prefix_lm_dense_mask(cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
+                         total_tokens: int) -> torch.Tensor:
+    """bool [T, T]: ``mask[t, s]`` is True when packed token t may attend packed token s.
+
+    Written from the definition (same sample, and causal or both-in-prefix), not from the
+    contiguous-range shortcut the kernels use, so that the tests check the shortcut too.
+    """
+    check_cu_seqlens(cu_seqlens, prefix_lens, total_tokens, op="prefix_lm_dense_mask")
+    sid = sample_ids(cu_seqlens, total_tokens).long()
+    pos = torch.arange(total_tokens, device=cu_seqlens.device) - cu_seqlens.long()[sid]
+    in_prefix = pos < prefix_lens.long()[sid]
+    same_sample = sid[:, None] == sid[None, :]
+    causal = pos[None, :] <= pos[:, None]
+    both_prefix = in_prefix[:, None] & in_prefix[None, :]
+    return same_sample & (causal | both_prefix)
+
+
+def prefix_lm_attention_reference(q, k, v, cu_seqlens, prefix_lens, softmax_scale=None):
+    """The readable reference: fp32 softmax(q k^T * scale + mask) v with the dense [T, T] mask.
+
+    O(heads * T^2) memory: meant for tests and small inputs. Differentiable by autograd.
+    """
+    T, _, D = q.shape
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    mask = prefix_lm_dense_mask(cu_seqlens, prefix_lens, T)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("thd,shd->hts", q.to(compute), k.to(compute)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hts,shd->thd", probs, v.to(compute))
+    return out.to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. portable backends
+# ---------------------------------------------------------------------------------------------
+
+
+def _padded_index(cu_seqlens, total_tokens: int, max_seqlen: int):
+    """Index maps between packed [T] and padded [B, L] layouts, built on device without syncs.
+
+    Returns (gather [B, L] int64 packed index of each padded slot, clamped in bounds;
+    valid [B, L] bool; scatter [T] int64 flat padded index of each packed token).
+    """
+    B = cu_seqlens.numel() - 1
+    cu = cu_seqlens.long()
+    pos = torch.arange(max_seqlen, device=cu.device)
+    lengths = cu[1:] - cu[:-1]
+    valid = pos[None, :] < lengths[:, None]
+    gather = (cu[:-1, None] + pos[None, :]).clamp_(0, max(total_tokens - 1, 0))
+    sid = sample_ids(cu_seqlens, total_tokens).long()
+    tok = torch.arange(total_tokens, device=cu.device)
+    # clamped: with validate=False and a too small max_seqlen, wrong numbers but no bad index
+    scatter = (sid * max_seqlen + (tok - cu[sid])).clamp_(0, max(B * max_seqlen - 1, 0))
+    return gather, valid, scatter, B
+
+
+def _sdpa_forward(q, k, v, cu_seqlens, prefix_lens, max_seqlen, scale):
+    """SDPA on the padded batch [B, H, L, D] with a boolean prefix-LM mask [B, 1, L, L]."""
+    T, H, D = q.shape
+    gather, valid, scatter, B = _padded_index(cu_seqlens, T, max_seqlen)
+    L = max_seqlen
+
+    def to_padded(x):
+        x = x[gather.reshape(-1)].reshape(B, L, H, D)
+        # zero the pad slots (they were filled from clamped indices) so no gradient leaks there
+        x = torch.where(valid[:, :, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x.transpose(1, 2)
+
+    pos = torch.arange(L, device=q.device)
+    plen = prefix_lens.long()[:, None, None]
+    qpos, kpos = pos[None, :, None], pos[None, None, :]
+    # Pad query rows keep every real key (kpos <= qpos), so no row is fully masked (a fully masked
+    # row is NaN in some SDPA kernels); their outputs are dropped and get zero gradient.
+    allowed = ((kpos <= qpos) | ((kpos < plen) & (qpos < plen))) & valid[:, None, :]
+    out = F.scaled_dot_product_attention(to_padded(q), to_padded(k), to_padded(v),
+                                         attn_mask=allowed[:, None], scale=scale)
+    return out.transpose(1, 2).reshape(B * L, H, D)[scatter]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # default dynamism: the packed token count changes every batch, and after the first
+    # recompile dynamo marks it dynamic instead of compiling once per count
+    return torch.compile(flex_attention)
+
+
+def flex_block_mask(cu_seqlens, prefix_lens, total_tokens: int, *, block_size: int = 128):
+    """FlexAttention BlockMask of the packed prefix-LM mask (built from the per-token ranges)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lo, hi = key_ranges(cu_seqlens, prefix_lens, total_tokens)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= lo[q_idx]) & (kv_idx < hi[q_idx])
+
+    # compiled mask construction on GPU: the eager path evaluates the mask_mod on all T x T pairs
+    return create_block_mask(mask_mod, None, None, total_tokens, total_tokens,
+                             device=cu_seqlens.device, BLOCK_SIZE=block_size,
+                             _compile=cu_seqlens.is_cuda)
+
+
+def _flex_forward(q, k, v, cu_seqlens, prefix_lens, scale):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
+            x.requires_grad for x in (q, k, v)):
+        raise NotImplementedError(f"{OP}: backend='flex' has no backward on CPU in PyTorch's "
+                                  "FlexAttention; use backend='sdpa' (or run without grad)")
+    T = q.shape[0]
+    block_mask = flex_block_mask(cu_seqlens, prefix_lens, T)
+    # On GPU FlexAttention is only fast compiled; on CPU the eager (unfused) path is exact and
+    # avoids a compile per new shape.
+    fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    out = fn(qh, kh, vh, block_mask=block_mask, scale=scale)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _load_flash_attn_varlen():
+    """flash-attn is optional and never imported at module import time."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as exc:
+        raise RuntimeError(f"{OP}: backend='flash_attn' needs the flash-attn package "
+                           f"(pip install flash-attn): {exc}") from exc
+    return flash_attn_varlen_func
+
+
+def _load_torch_varlen():
+    """PyTorch's own flash varlen kernel (``torch.nn.attention.varlen``, CUDA, torch >= 2.10),
+    adapted to flash_attn_varlen_func's calling convention."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        raise RuntimeError(f"{OP}: backend='torch_varlen' needs torch.nn.attention.varlen "
+                           f"(PyTorch >= 2.10): {exc}") from exc
+    import inspect
+
+    params = inspect.signature(varlen_attn).parameters
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False):
+        kwargs = {}
+        if "window_size" in params:  # newer torch: causal = window (-1, 0)
+            kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+        else:
+            kwargs["is_causal"] = causal
+        if "scale" in params:
+            kwargs["scale"] = softmax_scale
+        elif softmax_scale is not None and not math.isclose(softmax_scale, q.shape[-1] ** -0.5):
+            raise ValueError(f"{OP}: this torch's varlen_attn has no scale argument; "
+                             "backend='torch_varlen' needs softmax_scale = 1/sqrt(head_dim)")
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+    return varlen
+
+
+def torch_varlen_available() -> bool:
+    try:
+        _load_torch_varlen()
+        return torch.cuda.is_available()
+    except RuntimeError:
+        return False
+
+
+def flash_attn_available() -> bool:
+    try:
+        _load_flash_attn_varlen()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _flash_attn_forward(q, k, v, cu_seqlens, prefix_lens, max_seqlen, scale, varlen_fn=None):
+    """flash-attn varlen; prefix-LM as two calls.
+
+    Text queries see every earlier key, prefix included: one causal call over whole samples
+    gives them exactly (its prefix rows are discarded). Prefix queries see exactly the prefix
+    keys of their sample: one non-causal call over the packed prefixes. Selecting the prefix
+    tokens needs their count on the host: this backend syncs once per call.
+    """
+    fn = varlen_fn or _load_flash_attn_varlen()
+    cu = cu_seqlens.to(torch.int32)
+    out = fn(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+    T = q.shape[0]
+    sid = sample_ids(cu, T).long()
+    pos = torch.arange(T, device=q.device) - cu.long()[sid]
+    in_prefix = pos < prefix_lens.long()[sid]
+    idx = torch.nonzero(in_prefix).squeeze(1)  # host sync (the output size)
+    if idx.numel() == 0:
+        return out
+    cu_prefix = F.pad(torch.cumsum(prefix_lens.to(torch.int32), 0, dtype=torch.int32), (1, 0))
+    max_prefix = max_seqlen  # an upper bound is all flash-attn needs
+    out_prefix = fn(q[idx], k[idx], v[idx], cu_prefix, cu_prefix, max_prefix, max_prefix,
+                    softmax_scale=scale, causal=False)
+    return out.index_copy(0, idx, out_prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _mm(a, b, DOT: tl.constexpr):
+        # DOT = 0: tensor-core dot of fp16/bf16 tiles, fp32 accumulation.
+        # DOT = 1: fp32 inputs, full-precision products (a TF32 dot would cost ~1e-3 relative
+        #          error and break parity with the fp32 reference).
+        # DOT = 2: bf16 under TRITON_INTERPRET=1, whose bf16 dot returns garbage (triton 3.9):
+        #          the bf16 values upcast exactly, so the fp32 dot gives the same products.
+        if DOT == 0:
+            c = tl.dot(a, b)
+        elif DOT == 1:
+            c = tl.dot(a, b, input_precision="ieee")
+        else:
+            c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return c
+
+    @triton.jit
+    def _rne(x, DOT: tl.constexpr):
+        # Under TRITON_INTERPRET=1 (DOT = 2), fp32 -> bf16 casts truncate, doubling bf16 error
+        # compared with the GPU's round-to-nearest-even: round the fp32 bits here so that the
+        # following truncating cast is exact. On a GPU this is the identity.
+        if DOT == 2:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x
+
+    @triton.jit
+    def _row_key_range(SEQ_ID, CU, PLEN, offs_m, T):
+        """Per query row: [lo, hi) of the keys it may attend (clamped: memory-safe on bad input)."""
+        row_ok = offs_m < T
+        sid = tl.load(SEQ_ID + offs_m, mask=row_ok, other=0)
+        start = tl.load(CU + sid, mask=row_ok, other=0)
+        plen = tl.load(PLEN + sid, mask=row_ok, other=0)
+        lo = tl.minimum(tl.maximum(start, 0), offs_m)
+        hi = tl.minimum(tl.maximum(offs_m + 1, start + plen), T)
+        lo = tl.where(row_ok, lo, T)
+        hi = tl.where(row_ok, hi, 0)
+        return lo, hi
+
+    @triton.jit
+    def _col_query_range(SEQ_ID, CU, PLEN, offs_n, T):
+        """Per key column s: [lo, hi) of the queries that attend it (mirror of _row_key_range)."""
+        col_ok = offs_n < T
+        sid = tl.load(SEQ_ID + offs_n, mask=col_ok, other=0)
+        start = tl.load(CU + sid, mask=col_ok, other=0)
+        end = tl.load(CU + sid + 1, mask=col_ok, other=0)
+        plen = tl.load(PLEN + sid, mask=col_ok, other=0)
+        # a prefix key is seen by the whole sample, a text key by itself and what follows
+        lo = tl.where(offs_n < start + plen, start, offs_n)
+        lo = tl.minimum(tl.maximum(lo, 0), offs_n)
+        hi = tl.minimum(tl.maximum(end, offs_n + 1), T)
+        lo = tl.where(col_ok, lo, T)
+        hi = tl.where(col_ok, hi, 0)
+        return lo, hi
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, O, LSE, SEQ_ID, CU, PLEN,
+        T, qk_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    ):
+        # grid = (query blocks over the packed tokens, heads). A block may straddle several short
+        # samples: every row carries its own key range, and the block visits the union.
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < T
+        d_ok = offs_d < HEAD_DIM
+        lo_m, hi_m = _row_key_range(SEQ_ID, CU, PLEN, offs_m, T)
+        lo = tl.min(lo_m, axis=0)
+        hi = tl.max(hi_m, axis=0)
+
+        rows = offs_m.to(tl.int64)
+        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # Online softmax in base 2: qk_scale already holds softmax_scale * log2(e), so exp2 is
+        # one instruction and the stored LSE is in log2 units as well.
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            cols = offs_n.to(tl.int64)
+            col_ok = offs_n < hi
+            k = tl.load(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + cols[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            s = _mm(q, tl.trans(k), DOT) * qk_scale
+            allowed = (offs_n[None, :] >= lo_m[:, None]) & (offs_n[None, :] < hi_m[:, None])
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # a row with no allowed key yet keeps m = -inf: shift by 0 instead (no inf - inf NaN)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _mm(_rne(p, DOT).to(v.dtype), v, DOT)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        acc = acc / l_safe[:, None]
+        tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 _rne(acc, DOT).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + h * T + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
+
+    @triton.jit
+    def _bwd_preprocess_kernel(
+        O, DO, DELTA, T,
+        stride_ot, stride_oh, stride_dot, stride_doh,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # delta = rowsum(dO * O) in fp32: the softmax-backward term shared by dK/dV and dQ.
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        rows = offs_m.to(tl.int64)
+        o = tl.load(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        tl.store(DELTA + h * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_ID, CU, PLEN,
+        T, qk_scale, sm_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    ):
+        # grid = (key blocks, heads); each program owns dK, dV of its keys (no atomics) and
+        # visits only the query blocks that attend them: the rest of the sample after a text
+        # key, the whole sample for a prefix key.
+        pid_n = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = offs_n < T
+        d_ok = offs_d < HEAD_DIM
+        lo_n, hi_n = _col_query_range(SEQ_ID, CU, PLEN, offs_n, T)
+        lo = tl.min(lo_n, axis=0)
+        hi = tl.max(hi_n, axis=0)
+
+        cols = offs_n.to(tl.int64)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            rows = offs_m.to(tl.int64)
+            row_ok = offs_m < hi
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                        mask=q_mask, other=0.0)
+            do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                         mask=q_mask, other=0.0)
+            lse = tl.load(LSE + h * T + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + h * T + offs_m, mask=row_ok, other=0.0)
+            # work on the transposed tile (keys x queries) so dK and dV come out of plain dots
+            s_t = _mm(k, tl.trans(q), DOT) * qk_scale
+            allowed = (offs_m[None, :] >= lo_n[:, None]) & (offs_m[None, :] < hi_n[:, None])
+            p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
+            dv += _mm(_rne(p_t, DOT).to(do.dtype), do, DOT)
+            dp_t = _mm(v, tl.trans(do), DOT)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _mm(_rne(ds_t, DOT).to(q.dtype), q, DOT)
+        dk = dk * sm_scale
+        tl.store(DK + cols[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :],
+                 _rne(dk, DOT).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + cols[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :],
+                 _rne(dv, DOT).to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _bwd_dq_kernel(
+        Q, K, V, DO, DQ, LSE, DELTA, SEQ_ID, CU, PLEN,
+        T, qk_scale, sm_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_dot, stride_doh, stride_dqt, stride_dqh,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    ):
+        # grid = (query blocks, heads), the same key ranges as the forward; recomputes P from
+        # the saved LSE instead of storing it.
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < T
+        d_ok = offs_d < HEAD_DIM
+        lo_m, hi_m = _row_key_range(SEQ_ID, CU, PLEN, offs_m, T)
+        lo = tl.min(lo_m, axis=0)
+        hi = tl.max(hi_m, axis=0)
+
+        rows = offs_m.to(tl.int64)
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask,
+                    other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                     mask=q_mask, other=0.0)
+        lse = tl.load(LSE + h * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + h * T + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            cols = offs_n.to(tl.int64)
+            col_ok = offs_n < hi
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + cols[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            s = _mm(q, tl.trans(k), DOT) * qk_scale
+            allowed = (offs_n[None, :] >= lo_m[:, None]) & (offs_n[None, :] < hi_m[:, None])
+            p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+            dp = _mm(do, tl.trans(v), DOT)
+            ds = p * (dp - delta[:, None])
+            dq += _mm(_rne(ds, DOT).to(k.dtype), k, DOT)
+        dq = dq * sm_scale
+        tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
+                 _rne(dq, DOT).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+_LOG2E = 1.4426950408889634
+# read once: torch.compile traces _resolve and would warn about the lru_cache of the function
+_HAS_TRITON = triton_available()
+
+
+def _triton_config(head_dim: int, override: dict | None = None) -> dict:
+    """Tile sizes for ~100-token samples.
+
+    BLOCK_M = 64 query rows: a block spans at most two or three samples, so the keys it visits
+    but mostly masks (the beginning of the sample its first row sits in) stay under one tile;
+    128-row blocks would double that waste for 75-115-token samples and halve the programs
+    (T = 48k tokens x 12 heads still gives ~9k programs at 64). BLOCK_N = 64 keys: two key tiles
+    cover a typical row's range. head_dim 128 keeps the same tiles (q, k, v tiles of 64 x 128
+    bf16 = 16 KiB each fit the shared memory twice over for a 2-stage pipeline) with 8 warps to
+    hold the 64 x 128 fp32 accumulator in registers. These were chosen by reasoning, not yet
+    swept on a GPU; ``override`` lets the benchmarks and tests try others.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d,
+               num_warps=4 if block_d <= 64 else 8, num_stages=3 if block_d <= 64 else 2)
+    if override:
+        cfg.update(override)
+    return cfg
+
+
+def _dot_mode(dtype) -> int:
+    if dtype == torch.float32:
+        return 1
+    if dtype == torch.bfloat16 and triton_interpreting():
+        return 2
+    return 0
+
+
+def _triton_meta(cu_seqlens, prefix_lens, T):
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    plen = prefix_lens.to(torch.int32).contiguous()
+    return sample_ids(cu, T).contiguous(), cu, plen
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def triton_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale: float, config=None):
+    """Launch the forward kernel. Returns (out [T, H, D], lse [H, T] fp32, log2 units)."""
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    T, H, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
+    if T == 0 or H == 0:
+        return out, lse
+    seq_id, cu, plen = _triton_meta(cu_seqlens, prefix_lens, T)
+    cfg = _triton_config(D, config)
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]), H)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, seq_id, cu, plen,
+        T, softmax_scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        DOT=_dot_mode(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scale: float,
+                    config=None):
+    """Launch preprocess, dK/dV and dQ kernels. Returns (dq, dk, dv)."""
+    do, q, k, v, out = (_last_dim_contiguous(x) for x in (do, q, k, v, out))
+    T, H, D = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if T == 0 or H == 0:
+        return dq, dk, dv
+    seq_id, cu, plen = _triton_meta(cu_seqlens, prefix_lens, T)
+    cfg = _triton_config(D, config)
+    dot = _dot_mode(q.dtype)
+    delta = torch.empty((H, T), device=q.device, dtype=torch.float32)
+    _bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), H)](
+        out, do, delta, T, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+    )
+    qk_scale = softmax_scale * _LOG2E
+    _bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), H)](
+        q, k, v, do, dk, dv, lse, delta, seq_id, cu, plen,
+        T, qk_scale, softmax_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        DOT=dot, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), H)](
+        q, k, v, do, dq, lse, delta, seq_id, cu, plen,
+        T, qk_scale, softmax_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        DOT=dot, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. torch.library custom ops: torch.compile sees two opaque ops with fake kernels and an
+#    autograd formula, so it traces through without graph breaks.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("unigen::prefix_lm_attention_fwd", mutates_args=())
+def _prefix_lm_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
+                                max_seqlen: int, softmax_scale: float
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    return triton_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale)
+
+
+@_prefix_lm_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale):
+    T, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("unigen::prefix_lm_attention_bwd", mutates_args=())
+def _prefix_lm_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
+                                max_seqlen: int, softmax_scale: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scale)
+
+
+@_prefix_lm_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens, prefix_lens, max_seqlen, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, prefix_lens)
+    ctx.max_seqlen = max_seqlen
+    ctx.softmax_scale = softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens, prefix_lens = ctx.saved_tensors
+    dq, dk, dv = _prefix_lm_attention_bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens,
+                                             prefix_lens, ctx.max_seqlen, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_prefix_lm_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve(backend: str, q: torch.Tensor) -> str:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"{OP}: backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if q.is_cuda:
+            if _HAS_TRITON and q.dtype in TRITON_DTYPES and q.shape[-1] <= TRITON_MAX_HEAD_DIM:
+                return "triton"
+            if flash_attn_available() and q.dtype in (torch.float16, torch.bfloat16):
+                return "flash_attn"
+        # CPU (even under TRITON_INTERPRET=1, whose kernels are slow): SDPA on the padded batch
+        # is the fastest exact portable path (B * L^2 scores instead of the reference's T^2).
+        return "sdpa"
+    if backend in ("triton", "cpp"):
+        if backend == "cpp" or not _HAS_TRITON or not (q.is_cuda or triton_interpreting()):
+            resolve_backend(backend, q.device, op=OP, has_cpp=False)  # raises the clear errors
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"{OP}: backend='triton' takes float16, bfloat16 or float32 q, k, v; "
+                            f"got {str(q.dtype).replace('torch.', '')}")
+        if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"{OP}: backend='triton' supports head_dim <= {TRITON_MAX_HEAD_DIM}, "
+                             f"got {q.shape[-1]}")
+    if backend in ("flash_attn", "torch_varlen"):
+        (_load_flash_attn_varlen if backend == "flash_attn" else _load_torch_varlen)()
+        if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"{OP}: backend={backend!r} needs float16/bfloat16 CUDA tensors, got "
+                             f"{str(q.dtype).replace('torch.', '')} on {q.device.type}")
+    return backend
+
+
+def prefix_lm_attention(q, k, v, cu_seqlens, prefix_lens, *, max_seqlen, softmax_scale=None,
+                        backend="auto", validate=None):
+    """Packed variable-length prefix-LM attention.
+
+    Args:
+        q, k, v: ``[total_tokens, heads, head_dim]``, same shape, dtype and device
+            (float16/bfloat16/float32; float64 on the PyTorch backends only).
+        cu_seqlens: int32/int64 ``[B + 1]``: sample i spans ``cu_seqlens[i]:cu_seqlens[i+1]``;
+            ``cu_seqlens[0] = 0``, non-decreasing, ``cu_seqlens[-1] = total_tokens``.
+        prefix_lens: int32/int64 ``[B]``, ``0 <= prefix_lens[i] <= len(sample i)``: the first
+            ``prefix_lens[i]`` tokens of sample i attend each other bidirectionally; every later
+            token attends the prefix and the tokens before it. 0 is plain causal attention.
+        max_seqlen: Python int, at least the longest sample (the padded backends pad to it).
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        backend: one of :data:`ATTENTION_BACKENDS`.
+        validate: check the values of ``cu_seqlens``/``prefix_lens``/``max_seqlen`` (reads them
+            on the host). ``None`` = on CPU tensors only, never inside ``torch.compile``; on CUDA
+            the check would cost a device sync per call, so it is off unless asked for (the
+            Triton kernels clamp every index, so bad values give wrong numbers, never a crash).
+
+    Returns:
+        ``[total_tokens, heads, head_dim]`` in the dtype of ``q``.
+    """
+    check_tensor(q, "q", op=OP, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor(k, "k", op=OP, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
+    check_tensor(v, "v", op=OP, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{OP}: {name} must have the shape of q {tuple(q.shape)}, got "
+                             f"{tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{OP}: {name} must have the dtype of q "
+                            f"({str(q.dtype).replace('torch.', '')}), got "
+                            f"{str(x.dtype).replace('torch.', '')}")
+    check_tensor(cu_seqlens, "cu_seqlens", op=OP, ndim=1, dtypes=INDEX_DTYPES, device=q.device)
+    check_tensor(prefix_lens, "prefix_lens", op=OP, ndim=1, dtypes=INDEX_DTYPES, device=q.device)
+    if prefix_lens.numel() != cu_seqlens.numel() - 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{OP}: cu_seqlens [B + 1] and prefix_lens [B] disagree: shapes "
+                         f"{tuple(cu_seqlens.shape)} and {tuple(prefix_lens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"{OP}: max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    elif not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) \
+            or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"{OP}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    softmax_scale = float(softmax_scale)
+    T = q.shape[0]
+    if validate is None:
+        validate = q.device.type == "cpu" and not _is_compiling()
+    if validate:
+        check_cu_seqlens(cu_seqlens, prefix_lens, T, max_seqlen=max_seqlen)
+
+    be = _resolve(backend, q)
+    if be == "triton":
+        out, _ = _prefix_lm_attention_fwd_op(q, k, v, cu_seqlens, prefix_lens, max_seqlen,
+                                             softmax_scale)
+        return out
+    if be == "torch":
+        return prefix_lm_attention_reference(q, k, v, cu_seqlens, prefix_lens, softmax_scale)
+    if T == 0:
+        return torch.empty_like(q)
+    if be == "sdpa":
+        return _sdpa_forward(q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale)
+    if be == "flex":
+        return _flex_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale)
+    varlen_fn = _load_torch_varlen() if be == "torch_varlen" else None
+    return _flash_attn_forward(q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale,
+                               varlen_fn=varlen_fn)
+
+
+class PrefixLMAttention(torch.nn.Module):
+    """Module form of :func:`prefix_lm_attention` (holds the scale and the backend)."""
+
+    def __init__(self, softmax_scale=None, backend="auto"):
+        super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"{OP}: backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        self.softmax_scale = softmax_scale
+        self.backend = backend
+
+    def forward(self, q, k, v, cu_seqlens, prefix_lens, *, max_seqlen):
+        return prefix_lm_attention(q, k, v, cu_seqlens, prefix_lens, max_seqlen=max_seqlen,
+                                   softmax_scale=self.softmax_scale, backend=self.backend)
+
+    def extra_repr(self):
+        return f"softmax_scale={self.softmax_scale}, backend={self.backend!r}"

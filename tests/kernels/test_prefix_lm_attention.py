@@ -1,0 +1,532 @@
+"""prefix_lm_attention: every backend against the dense-mask fp32 reference, values and gradients.
+
+The Triton kernels run through Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1), so
+the shapes here stay tiny: at most 64 packed tokens and 2 heads. The GPU cases at the bottom take
+realistic shapes and skip without CUDA.
+"""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from unigen.kernels import prefix_lm_attention
+from unigen.kernels._backend import triton_available
+from unigen.kernels.prefix_lm_attention import (
+    ATTENTION_BACKENDS,
+    PrefixLMAttention,
+    _resolve,
+    flash_attn_available,
+    torch_varlen_available,
+    key_ranges,
+    prefix_lm_attention_reference,
+    prefix_lm_dense_mask,
+    triton_backward,
+    triton_forward,
+)
+
+M = sys.modules["unigen.kernels.prefix_lm_attention"]
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+# (lengths, prefix_lens): 1-token samples, prefix 0 (causal), prefix = whole sample, mixed.
+CASES = {
+    "mixed": ([7, 1, 12, 3, 9], [3, 0, 12, 1, 0]),
+    "causal": ([5, 11, 1, 8], [0, 0, 0, 0]),
+    "bidirectional": ([6, 1, 10], [6, 1, 10]),
+    "one_sample": ([17], [5]),
+    "empty_samples": ([0, 4, 0, 6], [0, 2, 0, 6]),
+}
+
+
+def _inputs(lengths, prefixes, heads=2, head_dim=16, dtype=torch.float32, device="cpu"):
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    plen = torch.tensor(prefixes, dtype=torch.int32, device=device)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, heads, head_dim, device=device).to(dtype) for _ in range(3))
+    return q, k, v, cu, plen
+
+
+def _loop_reference(q, k, v, lengths, prefixes, scale):
+    """Independent float64 ground truth: one sample at a time, mask written with Python loops."""
+    outs, start = [], 0
+    for n, p in zip(lengths, prefixes):
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        for t in range(n):
+            for s in range(n):
+                mask[t, s] = s <= t or (s < p and t < p)
+        qs, ks, vs = (x[start:start + n].double().transpose(0, 1) for x in (q, k, v))
+        scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(~mask, float("-inf"))
+        outs.append((torch.softmax(scores, -1) @ vs).transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+def _lowp_reference(q, k, v, cu, plen, scale):
+    """The same math in the input precision (FlashAttention's "same-precision PyTorch")."""
+    mask = prefix_lm_dense_mask(cu, plen, q.shape[0])
+    scores = torch.einsum("thd,shd->hts", q, k * scale).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), -1).to(q.dtype)
+    return torch.einsum("hts,shd->thd", probs, v)
+
+
+def _fwd_bwd(fn, q, k, v, do):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    return out, dq, dk, dv
+
+
+def _max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# the mask and the reference
+
+
+def test_dense_mask_matches_definition():
+    lengths, prefixes = CASES["mixed"]
+    _, _, _, cu, plen = _inputs(lengths, prefixes)
+    T = sum(lengths)
+    mask = prefix_lm_dense_mask(cu, plen, T)
+    expected = torch.zeros(T, T, dtype=torch.bool)
+    start = 0
+    for n, p in zip(lengths, prefixes):
+        for t in range(n):
+            for s in range(n):
+                expected[start + t, start + s] = s <= t or (s < p and t < p)
+        start += n
+    assert torch.equal(mask, expected)
+    # the kernels' shortcut: each row's allowed keys are one contiguous range [lo, hi)
+    lo, hi = key_ranges(cu, plen, T)
+    cols = torch.arange(T)
+    assert torch.equal((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), expected)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reference_matches_loop(case):
+    lengths, prefixes = CASES[case]
+    q, k, v, cu, plen = _inputs(lengths, prefixes, dtype=torch.float64)
+    out = prefix_lm_attention_reference(q, k, v, cu, plen)
+    expected = _loop_reference(q, k, v, lengths, prefixes, 1 / math.sqrt(q.shape[-1]))
+    torch.testing.assert_close(out, expected)
+
+
+def test_prefix_changes_only_prefix_rows():
+    """Bidirectional prefix vs causal: text rows are identical, prefix rows are not."""
+    lengths = [9, 6]
+    q, k, v, cu, _ = _inputs(lengths, [0, 0])
+    causal = prefix_lm_attention(q, k, v, cu, torch.tensor([0, 0], dtype=torch.int32), max_seqlen=9)
+    plm = prefix_lm_attention(q, k, v, cu, torch.tensor([4, 3], dtype=torch.int32), max_seqlen=9)
+    text = torch.tensor([False] * 4 + [True] * 5 + [False] * 3 + [True] * 3)
+    torch.testing.assert_close(causal[text], plm[text])
+    # row 0 of each sample sees only itself causally, the whole prefix with prefix-LM
+    assert not torch.allclose(causal[[0, 9]], plm[[0, 9]])
+
+
+# ---------------------------------------------------------------------------------------------
+# every backend against the reference
+
+
+def _backends_here():
+    out = ["torch", "sdpa"]
+    if triton_available():
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backend_fp32_values_and_grads(backend, case):
+    lengths, prefixes = CASES[case]
+    q, k, v, cu, plen = _inputs(lengths, prefixes)
+    do = torch.randn_like(q)
+    ref = _fwd_bwd(lambda a, b, c: prefix_lm_attention_reference(a, b, c, cu, plen), q, k, v, do)
+    got = _fwd_bwd(lambda a, b, c: prefix_lm_attention(a, b, c, cu, plen, max_seqlen=max(lengths),
+                                                       backend=backend), q, k, v, do)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_forward_matches_reference():
+    # PyTorch's FlexAttention has no CPU backward; its gradients are checked on GPU below.
+    lengths, prefixes = CASES["mixed"]
+    q, k, v, cu, plen = _inputs(lengths, prefixes)
+    with torch.no_grad():
+        out = prefix_lm_attention(q, k, v, cu, plen, max_seqlen=12, backend="flex")
+    torch.testing.assert_close(out, prefix_lm_attention_reference(q, k, v, cu, plen),
+                               atol=2e-5, rtol=1e-4)
+    with pytest.raises(NotImplementedError, match="flex"):
+        prefix_lm_attention(q.requires_grad_(), k, v, cu, plen, max_seqlen=12, backend="flex")
+
+
+def test_softmax_scale_and_module():
+    lengths, prefixes = CASES["mixed"]
+    q, k, v, cu, plen = _inputs(lengths, prefixes, dtype=torch.float64)
+    out = PrefixLMAttention(softmax_scale=0.3, backend="sdpa")(q, k, v, cu, plen, max_seqlen=12)
+    torch.testing.assert_close(out, _loop_reference(q, k, v, lengths, prefixes, 0.3))
+
+
+def test_auto_on_cpu_is_sdpa():
+    q = torch.randn(4, 1, 16)
+    assert _resolve("auto", q) == "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["mixed", "bidirectional"])
+def test_triton_small_tiles(case):
+    """16-token tiles: query blocks straddle samples, rows span several key tiles, and the
+    dK/dV programs loop over several query tiles."""
+    lengths, prefixes = CASES[case]
+    q, k, v, cu, plen = _inputs(lengths, prefixes)
+    do = torch.randn_like(q)
+    ref = _fwd_bwd(lambda a, b, c: prefix_lm_attention_reference(a, b, c, cu, plen), q, k, v, do)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16}
+    scale = 1 / math.sqrt(q.shape[-1])
+    out, lse = triton_forward(q, k, v, cu, plen, scale, config=cfg)
+    grads = triton_backward(do, q, k, v, out, lse, cu, plen, scale, config=cfg)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    # the saved LSE (log2 units) is the log-sum-exp of the masked scaled scores
+    mask = prefix_lm_dense_mask(cu, plen, q.shape[0])
+    scores = torch.einsum("thd,shd->hts", q, k) * scale
+    expected = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1) / math.log(2)
+    torch.testing.assert_close(lse, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,head_dim,config", [
+    (torch.bfloat16, 64, None),
+    (torch.bfloat16, 128, {"BLOCK_M": 16, "BLOCK_N": 32}),
+    (torch.float16, 64, {"BLOCK_M": 32, "BLOCK_N": 16}),
+])
+def test_triton_low_precision_within_2x_of_pytorch(dtype, head_dim, config):
+    """FlashAttention's accuracy rule: error vs the fp32 reference at most ~2x the error of the
+    same computation done by PyTorch in the same precision."""
+    lengths, prefixes = [9, 1, 14], [4, 1, 0]
+    q, k, v, cu, plen = _inputs(lengths, prefixes, head_dim=head_dim, dtype=dtype)
+    do = torch.randn_like(q)
+    scale = 1 / math.sqrt(head_dim)
+    ref = _fwd_bwd(lambda a, b, c: prefix_lm_attention_reference(a.float(), b.float(), c.float(),
+                                                                  cu, plen), q, k, v, do.float())
+    lowp = _fwd_bwd(lambda a, b, c: _lowp_reference(a, b, c, cu, plen, scale), q, k, v, do)
+
+    def ours(a, b, c):
+        out, lse = M.triton_forward(a, b, c, cu, plen, scale, config=config)
+        return _TritonFn.apply(a, b, c, out, lse, cu, plen, scale, config)
+
+    got = _fwd_bwd(ours, q, k, v, do)
+    for name, g, lp, r in zip(("out", "dq", "dk", "dv"), got, lowp, ref):
+        assert g.dtype == dtype
+        err, err_pt = _max_err(g, r), _max_err(lp, r)
+        assert err <= 2 * err_pt + 1e-3, f"{name}: ours {err:.3g} vs same-precision PyTorch {err_pt:.3g}"
+
+
+class _TritonFn(torch.autograd.Function):
+    """Drives the launchers with a chosen tile config (the public op uses the default)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, lse, cu, plen, scale, config):
+        ctx.save_for_backward(q, k, v, out, lse, cu, plen)
+        ctx.scale, ctx.config = scale, config
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, cu, plen = ctx.saved_tensors
+        dq, dk, dv = triton_backward(do, q, k, v, out, lse, cu, plen, ctx.scale, config=ctx.config)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+@needs_triton
+def test_triton_public_op_bf16_default_tiles():
+    lengths, prefixes = CASES["mixed"]
+    q, k, v, cu, plen = _inputs(lengths, prefixes, dtype=torch.bfloat16)
+    do = torch.randn_like(q)
+    scale = 1 / math.sqrt(q.shape[-1])
+    ref = _fwd_bwd(lambda a, b, c: prefix_lm_attention_reference(a.float(), b.float(), c.float(),
+                                                                  cu, plen), q, k, v, do.float())
+    lowp = _fwd_bwd(lambda a, b, c: _lowp_reference(a, b, c, cu, plen, scale), q, k, v, do)
+    got = _fwd_bwd(lambda a, b, c: prefix_lm_attention(a, b, c, cu, plen, max_seqlen=12,
+                                                       backend="triton"), q, k, v, do)
+    for name, g, lp, r in zip(("out", "dq", "dk", "dv"), got, lowp, ref):
+        err, err_pt = _max_err(g, r), _max_err(lp, r)
+        assert err <= 2 * err_pt + 1e-3, f"{name}: ours {err:.3g} vs same-precision PyTorch {err_pt:.3g}"
+
+
+@needs_triton
+def test_triton_strided_qkv_and_int64_metadata():
+    """q, k, v as views of one fused projection [T, 3, H, D]; int64 cu_seqlens / prefix_lens."""
+    lengths, prefixes = [5, 8], [2, 8]
+    T, H, D = 13, 2, 16
+    qkv = torch.randn(T, 3, H, D)
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    cu = torch.tensor([0, 5, 13])
+    plen = torch.tensor(prefixes)
+    out = prefix_lm_attention(q, k, v, cu, plen, max_seqlen=8, backend="triton")
+    torch.testing.assert_close(out, _loop_reference(q, k, v, lengths, prefixes, D ** -0.5).float(),
+                               atol=2e-5, rtol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "torch"])
+def test_empty_batch(backend):
+    q = torch.randn(0, 2, 16)
+    cu = torch.zeros(2, dtype=torch.int32)
+    plen = torch.zeros(1, dtype=torch.int32)
+    out = prefix_lm_attention(q, q, q, cu, plen, max_seqlen=0, backend=backend)
+    assert out.shape == (0, 2, 16)
+
+
+@needs_triton
+def test_triton_bad_metadata_without_validation_stays_in_bounds():
+    """validate=False skips the host checks; the kernels clamp every index instead of reading
+    out of bounds (wrong numbers for wrong metadata, but never a crash)."""
+    q, k, v, _, _ = _inputs([6, 6], [0, 0])
+    cu = torch.tensor([0, 40, 3], dtype=torch.int32)
+    plen = torch.tensor([50, -7], dtype=torch.int32)
+    out = prefix_lm_attention(q, k, v, cu, plen, max_seqlen=6, backend="triton", validate=False)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@needs_triton
+def test_custom_op_opcheck_and_compile():
+    """The torch.library registration: schema, fake kernel, autograd, and a fullgraph compile."""
+    lengths, prefixes = [4, 3], [2, 0]
+    q, k, v, cu, plen = _inputs(lengths, prefixes)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.unigen.prefix_lm_attention_fwd.default,
+                          (q, k, v, cu, plen, 4, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+    def f(q, k, v):
+        return prefix_lm_attention(q, k, v, cu, plen, max_seqlen=4, backend="triton").sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_loss = prefix_lm_attention_reference(q, k, v, cu, plen).sum()
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4)
+
+
+def test_sdpa_path_compiles_fullgraph():
+    """The CPU default (auto = sdpa) has no host sync, so a compiled model keeps one graph."""
+    lengths, prefixes = [4, 3], [2, 0]
+    q, k, v, cu, plen = _inputs(lengths, prefixes)
+
+    def f(q, k, v):
+        return prefix_lm_attention(q, k, v, cu, plen, max_seqlen=4)
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, prefix_lm_attention_reference(q, k, v, cu, plen),
+                               atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash-attn: the two-call decomposition, driven by a PyTorch stand-in for the varlen kernel
+
+
+def _varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False):
+    """flash_attn_varlen_func's contract in PyTorch (equal q/k lengths, as our calls use)."""
+    assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+    assert int((cu_q[1:] - cu_q[:-1]).max()) <= max_q
+    out = torch.zeros_like(q)
+    pieces = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        n = b - a
+        scores = torch.einsum("thd,shd->hts", q[a:b], k[a:b]) * softmax_scale
+        if causal:
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        pieces.append(torch.einsum("hts,shd->thd", torch.softmax(scores, -1), v[a:b]))
+    total = int(cu_q[-1])
+    if pieces:
+        out = torch.cat([torch.cat(pieces), out[total:]])
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_flash_attn_decomposition(case):
+    lengths, prefixes = CASES[case]
+    q, k, v, cu, plen = _inputs(lengths, prefixes)
+    do = torch.randn_like(q)
+    scale = 1 / math.sqrt(q.shape[-1])
+    ref = _fwd_bwd(lambda a, b, c: prefix_lm_attention_reference(a, b, c, cu, plen), q, k, v, do)
+    got = _fwd_bwd(lambda a, b, c: M._flash_attn_forward(a, b, c, cu, plen, max(lengths), scale,
+                                                         varlen_fn=_varlen_stand_in), q, k, v, do)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(flash_attn_available(), reason="flash-attn is installed")
+def test_flash_attn_missing_is_a_clear_error():
+    q = torch.randn(4, 1, 16)
+    cu, plen = torch.tensor([0, 4], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="flash-attn"):
+        prefix_lm_attention(q, q, q, cu, plen, max_seqlen=4, backend="flash_attn")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def _good():
+    q, k, v, cu, plen = _inputs([3, 5], [1, 5])
+    return dict(q=q, k=k, v=v, cu_seqlens=cu, prefix_lens=plen, max_seqlen=5)
+
+
+def _with(**changes):
+    args = _good()
+    args.update(changes)
+    return args
+
+
+BAD = [
+    (lambda: _with(q=torch.randn(8, 2)), ValueError, "q must have 3 dimensions"),
+    (lambda: _with(k=torch.randn(8, 2, 8)), ValueError, "k must have the shape of q"),
+    (lambda: _with(v=torch.randn(8, 2, 16, dtype=torch.float64)), TypeError, "v must have the dtype"),
+    (lambda: _with(q=torch.randint(0, 3, (8, 2, 16))), TypeError, "q must have dtype"),
+    (lambda: _with(cu_seqlens=torch.tensor([0.0, 3.0, 8.0])), TypeError, "cu_seqlens must have dtype"),
+    (lambda: _with(cu_seqlens=torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError,
+     r"cu_seqlens\[0\] must be 0"),
+    (lambda: _with(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)), ValueError,
+     r"cu_seqlens\[-1\] must equal total_tokens = 8"),
+    (lambda: _with(cu_seqlens=torch.tensor([0, 6, 4, 8], dtype=torch.int32),
+                   prefix_lens=torch.tensor([0, 0, 0], dtype=torch.int32)), ValueError,
+     "cu_seqlens must be non-decreasing"),
+    (lambda: _with(prefix_lens=torch.tensor([4, 1], dtype=torch.int32)), ValueError,
+     r"prefix_lens\[0\] = 4 must lie in \[0, length of sample 0 = 3\]"),
+    (lambda: _with(prefix_lens=torch.tensor([1, -1], dtype=torch.int32)), ValueError,
+     r"prefix_lens\[1\] = -1"),
+    (lambda: _with(prefix_lens=torch.tensor([1], dtype=torch.int32)), ValueError, "disagree"),
+    (lambda: _with(cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32, device="meta")), ValueError,
+     "cu_seqlens is on meta but the other inputs are on cpu"),
+    (lambda: _with(max_seqlen=4), ValueError, "max_seqlen = 4 is smaller than the length of sample 1"),
+    (lambda: _with(max_seqlen=5.0), TypeError, "max_seqlen must be a non-negative Python int"),
+    (lambda: _with(softmax_scale=-1.0), ValueError, "softmax_scale must be a positive"),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", BAD)
+def test_bad_input(make, exc, match):
+    args = make()
+    with pytest.raises(exc, match=match):
+        prefix_lm_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens"),
+                            args.pop("prefix_lens"), **args)
+
+
+def test_bad_backend():
+    args = _good()
+    q, k, v, cu, plen = (args.pop(n) for n in ("q", "k", "v", "cu_seqlens", "prefix_lens"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        prefix_lm_attention(q, k, v, cu, plen, backend="xformers", **args)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ implementation"):
+        prefix_lm_attention(q, k, v, cu, plen, backend="cpp", **args)
+    if triton_available():
+        with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16 or float32"):
+            prefix_lm_attention(q.double(), k.double(), v.double(), cu, plen, backend="triton", **args)
+    with pytest.raises((RuntimeError, ValueError), match="torch_varlen"):
+        prefix_lm_attention(q, k, v, cu, plen, backend="torch_varlen", **args)  # CPU fp32
+    assert set(ATTENTION_BACKENDS) >= {"auto", "triton", "torch", "sdpa", "flex", "flash_attn", "cpp"}
+
+
+def test_triton_on_cpu_without_interpreter(monkeypatch):
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = _good()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        prefix_lm_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens"),
+                            args.pop("prefix_lens"), backend="triton", **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA): realistic shapes, every backend available there
+
+
+def _gpu_batch(n_samples, head_dim, dtype, prefix_mode, heads=4):
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(75, 116, (n_samples,), generator=g)
+    lengths[0], lengths[1] = 1, 2  # the edge cases ride along
+    if prefix_mode == "causal":
+        prefixes = torch.zeros_like(lengths)
+    else:
+        prefixes = torch.minimum(torch.randint(0, 74, (n_samples,), generator=g), lengths)
+        prefixes[2] = lengths[2]  # a fully bidirectional sample
+    q, k, v, cu, plen = _inputs(lengths.tolist(), prefixes.tolist(), heads=heads, head_dim=head_dim,
+                                dtype=dtype, device="cuda")
+    return q, k, v, cu, plen, int(lengths.max())
+
+
+def _gpu_backends():
+    out = ["triton", "sdpa", "flex"]
+    if flash_attn_available():
+        out.append("flash_attn")
+    if torch_varlen_available():
+        out.append("torch_varlen")
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,head_dim", [
+    (b, d) for b in _gpu_backends() for d in (64, 128)
+    if not (b == "flex" and d == 128)  # each FlexAttention compile costs ~half a minute
+])
+@pytest.mark.parametrize("prefix_mode", ["causal", "prefix"])
+def test_gpu_backend_bf16_within_2x_of_pytorch(backend, head_dim, prefix_mode):
+    q, k, v, cu, plen, max_len = _gpu_batch(24, head_dim, torch.bfloat16, prefix_mode)
+    do = torch.randn_like(q)
+    scale = 1 / math.sqrt(head_dim)
+    ref = _fwd_bwd(lambda a, b, c: prefix_lm_attention_reference(a.float(), b.float(), c.float(),
+                                                                  cu, plen), q, k, v, do.float())
+    lowp = _fwd_bwd(lambda a, b, c: _lowp_reference(a, b, c, cu, plen, scale), q, k, v, do)
+    got = _fwd_bwd(lambda a, b, c: prefix_lm_attention(a, b, c, cu, plen, max_seqlen=max_len,
+                                                       backend=backend), q, k, v, do)
+    # our kernels meet FlashAttention's 2x rule; the public kernels only go through our glue
+    factor = 2 if backend == "triton" else 3
+    for name, g, lp, r in zip(("out", "dq", "dk", "dv"), got, lowp, ref):
+        err, err_pt = _max_err(g, r), _max_err(lp, r)
+        assert err <= factor * err_pt + 1e-4, f"{name}: {backend} {err:.3g} vs PyTorch bf16 {err_pt:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_triton_other_dtypes(dtype):
+    q, k, v, cu, plen, max_len = _gpu_batch(16, 64, dtype, "prefix")
+    do = torch.randn_like(q)
+    ref = _fwd_bwd(lambda a, b, c: prefix_lm_attention_reference(a.double(), b.double(), c.double(),
+                                                                  cu, plen), q, k, v, do.double())
+    got = _fwd_bwd(lambda a, b, c: prefix_lm_attention(a, b, c, cu, plen, max_seqlen=max_len,
+                                                       backend="triton"), q, k, v, do)
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3}[dtype]
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert _max_err(g, r) <= tol * max(1.0, r.abs().max().item()), name
+
+
+@pytest.mark.gpu
+def test_gpu_triton_compiles_without_graph_breaks():
+    q, k, v, cu, plen, max_len = _gpu_batch(8, 64, torch.bfloat16, "prefix")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    def f(q, k, v):
+        return prefix_lm_attention(q, k, v, cu, plen, max_seqlen=max_len).float().square().sum()
+
+    loss = torch.compile(f, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref = f(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v))
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)
