@@ -191,6 +191,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy_backwa
           need_b ? grad_b.to(bias->scalar_type()) : grad_b};
 }
 
+// Reduced loss Σ_n row_scale[n]·loss[n] with its gradients from one pass over the logits: rows
+// are processed in chunks against the whole vocabulary, so every [chunk, V] block serves both
+// the loss and the gradient (three matmuls in all, no recomputation). Used for "mean"/"sum".
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fused_linear_cross_entropy_reduced_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias,
+                                       const at::Tensor& target, const at::Tensor& row_scale,
+                                       int64_t ignore_index, double label_smoothing, double z_loss,
+                                       std::array<bool, 3> output_mask) {
+  check_inputs(hidden, weight, bias, target);
+  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == hidden.size(0),
+              "fused_linear_cross_entropy_reduced (cpp): row_scale must be [N]");
+  const bool need_h = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && bias.has_value();
+  const auto acc = math_type(hidden.scalar_type());
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
+  at::Tensor total = at::zeros({}, hidden.options().dtype(acc));
+  at::Tensor lse_out = at::zeros({n}, hidden.options().dtype(acc));
+  at::Tensor correct = at::zeros({n}, hidden.options().dtype(at::kBool));
+  at::Tensor grad_h = need_h ? at::zeros_like(hidden, hidden.options().dtype(acc)) : at::empty({0}, hidden.options());
+  at::Tensor grad_w = need_w ? at::zeros_like(weight, weight.options().dtype(acc)) : at::empty({0}, hidden.options());
+  at::Tensor grad_b = need_b ? at::zeros({vocab}, weight.options().dtype(acc)) : at::empty({0}, hidden.options());
+  at::Tensor rows = target.ne(ignore_index).nonzero().squeeze(1);
+  const int64_t nv = rows.size(0);
+  if (nv > 0) {
+    TORCH_CHECK(target.index_select(0, rows).ge(0).logical_and(target.index_select(0, rows).lt(vocab)).all().item<bool>(),
+                "fused_linear_cross_entropy (cpp): target values must be in [0, ", vocab,
+                ") or equal ignore_index=", ignore_index);
+    const at::Tensor w = weight.to(acc);
+    const at::Tensor wt = w.t();
+    c10::optional<at::Tensor> b;
+    if (bias.has_value()) b = bias->to(acc);
+    const int64_t budget = int64_t(32) << 20;
+    const int64_t step = std::max<int64_t>(16, budget / std::max<int64_t>(1, vocab * int64_t(at::elementSize(acc))));
+    for (int64_t start = 0; start < nv; start += step) {
+      at::Tensor r = rows.slice(0, start, std::min(start + step, nv));
+      at::Tensor h = hidden.index_select(0, r).to(acc);
+      at::Tensor t = target.index_select(0, r).to(at::kLong);
+      at::Tensor scale = row_scale.index_select(0, r).to(acc);
+      at::Tensor z = b.has_value() ? at::addmm(*b, h, wt) : at::mm(h, wt);
+      at::Tensor lse = at::logsumexp(z, {1});
+      at::Tensor loss = lse - (1.0 - label_smoothing) * z.gather(1, t.unsqueeze(1)).squeeze(1);
+      if (label_smoothing > 0) loss = loss - (label_smoothing / double(vocab)) * z.sum(1);
+      if (z_loss > 0) loss = loss + z_loss * lse * lse;
+      total.add_((scale * loss).sum());
+      lse_out.index_copy_(0, r, lse);
+      correct.index_copy_(0, r, z.argmax(1).eq(t));
+      if (need_h || need_w || need_b) {
+        // dz = scale·(softmax·(1 + 2·z_loss·lse) − ε/V − (1−ε)·onehot), in place on z
+        z.sub_(lse.unsqueeze(1)).exp_();
+        if (z_loss > 0) z.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1));
+        if (label_smoothing > 0) z.sub_(label_smoothing / double(vocab));
+        z.scatter_add_(1, t.unsqueeze(1), at::full({t.size(0), 1}, -(1.0 - label_smoothing), z.options()));
+        z.mul_(scale.unsqueeze(1));
+        if (need_h) grad_h.index_copy_(0, r, at::mm(z, w));
+        if (need_w) grad_w.addmm_(z.t(), h);
+        if (need_b) grad_b.add_(z.sum(0));
+      }
+    }
+  }
+  return {total, lse_out, correct,
+          need_h ? grad_h.to(hidden.scalar_type()) : grad_h,
+          need_w ? grad_w.to(weight.scalar_type()) : grad_w,
+          need_b ? grad_b.to(bias->scalar_type()) : grad_b};
+}
+
 TORCH_LIBRARY_FRAGMENT(unigen, m) {
   m.def(
       "fused_linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
@@ -199,11 +264,16 @@ TORCH_LIBRARY_FRAGMENT(unigen, m) {
       "fused_linear_cross_entropy_backward(Tensor grad_rows, Tensor hidden, Tensor weight, "
       "Tensor? bias, Tensor target, Tensor lse, int ignore_index, float label_smoothing, "
       "float z_loss, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fused_linear_cross_entropy_reduced(Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor target, Tensor row_scale, int ignore_index, float label_smoothing, float z_loss, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(unigen, CPU, m) {
   m.impl("fused_linear_cross_entropy", &fused_linear_cross_entropy_cpu);
   m.impl("fused_linear_cross_entropy_backward", &fused_linear_cross_entropy_backward_cpu);
+  m.impl("fused_linear_cross_entropy_reduced", &fused_linear_cross_entropy_reduced_cpu);
 }
 
 }  // namespace unigen

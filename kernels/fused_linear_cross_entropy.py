@@ -38,9 +38,19 @@ from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 OP = "fused_linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
 
-# Vocabulary chunk of the reference and of the backward's matmuls: bounds the transient
-# [rows, chunk] buffer (8192 rows × 4096 × 4 B = 128 MiB at most in fp32 on the reference path).
-REFERENCE_VOCAB_CHUNK = 4096
+# Transient logits blocks of the CPU paths stay near this size (the C++ op uses the same).
+BLOCK_BUDGET_BYTES = 32 * 2**20
+
+
+def _vocab_chunk(rows, vocab, elem_size=4):
+    """Vocabulary columns per [rows, chunk] logits block (a multiple of 256, at least 256)."""
+    cols = BLOCK_BUDGET_BYTES // max(1, rows * elem_size)
+    return min(vocab, max(256, cols // 256 * 256))
+
+
+def _row_chunk(vocab, elem_size=4):
+    """Rows per [chunk, V] logits block (at least 16)."""
+    return max(16, BLOCK_BUDGET_BYTES // max(1, vocab * elem_size))
 
 
 class CrossEntropyStats(NamedTuple):
@@ -124,7 +134,7 @@ def _math_dtype(dtype):
 
 
 def reference_forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
-                      vocab_chunk=REFERENCE_VOCAB_CHUNK):
+                      vocab_chunk=None):
     """Row losses, lse and argmax-correctness; fp32 math one vocabulary chunk at a time."""
     n, vocab = target.shape[0], weight.shape[0]
     acc = _math_dtype(hidden.dtype)
@@ -136,6 +146,7 @@ def reference_forward(hidden, weight, bias, target, ignore_index, label_smoothin
         return loss, lse_out, correct
     h = hidden.index_select(0, rows).to(acc)
     t = target.index_select(0, rows).long()
+    vocab_chunk = vocab_chunk or _vocab_chunk(rows.numel(), vocab)
     m = h.new_full((rows.numel(),), -math.inf)  # running max (online log-sum-exp)
     s = h.new_zeros(rows.numel())  # running Σ exp(z - m)
     z_target = h.new_zeros(rows.numel())
@@ -184,7 +195,7 @@ def _logit_grad_chunk(z, lse, t_local, in_chunk, g, label_smoothing, z_loss, voc
 
 
 def reference_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
-                       z_loss, need_hidden, need_weight, need_bias, vocab_chunk=REFERENCE_VOCAB_CHUNK):
+                       z_loss, need_hidden, need_weight, need_bias, vocab_chunk=None):
     """Gradients for hidden, weight and bias given the per-row loss gradient ``grad_rows``."""
     vocab = weight.shape[0]
     acc = _math_dtype(hidden.dtype)
@@ -197,6 +208,7 @@ def reference_backward(grad_rows, hidden, weight, bias, target, lse, ignore_inde
         t = target.index_select(0, rows).long()
         g = grad_rows.index_select(0, rows).to(acc)
         row_lse = lse.index_select(0, rows).to(acc)
+        vocab_chunk = vocab_chunk or _vocab_chunk(rows.numel(), vocab)
         gh = torch.zeros_like(h) if need_hidden else None
         for start in range(0, vocab, vocab_chunk):
             stop = min(start + vocab_chunk, vocab)
@@ -220,6 +232,58 @@ def reference_backward(grad_rows, hidden, weight, bias, target, lse, ignore_inde
         grad_w.to(weight.dtype) if need_weight else None,
         grad_b.to(bias.dtype) if need_bias else None,
     )
+
+
+def reference_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index,
+                              label_smoothing, z_loss, need_hidden, need_weight, need_bias,
+                              row_chunk=None):
+    """``Σ_n row_scale_n·loss_n`` and, when asked, its gradients, from ONE pass over the logits.
+
+    For "mean" and "sum" the gradient of every row is known up to the scalar upstream gradient
+    while the logits are at hand, so rows are processed in chunks against the whole vocabulary
+    and each [chunk, V] logits block serves the loss and the gradient: three matmuls instead of
+    the four of forward + recompute (what makes the CPU path faster than the naive formula).
+    """
+    n, vocab = target.shape[0], weight.shape[0]
+    acc = _math_dtype(hidden.dtype)
+    total = hidden.new_zeros((), dtype=acc)
+    lse_out = hidden.new_zeros(n, dtype=acc)
+    correct = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    grad_h = torch.zeros_like(hidden, dtype=acc) if need_hidden else None
+    grad_w = torch.zeros_like(weight, dtype=acc) if need_weight else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    rows = _valid_rows(target, ignore_index)
+    w = weight.to(acc)
+    b = bias.to(acc) if bias is not None else None
+    step = row_chunk or _row_chunk(vocab, torch.finfo(acc).bits // 8)
+    for start in range(0, rows.numel(), step):
+        r = rows[start:start + step]
+        h = hidden.index_select(0, r).to(acc)
+        t = target.index_select(0, r).long()
+        scale = row_scale.index_select(0, r).to(acc)
+        z = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+        lse = torch.logsumexp(z, dim=1)
+        loss = lse - (1.0 - label_smoothing) * z.gather(1, t[:, None]).squeeze(1)
+        if label_smoothing > 0.0:
+            loss = loss - (label_smoothing / vocab) * z.sum(dim=1)
+        if z_loss > 0.0:
+            loss = loss + z_loss * lse * lse
+        total += (scale * loss).sum()
+        lse_out[r] = lse
+        correct[r] = z.argmax(dim=1) == t
+        if need_hidden or need_weight or need_bias:
+            dz = _logit_grad_chunk(z, lse, t, torch.ones_like(t, dtype=torch.bool), scale,
+                                   label_smoothing, z_loss, vocab)
+            if need_hidden:
+                grad_h[r] = dz @ w
+            if need_weight:
+                grad_w.addmm_(dz.t(), h)
+            if need_bias:
+                grad_b += dz.sum(dim=0)
+    return (total, lse_out, correct,
+            grad_h.to(hidden.dtype) if need_hidden else None,
+            grad_w.to(weight.dtype) if need_weight else None,
+            grad_b.to(bias.dtype) if need_bias else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +543,20 @@ def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, 
     return grad_h, grad_w, grad_b
 
 
+def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
+                           z_loss, need_hidden, need_weight, need_bias):
+    """Reduced loss with its gradients computed right away (backward only rescales them)."""
+    rows, lse, correct = triton_forward(hidden, weight, bias, target, ignore_index,
+                                        label_smoothing, z_loss)
+    scale = row_scale.to(rows.dtype)
+    total = (torch.where(target != ignore_index, scale, 0.0) * rows).sum()
+    grads = (None, None, None)
+    if need_hidden or need_weight or need_bias:
+        grads = triton_backward(scale, hidden, weight, bias, target, lse, ignore_index,
+                                label_smoothing, z_loss, need_hidden, need_weight, need_bias)
+    return (total, lse, correct) + tuple(grads)
+
+
 def _accumulate_mm(acc, a, b):
     """acc (fp32) += a @ b, with one rounding per chunk at most."""
     if a.dtype == torch.float32:
@@ -582,6 +660,56 @@ def _backward(ctx, grad_rows, _grad_lse, _grad_correct):
 torch.library.register_autograd("unigen::flce_forward", _backward, setup_context=_setup_context)
 
 
+def _forward_reduced_impl(impl):
+    if impl not in _PY_IMPLS:
+        raise ValueError(f"{OP}: unknown implementation {impl!r}")
+    return triton_forward_reduced if impl == "triton" else reference_forward_reduced
+
+
+@torch.library.custom_op("unigen::flce_forward_reduced", mutates_args=())
+def _flce_forward_reduced_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             target: torch.Tensor, row_scale: torch.Tensor, ignore_index: int,
+                             label_smoothing: float, z_loss: float, impl: str, need_hidden: bool,
+                             need_weight: bool, need_bias: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor]:
+    out = _forward_reduced_impl(impl)(hidden, weight, bias, target, row_scale, ignore_index,
+                                      label_smoothing, z_loss, need_hidden, need_weight, need_bias)
+    return out[:3] + tuple(g if g is not None else hidden.new_empty(0) for g in out[3:])
+
+
+def _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss,
+                  need_hidden, need_weight, need_bias):
+    n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(n, dtype=acc),
+            hidden.new_empty(n, dtype=torch.bool),
+            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
+
+
+@_flce_forward_reduced_op.register_fake
+def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, impl,
+      need_hidden, need_weight, need_bias):
+    return _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
+                         z_loss, need_hidden, need_weight, need_bias)
+
+
+def _setup_context_reduced(ctx, inputs, output):
+    ctx.save_for_backward(*output[3:])
+
+
+def _backward_reduced(ctx, grad_total, *_unused):
+    gh, gw, gb = ctx.saved_tensors
+    scale = lambda g: (g * grad_total.to(g.dtype)) if g.numel() else None
+    n_nondiff = len(ctx.needs_input_grad) - 3
+    return (scale(gh), scale(gw), scale(gb)) + (None,) * n_nondiff
+
+
+torch.library.register_autograd("unigen::flce_forward_reduced", _backward_reduced,
+                                setup_context=_setup_context_reduced)
+
+
 def _register_cpp_op():
     """Fake kernels and autograd for the C++ op ``torch.ops.unigen.fused_linear_cross_entropy``."""
     @torch.library.register_fake("unigen::fused_linear_cross_entropy")
@@ -599,6 +727,15 @@ def _register_cpp_op():
 
     torch.library.register_autograd("unigen::fused_linear_cross_entropy", _backward,
                                     setup_context=_setup_context)
+
+    @torch.library.register_fake("unigen::fused_linear_cross_entropy_reduced")
+    def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss,
+          output_mask):
+        return _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index,
+                             label_smoothing, z_loss, *output_mask)
+
+    torch.library.register_autograd("unigen::fused_linear_cross_entropy_reduced",
+                                    _backward_reduced, setup_context=_setup_context_reduced)
 
 
 if cpp_ops_available():
@@ -646,28 +783,46 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1)
     ls, zl = float(label_smoothing), float(z_loss)
-    if impl == "cpp":
-        rows, lse, correct = torch.ops.unigen.fused_linear_cross_entropy(
-            h2, weight, bias, t1, ignore_index, ls, zl)
-    else:
-        rows, lse, correct = _flce_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, impl)
     valid = t1 != ignore_index
-    if token_weights is not None:
-        w = token_weights.reshape(-1).to(rows.dtype)
-        rows = rows * w
-        denom = torch.where(valid, w, 0.0).sum()
+    w = token_weights.reshape(-1) if token_weights is not None else None
+    if reduction != "none" and (w is None or not w.requires_grad):
+        # "mean"/"sum": one pass computes the loss and (if needed) its gradients.
+        grad_on = torch.is_grad_enabled()
+        need = [grad_on and x is not None and x.requires_grad for x in (h2, weight, bias)]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        scale = w.to(acc) if w is not None else torch.ones(t1.shape[0], dtype=acc, device=h2.device)
+        if impl == "cpp":
+            total, lse, correct, *_ = torch.ops.unigen.fused_linear_cross_entropy_reduced(
+                h2, weight, bias, t1, scale, ignore_index, ls, zl, need)
+        else:
+            total, lse, correct, *_ = _flce_forward_reduced_op(
+                h2, weight, bias, t1, scale, ignore_index, ls, zl, impl, *need)
+        loss = total if reduction == "sum" else _safe_mean(total, torch.where(valid, scale, 0.0).sum())
     else:
-        denom = valid.sum(dtype=rows.dtype)
-    if reduction == "none":
-        loss = rows.reshape(lead_shape)
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() / denom
+        if impl == "cpp":
+            rows, lse, correct = torch.ops.unigen.fused_linear_cross_entropy(
+                h2, weight, bias, t1, ignore_index, ls, zl)
+        else:
+            rows, lse, correct = _flce_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, impl)
+        if w is not None:
+            rows = rows * w.to(rows.dtype)
+        if reduction == "none":
+            loss = rows.reshape(lead_shape)
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            denom = torch.where(valid, w.to(rows.dtype), 0.0).sum() if w is not None else valid.sum(dtype=rows.dtype)
+            loss = _safe_mean(rows.sum(), denom)
     loss = loss.to(hidden.dtype)
     if return_stats:
         return loss, CrossEntropyStats(lse.detach().reshape(lead_shape), correct.reshape(lead_shape))
     return loss
+
+
+def _safe_mean(total, denom):
+    """total / denom, nan when every row is ignored (PyTorch's convention) with zero gradients."""
+    inv = torch.where(denom > 0, 1.0 / denom, 0.0)
+    return torch.where(denom > 0, total * inv, torch.full_like(total, float("nan")))
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
