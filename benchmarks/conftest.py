@@ -1,0 +1,156 @@
+"""Shared benchmark plumbing: device info, peak-memory measurement, and a results table.
+
+Every benchmark parametrises a ``provider`` and puts ``peak_mem_mb`` (extra memory above the
+inputs) into ``benchmark.extra_info``. At the end of the session the results of every group are
+written as JSON and as a markdown table of ratios against our provider ("ours") measured in the
+same run, into ``$OUT`` when set, else ``benchmarks/results/``.
+"""
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+OURS = "ours"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class PeakMemory:
+    """Peak extra memory of a block: CUDA allocator stats on GPU, process peak RSS on CPU
+    (reset through /proc/self/clear_refs, Linux)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.extra_mb = float("nan")
+
+    @staticmethod
+    def _rss_peak_kb():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return 0
+
+    @staticmethod
+    def _rss_now_kb():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+            self._base = self._rss_now_kb() * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = self._rss_peak_kb() * 1024
+        self.extra_mb = max(0, peak - self._base) / 2**20
+        return False
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="session")
+def device():
+    return bench_device()
+
+
+def _results_dir():
+    out = os.environ.get("OUT")
+    return Path(out) if out else Path(__file__).parent / "results"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is None or not bs.benchmarks:
+        return
+    dev = bench_device()
+    rows = []
+    for b in bs.benchmarks:
+        stats = getattr(b, "stats", None)
+        stats = getattr(stats, "stats", stats)  # a fixture's Metadata or the Stats itself
+        if stats is None or not getattr(stats, "data", None):
+            continue
+        params = dict(b.params or {})
+        rows.append({
+            "group": b.group or b.name.split("[")[0],
+            "name": b.name,
+            "provider": params.pop("provider", b.name),
+            "params": {k: str(v) for k, v in params.items()},
+            "mean_ms": stats.mean * 1e3,
+            "min_ms": stats.min * 1e3,
+            "rounds": stats.rounds,
+            **{k: v for k, v in b.extra_info.items()},
+        })
+    if not rows:
+        return
+    meta = {
+        "device": device_name(dev),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    out = _results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "gpu" if dev.type == "cuda" else "cpu"
+    (out / f"benchmarks_{tag}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    (out / f"benchmarks_{tag}.md").write_text(markdown_table(meta, rows))
+
+
+def _version(name):
+    try:
+        import importlib.metadata as md
+
+        return md.version(name)
+    except Exception:
+        return None
+
+
+def markdown_table(meta, rows):
+    """One line per (group, params, provider): time, ratio to ours (>1 = ours faster), memory."""
+    lines = [f"Device: {meta['device']} · torch {meta['torch']} · triton {meta['triton']} · {meta['time']}",
+             "", "| benchmark | case | provider | mean ms | ours speed-up | extra memory MB |",
+             "|---|---|---|---:|---:|---:|"]
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["group"], json.dumps(r["params"], sort_keys=True)), []).append(r)
+    for (group, params), items in sorted(keyed.items()):
+        ours = next((r for r in items if r["provider"] == OURS), None)
+        case = ", ".join(f"{k}={v}" for k, v in json.loads(params).items())
+        for r in sorted(items, key=lambda r: r["mean_ms"]):
+            ratio = f"{r['mean_ms'] / ours['mean_ms']:.2f}×" if ours else "–"
+            mem = r.get("peak_mem_mb")
+            mem_s = f"{mem:.0f}" if isinstance(mem, (int, float)) else "–"
+            lines.append(f"| {group} | {case} | {r['provider']} | {r['mean_ms']:.2f} | {ratio} | {mem_s} |")
+    return "\n".join(lines) + "\n"

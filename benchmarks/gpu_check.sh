@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The one script a GPU session runs (≤ 8 minutes on one H100/H200): the GPU tests, then every
+# benchmark. Results (logs, JSON, markdown tables) go to $OUT if set, else benchmarks/results/.
+#
+# The GPU machine has torch and triton preinstalled but no network: pytest-benchmark and its
+# dependencies travel as wheels in .whl/ (see benchmarks/fetch_gpu_wheels.sh), installed here
+# into a private folder when missing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${OUT:-benchmarks/results}"
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+
+if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unigen-site .whl/*.whl
+    export PYTHONPATH="/tmp/unigen-site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "pytest-benchmark missing and no .whl/ folder: run benchmarks/fetch_gpu_wheels.sh first" >&2
+    exit 2
+  fi
+fi
+# The package from the source tree, without an install (the C++ op is a CPU op; skipping its
+# build saves minutes): `kernels/` is exposed as `unigen.kernels` through a link.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -e unigen/kernels ] || ln -s ../kernels unigen/kernels
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee "$RESULTS/device.txt"
+
+echo "== GPU tests"
+timeout 150 "$PY" -m pytest tests/kernels -m gpu -q -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+echo "== benchmarks"
+timeout 300 "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+  --benchmark-columns=mean,min,rounds 2>&1 | tee "$RESULTS/benchmarks.log"
+bench_rc=${PIPESTATUS[0]}
+
+rm -f unigen/kernels
+echo "gpu tests rc=$tests_rc, benchmarks rc=$bench_rc; results in $RESULTS"
+exit $(( tests_rc != 0 || bench_rc != 0 ))

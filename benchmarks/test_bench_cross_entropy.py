@@ -1,0 +1,112 @@
+"""fused linear + vocabulary cross-entropy, fwd+bwd: time and extra peak memory per provider.
+
+GPU grid: N ∈ {4096, 20480} target tokens, D = 768, V = 50257 (GPT-2 head), bf16.
+CPU grid: N ∈ {2048, 8192}, D = 256, V = 8192, fp32 (a few seconds per case on 2 cores).
+Run: ``pytest benchmarks/test_bench_cross_entropy.py --benchmark-only``.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.conftest import PeakMemory, bench_device, device_name, sync
+from unigen.kernels import fused_linear_cross_entropy
+
+DEVICE = bench_device()
+ON_GPU = DEVICE.type == "cuda"
+if ON_GPU:
+    GRID = [(4096, 768, 50257), (20480, 768, 50257)]
+    DTYPE = torch.bfloat16
+else:
+    GRID = [(2048, 256, 8192), (8192, 256, 8192)]
+    DTYPE = torch.float32
+
+# Dense bf16 tensor-core peak (TFLOP/s) for the MFU column; None elsewhere.
+DENSE_BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _naive(h, w, y):
+    return F.cross_entropy(F.linear(h, w), y)
+
+
+_compiled = None
+
+
+def _compiled_naive(h, w, y):
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_naive, dynamic=False)
+    return _compiled(h, w, y)
+
+
+def _liger(h, w, y):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(h, w, y)
+
+
+def _cce(h, w, y):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(h, w, y)
+
+
+PROVIDERS = {
+    "torch": _naive,
+    "torch.compile": _compiled_naive,
+    "liger": _liger,
+    "cut_cross_entropy": _cce,
+    "ours": lambda h, w, y: fused_linear_cross_entropy(h, w, y),
+}
+if not ON_GPU:
+    PROVIDERS["ours_torch_reference"] = lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="torch")
+
+REQUIRES = {"liger": "liger_kernel", "cut_cross_entropy": "cut_cross_entropy"}
+
+
+def _inputs(n, d, v):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = (torch.randn(n, d, generator=g) * 1.0).to(DEVICE, DTYPE).requires_grad_()
+    w = (torch.randn(v, d, generator=g) / d ** 0.5).to(DEVICE, DTYPE).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    return h, w, y
+
+
+def _peak_tflops():
+    if not ON_GPU:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((p for k, p in DENSE_BF16_PEAK.items() if k in name), None)
+
+
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: f"N{s[0]}-D{s[1]}-V{s[2]}")
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_cross_entropy_fwd_bwd(benchmark, provider, shape):
+    if provider in REQUIRES and importlib.util.find_spec(REQUIRES[provider]) is None:
+        pytest.skip(f"{REQUIRES[provider]} not installed")
+    if provider in ("liger", "cut_cross_entropy") and not ON_GPU:
+        pytest.skip("GPU-only provider")
+    fn = PROVIDERS[provider]
+    h, w, y = _inputs(*shape)
+
+    def step():
+        h.grad = w.grad = None
+        fn(h, w, y).backward()
+        sync(DEVICE)
+
+    step()  # warm-up: compilation and autotuning stay out of the measurement
+    with PeakMemory(DEVICE) as mem:
+        step()
+    benchmark.group = "fused_linear_cross_entropy"
+    n, d, v = shape
+    benchmark.extra_info.update(device=device_name(DEVICE), dtype=str(DTYPE).replace("torch.", ""),
+                                peak_mem_mb=mem.extra_mb)
+    benchmark.pedantic(step, rounds=5 if ON_GPU else 2, warmup_rounds=1, iterations=1)
+    seconds = benchmark.stats.stats.mean
+    tflops = 6 * n * d * v / seconds / 1e12
+    benchmark.extra_info["tflops"] = round(tflops, 2)
+    peak = _peak_tflops()
+    if peak:
+        benchmark.extra_info["pct_dense_bf16_peak"] = round(100 * tflops / peak, 1)
