@@ -1,0 +1,440 @@
+"""Configuration of the UniGen model: one nested ``@dataclass(kw_only=True)`` per part.
+
+The dataclasses are the single source of truth; ``UniGenConfig.to_dict``/``from_dict`` and
+``save``/``load`` (config.json) are derived from them and type-checked on the way back in.
+``UniGenConfig.paper()`` is the full-size model of the paper (§4.2), ``UniGenConfig.tiny()`` a
+seconds-on-CPU model with the same structure for tests and the demo.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+
+from unigen.model.gpt2_decoder import DecoderConfig
+
+# Order fixes the task ids used in batches (UniGenBatch.task) and the decoder's task-token rows.
+TASK_NAMES = ("trans", "cap", "qus", "match")
+
+# CLIP's normalisation constants (the ones CLIP ViT-L/14 was trained with).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    """The frozen CLIP ViT image backbone (paper §3.1: CLIP ViT-L/14 at 224×224)."""
+
+    image_size: int = 224
+    """Input resolution; images are resized to image_size × image_size (§4.2: 224 as in BLIP-2)."""
+    patch_size: int = 14
+    """ViT patch size (ViT-L/14: 14, giving 16×16 = 256 patches plus the class token)."""
+    hidden_size: int = 1024
+    """ViT width (ViT-L: 1024); the Q-Former's cross-attention keys/values read this width."""
+    intermediate_size: int = 4096
+    """ViT MLP width."""
+    num_hidden_layers: int = 24
+    """Layers of the pre-trained ViT (ViT-L: 24)."""
+    num_attention_heads: int = 16
+    """ViT attention heads."""
+    layer_norm_eps: float = 1e-5
+    """ViT LayerNorm epsilon."""
+    hidden_act: str = "quick_gelu"
+    """ViT activation (OpenAI CLIP uses quick_gelu)."""
+    feature_layer: int = -2
+    """Which layer's output feeds the Q-Former; -2 is the penultimate layer, as BLIP-2 does.
+    Layers after it are never built, so they cost neither memory nor time."""
+    frozen: bool = True
+    """Keep the ViT frozen (no grad, eval mode) as in the paper (§4.2)."""
+    compute_dtype: str = "float32"
+    """dtype the frozen ViT runs in: "float32", "bfloat16" or "float16" (BLIP-2 runs it in
+    half precision; its outputs are cast back to float32 before the trainable ln_vision)."""
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    """Per-channel mean used by the image preprocessing."""
+    image_std: tuple[float, float, float] = CLIP_STD
+    """Per-channel std used by the image preprocessing."""
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "hidden_size", "intermediate_size",
+                     "num_hidden_layers", "num_attention_heads"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"VisionConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        _check(self.image_size % self.patch_size == 0,
+               f"VisionConfig.image_size ({self.image_size}) must be a multiple of "
+               f"patch_size ({self.patch_size})")
+        _check(self.hidden_size % self.num_attention_heads == 0,
+               f"VisionConfig.hidden_size ({self.hidden_size}) must be divisible by "
+               f"num_attention_heads ({self.num_attention_heads})")
+        _check(-self.num_hidden_layers <= self.feature_layer <= -1
+               or 1 <= self.feature_layer <= self.num_hidden_layers,
+               f"VisionConfig.feature_layer must index a layer in [1, {self.num_hidden_layers}] "
+               f"or [-{self.num_hidden_layers}, -1], got {self.feature_layer}")
+        _check(self.compute_dtype in ("float32", "bfloat16", "float16"),
+               f"VisionConfig.compute_dtype must be float32, bfloat16 or float16, "
+               f"got {self.compute_dtype!r}")
+        _check(len(self.image_mean) == 3 and len(self.image_std) == 3
+               and all(s > 0 for s in self.image_std),
+               "VisionConfig.image_mean/image_std must have 3 entries, std positive")
+        self.image_mean = tuple(float(x) for x in self.image_mean)
+        self.image_std = tuple(float(x) for x in self.image_std)
+
+    @property
+    def num_layers_used(self) -> int:
+        """How many ViT layers run (the rest of the pre-trained ViT is dropped)."""
+        if self.feature_layer < 0:
+            return self.num_hidden_layers + 1 + self.feature_layer
+        return self.feature_layer
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(kw_only=True)
+class QFormerConfig:
+    """The BLIP-2 Q-Former (a BERT-base whose query path is used; paper §3.1)."""
+
+    num_query_tokens: int = 32
+    """Learnable queries (§4.2: 32). The first query's output is the image [CLS] of L_CL (§3.3)."""
+    hidden_size: int = 768
+    """Q-Former width (BERT-base: 768)."""
+    num_hidden_layers: int = 12
+    """Q-Former layers."""
+    num_attention_heads: int = 12
+    """Attention heads of the self- and cross-attention."""
+    intermediate_size: int = 3072
+    """MLP width."""
+    cross_attention_freq: int = 2
+    """Cross-attention to the image features every this many layers, from layer 0 (BLIP-2: 2)."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT's)."""
+    hidden_dropout: float = 0.1
+    """Dropout on residual branches (BERT's)."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities (BERT's)."""
+    initializer_range: float = 0.02
+    """Std of the normal initialisation of weights and queries (BERT's)."""
+
+    def __post_init__(self):
+        for name in ("num_query_tokens", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "cross_attention_freq"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"QFormerConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        _check(self.hidden_size % self.num_attention_heads == 0,
+               f"QFormerConfig.hidden_size ({self.hidden_size}) must be divisible by "
+               f"num_attention_heads ({self.num_attention_heads})")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0,
+                   f"QFormerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class TextEncoderConfig:
+    """The multilingual XLM-R text encoder (paper §3.1; base size)."""
+
+    vocab_size: int = 250002
+    """SentencePiece vocabulary of xlm-roberta-base."""
+    hidden_size: int = 768
+    """Width (base: 768)."""
+    num_hidden_layers: int = 12
+    """Layers."""
+    num_attention_heads: int = 12
+    """Attention heads."""
+    intermediate_size: int = 3072
+    """MLP width."""
+    max_position_embeddings: int = 514
+    """Position table size (RoBERTa offsets positions by pad_token_id + 1)."""
+    pad_token_id: int = 1
+    """Padding id (XLM-R: 1); also the offset of RoBERTa position ids."""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    hidden_dropout: float = 0.1
+    """Residual dropout."""
+    attention_dropout: float = 0.1
+    """Attention dropout."""
+    max_length: int = 40
+    """Longest encoder input in tokens, special tokens included (§4.2: 40)."""
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "max_length"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"TextEncoderConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        _check(self.hidden_size % self.num_attention_heads == 0,
+               f"TextEncoderConfig.hidden_size ({self.hidden_size}) must be divisible by "
+               f"num_attention_heads ({self.num_attention_heads})")
+        _check(self.max_length + self.pad_token_id + 1 <= self.max_position_embeddings,
+               f"TextEncoderConfig.max_length ({self.max_length}) does not fit the position table "
+               f"({self.max_position_embeddings} rows, offset {self.pad_token_id + 1})")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The objective L = L_trans + L_cap + α·L_qus + β·L_match + L_CL (paper §3.3) and which
+    implementation computes each piece (fused kernels or their naive baselines)."""
+
+    alpha: float = 1.0
+    """Weight α of L_qus (§3.3; the paper does not publish its value)."""
+    beta: float = 1.0
+    """Weight β of L_match (§3.3; the paper does not publish its value)."""
+    trans_weight: float = 1.0
+    """Weight of L_trans (1 in the paper)."""
+    cap_weight: float = 1.0
+    """Weight of L_cap (1 in the paper)."""
+    contrastive_weight: float = 1.0
+    """Weight of L_CL (1 in the paper)."""
+    contrastive_dim: int = 256
+    """Width of the normalised projections L_CL compares (BLIP-2's 256)."""
+    init_temperature: float = 0.07
+    """Initial temperature τ of L_CL (learnable, §3.3; CLIP/BLIP-2 start at 0.07)."""
+    max_logit_scale: float = 100.0
+    """Upper clamp of 1/τ (CLIP's 100) so the learnable temperature cannot collapse."""
+    contrastive_label_smoothing: float = 0.0
+    """Label smoothing of the InfoNCE targets."""
+    hard_negatives: str = "sample"
+    """Hard-negative mining for [match] (§3.3, after ALBEF): "sample" draws ∝ softmax(sim),
+    "hardest" takes the argmax, "none" trains [match] on positives only."""
+    match_negatives: bool = True
+    """Add, per image-text pair, one mined negative text and one mined negative image to the
+    [match] task (ALBEF's recipe: answers "no"); positives answer "yes"."""
+    cross_entropy: str = "fused"
+    """"fused": one fused linear+cross-entropy call with per-token weights (logits never
+    materialised); "naive": materialise the logits and call F.cross_entropy per task."""
+    contrastive: str = "fused"
+    """"fused": the contrastive op with on-device mining; "naive": LAVIS-style similarity
+    matrices, per-row torch.multinomial mining."""
+    kernel_backend: str = "auto"
+    """``backend=`` passed to the fused ops: "auto", "triton", "torch" or "cpp"."""
+
+    def __post_init__(self):
+        for name in ("alpha", "beta", "trans_weight", "cap_weight", "contrastive_weight"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+                   f"LossConfig.{name} must be a finite non-negative number, got {v!r}")
+        _check(self.contrastive_dim > 0, "LossConfig.contrastive_dim must be positive")
+        _check(0 < self.init_temperature and 1.0 / self.init_temperature <= self.max_logit_scale,
+               f"LossConfig.init_temperature must be in (0, 1] with 1/τ <= max_logit_scale, "
+               f"got {self.init_temperature}")
+        _check(0.0 <= self.contrastive_label_smoothing < 1.0,
+               "LossConfig.contrastive_label_smoothing must be in [0, 1)")
+        _check(self.hard_negatives in ("sample", "hardest", "none"),
+               f"LossConfig.hard_negatives must be 'sample', 'hardest' or 'none', "
+               f"got {self.hard_negatives!r}")
+        _check(self.cross_entropy in ("fused", "naive"),
+               f"LossConfig.cross_entropy must be 'fused' or 'naive', got {self.cross_entropy!r}")
+        _check(self.contrastive in ("fused", "naive"),
+               f"LossConfig.contrastive must be 'fused' or 'naive', got {self.contrastive!r}")
+        _check(self.kernel_backend in ("auto", "triton", "torch", "cpp"),
+               f"LossConfig.kernel_backend must be auto, triton, torch or cpp, "
+               f"got {self.kernel_backend!r}")
+
+    def task_weight(self, task: str) -> float:
+        return {"trans": self.trans_weight, "cap": self.cap_weight, "qus": self.alpha,
+                "match": self.beta}[task]
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    """Task tokens and answers (paper §3.3). The task tokens are appended to the decoder
+    vocabulary in TASK_NAMES order, so their ids are decoder.vocab_size + i."""
+
+    task_tokens: tuple[str, str, str, str] = ("[trans]", "[cap]", "[qus]", "[match]")
+    """Strings of the task tokens, in TASK_NAMES order (added to the decoder tokenizer)."""
+    match_yes_ids: tuple[int, ...] = ()
+    """Decoder token ids of the [match] answer "yes" (without eos). Filled from the decoder
+    tokenizer by UniGen.set_tokenizers when empty."""
+    match_no_ids: tuple[int, ...] = ()
+    """Decoder token ids of the [match] answer "no" (without eos)."""
+    eos_token_id: int | None = None
+    """Decoder end-of-sequence id (GPT-2: 50256); filled from the decoder tokenizer when None."""
+    max_new_tokens: int = 30
+    """Default generation length of the inference API."""
+    num_beams: int = 1
+    """Default beam count of the inference API (1 = greedy)."""
+
+    def __post_init__(self):
+        self.task_tokens = tuple(self.task_tokens)
+        _check(len(self.task_tokens) == len(TASK_NAMES) and len(set(self.task_tokens)) == 4,
+               f"TaskConfig.task_tokens must be 4 distinct strings, got {self.task_tokens!r}")
+        self.match_yes_ids = tuple(int(i) for i in self.match_yes_ids)
+        self.match_no_ids = tuple(int(i) for i in self.match_no_ids)
+        _check(bool(self.match_yes_ids) == bool(self.match_no_ids),
+               "TaskConfig.match_yes_ids and match_no_ids must be set together")
+        _check(not self.match_yes_ids or self.match_yes_ids != self.match_no_ids,
+               "TaskConfig: match_yes_ids and match_no_ids must differ")
+        _check(self.max_new_tokens > 0, "TaskConfig.max_new_tokens must be positive")
+        _check(self.num_beams > 0, "TaskConfig.num_beams must be positive")
+
+
+@dataclass(kw_only=True)
+class UniGenConfig:
+    """The whole model: image encoder (vision + qformer), text encoder, decoder, loss, tasks."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Frozen CLIP ViT."""
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    """BLIP-2 Q-Former."""
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    """XLM-R text encoder."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """GPT-2 English decoder (vocab_size is the size *before* the four task tokens)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Objective and the fused/naive switches."""
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    """Task tokens and answers."""
+
+    def __post_init__(self):
+        for name, cls in (("vision", VisionConfig), ("qformer", QFormerConfig),
+                          ("text", TextEncoderConfig), ("decoder", DecoderConfig),
+                          ("loss", LossConfig), ("tasks", TaskConfig)):
+            v = getattr(self, name)
+            if isinstance(v, dict):
+                setattr(self, name, _from_dict(cls, v, f"UniGenConfig.{name}"))
+            elif not isinstance(v, cls):
+                raise TypeError(f"UniGenConfig.{name} must be a {cls.__name__}, "
+                                f"got {type(v).__name__}")
+        n_prefix_max = self.qformer.num_query_tokens + self.text.max_length + 1
+        _check(n_prefix_max < self.decoder.n_positions,
+               f"UniGenConfig: the longest decoder prefix ({n_prefix_max} = queries + "
+               f"text.max_length + task token) leaves no room in decoder.n_positions "
+               f"({self.decoder.n_positions})")
+
+    # ---- presets -------------------------------------------------------------------------
+    @classmethod
+    def paper(cls, **overrides) -> "UniGenConfig":
+        """The full-size model of §4.2: CLIP ViT-L/14 (224), Q-Former with 32 queries,
+        xlm-roberta-base (40 tokens), GPT-2 base with its middle 6 layers frozen, width 768."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "UniGenConfig":
+        """A seconds-on-CPU model with the paper's structure (tests, the demo)."""
+        kw = dict(
+            vision=VisionConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96,
+                                num_hidden_layers=3, num_attention_heads=4),
+            # No dropout: at width 32 it drowns the small differences between inputs that the
+            # tests need to learn from (contrastive features, overfitting).
+            qformer=QFormerConfig(num_query_tokens=4, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  hidden_dropout=0.0, attention_dropout=0.0),
+            text=TextEncoderConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=64, max_length=16,
+                                   hidden_dropout=0.0, attention_dropout=0.0),
+            decoder=DecoderConfig.tiny(),
+            loss=LossConfig(contrastive_dim=16),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def with_naive_baselines(self) -> "UniGenConfig":
+        """A copy where every fused piece uses its naive counterpart (materialised logits,
+        padded SDPA attention, LAVIS-style mining): the end-to-end benchmark's baseline."""
+        cfg = copy.deepcopy(self)
+        cfg.loss.cross_entropy = "naive"
+        cfg.loss.contrastive = "naive"
+        cfg.decoder.attention_backend = "padded_sdpa"
+        return cfg
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return _to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UniGenConfig":
+        return _from_dict(cls, d, "UniGenConfig")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "UniGenConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _to_jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(x) for x in obj]
+    return obj
+
+
+def _coerce(tp, value, where: str):
+    """Convert a JSON value back to the annotated type ``tp`` (dataclass, tuple, scalar)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be an object, got {type(value).__name__}")
+        return _from_dict(tp, value, where)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(f"{where}: {value!r} matches none of {args} ({'; '.join(errors)})")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a list, got {type(value).__name__}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        if args and len(args) != len(value):
+            raise ValueError(f"{where} must have {len(args)} entries, got {len(value)}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value)) if args else tuple(value)
+    if origin is list:
+        (a,) = typing.get_args(tp) or (typing.Any,)
+        return [_coerce(a, v, where) for v in value]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where} must be an int, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be a bool, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise TypeError(f"{where} must be an object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()}
+    return cls(**kwargs)

@@ -1,0 +1,660 @@
+"""The UniGen model (paper §3): encoders, decoder, the five losses, loading, and inference.
+
+Training (``UniGen.forward(batch)``), per batch:
+
+1. every distinct image goes once through the frozen ViT and the Q-Former (E_v, and the image
+   [CLS] = first query), every distinct text once through XLM-R (E_t, and the text [CLS]);
+2. L_CL on the image-text pairs (cosine similarity / learnable τ), which also mines one hard
+   negative text per image and one hard negative image per text (§3.3, after ALBEF);
+3. the generative samples (trans, cap, qus from the batch; [match] built from the pairs: positives
+   answer "yes", mined negatives "no") are packed back to back as
+   ``prefix (E_v ⊕ E_t ⊕ task token) ⊕ target[:-1]`` and run through the decoder in one packed
+   call (prefix-LM attention op, causal or bidirectional prefix);
+4. the rows that predict target tokens go through one fused linear+cross-entropy call with
+   per-task weights (see :mod:`unigen.model.losses`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unigen.config import TASK_NAMES, UniGenConfig
+from unigen.model.batch import TASK_IDS, UniGenBatch
+from unigen.model.gpt2_decoder import GPT2Decoder
+from unigen.model.image_encoder import ImageEncoder, preprocess_images
+from unigen.model.losses import contrastive, generative_losses
+from unigen.model.text_encoder import TextEncoder
+
+
+@dataclass
+class UniGenOutput:
+    """What the training forward returns.
+
+    loss: the total objective (0-d, differentiable).
+    losses: detached per-term values for logging: trans, cap, qus, match (each the mean over its
+        own target tokens, 0 when absent) and cl.
+    temperature: the current τ of L_CL (1 / logit scale).
+    num_tokens: target tokens per task (and "total"); num_samples: decoder samples per task
+        (mined [match] samples included); num_pairs: pairs in L_CL.
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    temperature: torch.Tensor
+    num_tokens: dict[str, int]
+    num_samples: dict[str, int]
+    num_pairs: int
+
+
+@dataclass
+class RetrievalResult:
+    """Top-k of :meth:`UniGen.retrieve`: indices sorted best first, and their re-ranked scores
+    (P([match] = yes)); the contrastive similarities of the same candidates alongside."""
+
+    image_to_text: torch.Tensor
+    image_to_text_scores: torch.Tensor
+    image_to_text_similarity: torch.Tensor
+    text_to_image: torch.Tensor
+    text_to_image_scores: torch.Tensor
+    text_to_image_similarity: torch.Tensor
+
+
+class UniGen(nn.Module):
+    def __init__(self, config: UniGenConfig | None = None, *, text_tokenizer=None,
+                 decoder_tokenizer=None):
+        super().__init__()
+        config = UniGenConfig.paper() if config is None else config
+        if not isinstance(config, UniGenConfig):
+            raise TypeError(f"UniGen: config must be a UniGenConfig, got {type(config).__name__}")
+        self.config = copy.deepcopy(config)
+        width = config.decoder.n_embd
+        self.image_encoder = ImageEncoder(config.vision, config.qformer, width)
+        self.text_encoder = TextEncoder(config.text, width)
+        self._install_decoder(GPT2Decoder(copy.deepcopy(config.decoder)))
+        # Projections of the two [CLS] tokens for L_CL (§3.3; BLIP-2's 256-d vision/text_proj).
+        self.image_proj = nn.Linear(config.qformer.hidden_size, config.loss.contrastive_dim)
+        self.text_proj = nn.Linear(config.text.hidden_size, config.loss.contrastive_dim)
+        # Learnable temperature, stored as log(1/τ) like CLIP's logit_scale.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.loss.init_temperature)))
+        self.text_tokenizer = None
+        self.decoder_tokenizer = None
+        if text_tokenizer is not None or decoder_tokenizer is not None:
+            self.set_tokenizers(text_tokenizer, decoder_tokenizer)
+
+    @classmethod
+    def tiny(cls, tokenizers=None, **config_overrides) -> "UniGen":
+        """A ``UniGenConfig.tiny()`` model (CPU, seconds). ``tokenizers``: a
+        :class:`unigen.tokenization.TinyTokenizers` (from ``train_tiny_tokenizers``); the
+        vocabulary sizes follow it and the tokenizers are attached."""
+        cfg = UniGenConfig.tiny(**config_overrides)
+        if tokenizers is None:
+            return cls(cfg)
+        cfg.text.vocab_size = tokenizers.text_vocab_size
+        cfg.decoder.vocab_size = tokenizers.decoder_vocab_size
+        cfg.__post_init__()
+        text_tok, dec_tok = tokenizers.load(cfg.tasks.task_tokens)
+        return cls(cfg, text_tokenizer=text_tok, decoder_tokenizer=dec_tok)
+
+    # ---- construction helpers ------------------------------------------------------------
+    def _install_decoder(self, decoder: GPT2Decoder) -> None:
+        if decoder.vocab_size != self.config.decoder.vocab_size:
+            raise ValueError(f"UniGen: the decoder has {decoder.vocab_size} tokens, the config "
+                             f"{self.config.decoder.vocab_size} (before the task tokens)")
+        for f in ("n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(decoder.config, f) != getattr(self.config.decoder, f):
+                raise ValueError(f"UniGen: decoder.{f} = {getattr(decoder.config, f)} but the "
+                                 f"config says {getattr(self.config.decoder, f)}")
+        # The four task tokens [trans] [cap] [qus] [match] become rows V..V+3 of the decoder's
+        # embedding and so of its tied LM head (§3.3).
+        decoder.add_tokens(len(TASK_NAMES))
+        decoder.freeze_configured_layers()  # middle 6 GPT-2 layers (§4.2)
+        # One config object: switching model.config.decoder.attention_backend switches the
+        # decoder's (the shapes were checked equal above or built from this very config).
+        decoder.config = self.config.decoder
+        self.decoder = decoder
+
+    def configure_backends(self, *, cross_entropy: str | None = None, contrastive: str | None = None,
+                           attention: str | None = None, kernels: str | None = None) -> None:
+        """Switch implementations in place (weights untouched): ``cross_entropy`` and
+        ``contrastive`` "fused"/"naive", ``attention`` a DecoderConfig.attention_backend
+        ("padded_sdpa" = naive), ``kernels`` the ops' backend ("auto", "triton", "torch", "cpp")."""
+        import dataclasses
+
+        loss = dataclasses.replace(
+            self.config.loss,
+            cross_entropy=cross_entropy or self.config.loss.cross_entropy,
+            contrastive=contrastive or self.config.loss.contrastive,
+            kernel_backend=kernels or self.config.loss.kernel_backend)  # validates
+        dec = dataclasses.replace(self.config.decoder,
+                                  attention_backend=attention or self.config.decoder.attention_backend)
+        self.config.loss = loss
+        self.config.decoder.attention_backend = dec.attention_backend
+
+    @property
+    def task_token_ids(self) -> list[int]:
+        return [self.config.decoder.vocab_size + i for i in range(len(TASK_NAMES))]
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def logit_scale_value(self) -> torch.Tensor:
+        """1/τ, clamped at LossConfig.max_logit_scale (CLIP's clamp)."""
+        return self.logit_scale.clamp(max=math.log(self.config.loss.max_logit_scale)).exp()
+
+    def set_tokenizers(self, text_tokenizer, decoder_tokenizer) -> None:
+        """Attach the encoder (XLM-R-style) and decoder (GPT-2-style) tokenizers.
+
+        The decoder tokenizer must have the four task tokens at ids vocab_size..vocab_size+3
+        (:func:`unigen.tokenization.load_decoder_tokenizer` adds them); the [match] answers and
+        eos are read from it when the config does not fix them."""
+        if text_tokenizer is None or decoder_tokenizer is None:
+            raise ValueError("UniGen.set_tokenizers: both text_tokenizer and decoder_tokenizer are needed")
+        from unigen.tokenization import check_decoder_tokenizer
+
+        check_decoder_tokenizer(decoder_tokenizer, self.config)
+        tasks = self.config.tasks
+        if tasks.eos_token_id is None:
+            tasks.eos_token_id = int(decoder_tokenizer.eos_token_id)
+        if not tasks.match_yes_ids:
+            tasks.match_yes_ids = tuple(decoder_tokenizer("yes", add_special_tokens=False)["input_ids"])
+            tasks.match_no_ids = tuple(decoder_tokenizer("no", add_special_tokens=False)["input_ids"])
+            tasks.__post_init__()
+        self.text_tokenizer = text_tokenizer
+        self.decoder_tokenizer = decoder_tokenizer
+
+    # ---- parameter bookkeeping --------------------------------------------------------------
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def parameter_breakdown(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for name, mod in self.named_children():
+            out[name] = {"trainable": sum(p.numel() for p in mod.parameters() if p.requires_grad),
+                         "frozen": sum(p.numel() for p in mod.parameters() if not p.requires_grad)}
+        out["logit_scale"] = {"trainable": 1, "frozen": 0}
+        return out
+
+    # ---- encoders ------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q-Former outputs [N, Q, Dq], visual prefix E_v [N, Q, D])."""
+        return self.image_encoder(images.to(self.device))
+
+    def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(XLM-R hidden states [N, L, Dt], text prefix E_t [N, L, D])."""
+        return self.text_encoder(ids.to(self.device), mask.to(self.device))
+
+    def _task_embeddings(self) -> torch.Tensor:
+        ids = torch.tensor(self.task_token_ids, device=self.device)
+        return self.decoder.wte(ids)  # [4, D]
+
+    # ---- packing ---------------------------------------------------------------------------
+    def _pack(self, task, image_index, text_index, target_ids, target_lens, img_prefix,
+              txt_prefix, txt_lens):
+        """Build the packed decoder input of S samples and the rows that predict targets.
+
+        Sample s is ``E_v[image] ⊕ E_t[text] ⊕ T_D(task) ⊕ target[:-1]``; its row
+        ``prefix_len - 1 + j`` predicts ``target[j]``. All of it is one gather from a table of
+        every source row, so it is a single differentiable op whatever the task mix.
+        """
+        dev = self.device
+        Q = self.config.qformer.num_query_tokens
+        D = self.config.decoder.n_embd
+        S = task.numel()
+        has_img, has_txt = image_index >= 0, text_index >= 0
+        n_img = has_img.long() * Q
+        n_txt = torch.where(has_txt, txt_lens[text_index.clamp(min=0)] if txt_lens.numel() else
+                            torch.zeros_like(text_index), torch.zeros_like(text_index))
+        prefix_len = n_img + n_txt + 1
+        seq_len = prefix_len + target_lens - 1
+        cu = torch.zeros(S + 1, dtype=torch.long, device=dev)
+        cu[1:] = torch.cumsum(seq_len, 0)
+        T = int(cu[-1])
+        max_seqlen = int(seq_len.max())
+        if max_seqlen > self.config.decoder.n_positions:
+            s = int(seq_len.argmax())
+            raise ValueError(
+                f"UniGen: sample {s} ({TASK_NAMES[int(task[s])]}) needs {max_seqlen} decoder "
+                f"positions (prefix {int(prefix_len[s])} + target {int(target_lens[s])} - 1), more "
+                f"than decoder.n_positions = {self.config.decoder.n_positions}; shorten its target")
+        sample = torch.repeat_interleave(torch.arange(S, device=dev), seq_len, output_size=T)
+        p = torch.arange(T, device=dev) - cu[sample]
+
+        parts, base = [], 0
+        img_rows = img_prefix.reshape(-1, D) if img_prefix is not None else torch.zeros(0, D, device=dev)
+        img_base = base; parts.append(img_rows); base += img_rows.shape[0]
+        txt_rows = txt_prefix if txt_prefix is not None else torch.zeros(0, D, device=dev)
+        txt_base = base; parts.append(txt_rows); base += txt_rows.shape[0]
+        task_base = base; parts.append(self._task_embeddings()); base += len(TASK_NAMES)
+        tgt_base = base; parts.append(self.decoder.wte(target_ids))
+        table = torch.cat([x.to(parts[2].dtype) for x in parts], 0)
+
+        txt_cu = torch.zeros(txt_lens.numel() + 1, dtype=torch.long, device=dev)
+        txt_cu[1:] = torch.cumsum(txt_lens, 0)
+        tgt_cu = torch.zeros(S + 1, dtype=torch.long, device=dev)
+        tgt_cu[1:] = torch.cumsum(target_lens, 0)
+        s_img, s_txt = image_index[sample], text_index[sample]
+        s_nimg, s_ntxt, s_pre = n_img[sample], n_txt[sample], prefix_len[sample]
+        idx = torch.where(
+            p < s_nimg, img_base + s_img.clamp(min=0) * Q + p,
+            torch.where(p < s_nimg + s_ntxt, txt_base + txt_cu[s_txt.clamp(min=0)] + p - s_nimg,
+                        torch.where(p == s_pre - 1, task_base + task[sample],
+                                    tgt_base + tgt_cu[sample] + p - s_pre)))
+        values = table[idx]
+        predict_rows = (p >= s_pre - 1).nonzero().view(-1)  # in sample order = target order
+        return dict(values=values, cu_seqlens=cu.to(torch.int32),
+                    prefix_lens=prefix_len.to(torch.int32), position_ids=p,
+                    max_seqlen=max_seqlen, predict_rows=predict_rows)
+
+    def _run_decoder(self, packed) -> torch.Tensor:
+        return self.decoder.forward_packed(packed["values"], packed["cu_seqlens"],
+                                           packed["prefix_lens"], packed["position_ids"],
+                                           packed["max_seqlen"])
+
+    # ---- training forward --------------------------------------------------------------------
+    def forward(self, batch: UniGenBatch, *, generator: torch.Generator | None = None,
+                validate: bool = True) -> UniGenOutput:
+        """The training objective on ``batch`` (see the module docstring).
+
+        generator: random source of the hard-negative sampling (on the model's device).
+        validate: check the batch first (a few host syncs; a trainer whose batches come from
+        ``collate_examples``/``from_task_groups`` may turn it off after the first steps).
+        """
+        if not isinstance(batch, UniGenBatch):
+            raise TypeError(f"UniGen.forward: batch must be a UniGenBatch, got {type(batch).__name__}")
+        cfg = self.config
+        dev = self.device
+        batch = batch.to(dev, non_blocking=True)
+        if validate:
+            batch.validate(image_size=cfg.vision.image_size, max_text_length=cfg.text.max_length,
+                           decoder_vocab_size=cfg.decoder.vocab_size + len(TASK_NAMES))
+        S, P = batch.num_samples, batch.num_pairs
+        if S == 0 and P == 0:
+            raise ValueError("UniGen.forward: the batch has neither generative samples nor pairs")
+
+        # 1. encoders: each distinct image / text once.
+        img_q = img_prefix = txt_hidden = txt_prefix_rows = None
+        txt_lens = torch.zeros(0, dtype=torch.long, device=dev)
+        if batch.images is not None and batch.num_images:
+            img_q, img_prefix = self.encode_images(batch.images)
+        if batch.text_ids is not None and batch.num_texts:
+            txt_hidden, txt_prefix = self.encode_texts(batch.text_ids, batch.text_mask)
+            mask = batch.text_mask.bool()
+            txt_lens = mask.sum(1).long()
+            txt_prefix_rows = txt_prefix[mask]  # right-padded rows → packed [sum len, D]
+
+        # 2. L_CL and hard-negative mining on the pairs.
+        task, image_index, text_index = batch.task.long(), batch.image_index.long(), batch.text_index.long()
+        target_ids, target_lens = batch.target_ids.long(), batch.target_lengths()
+        scale = self.logit_scale_value()
+        loss_cl = scale * 0.0
+        if P:
+            distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                           and torch.distributed.get_world_size() > 1)
+            if P >= 2 or distributed:
+                img_feat = self.image_proj(img_q[batch.pair_image_index.long(), 0])
+                txt_feat = self.text_proj(txt_hidden[batch.pair_text_index.long(), 0])
+                cl = contrastive(img_feat, txt_feat, scale, batch.pair_ids.long(), cfg.loss, generator)
+                loss_cl = cl.loss
+            else:
+                # One pair has no negative: InfoNCE is identically 0 and nothing can be mined.
+                cl = None
+            # 3a. [match] samples from the pairs: positive → "yes", mined negatives → "no".
+            if cfg.loss.beta > 0:
+                extra = self._match_samples(batch, cl)
+                task = torch.cat([task, extra[0]])
+                image_index = torch.cat([image_index, extra[1]])
+                text_index = torch.cat([text_index, extra[2]])
+                target_ids = torch.cat([target_ids, extra[3]])
+                target_lens = torch.cat([target_lens, extra[4]])
+
+        # 3b/4. one packed decoder call and one fused cross-entropy call for every task.
+        n_tasks = len(TASK_NAMES)
+        if task.numel():
+            packed = self._pack(task, image_index, text_index, target_ids, target_lens,
+                                img_prefix, txt_prefix_rows, txt_lens)
+            hidden = self._run_decoder(packed)[packed["predict_rows"]]
+            task_of_row = torch.repeat_interleave(task, target_lens, output_size=target_ids.numel())
+            gen_total, means, counts = generative_losses(
+                hidden, self.decoder.lm_head_weight, target_ids, task_of_row, cfg.loss)
+        else:
+            gen_total = self.decoder.lm_head_weight.sum() * 0.0
+            means = torch.zeros(n_tasks, device=dev)
+            counts = torch.zeros(n_tasks, dtype=torch.long, device=dev)
+        total = gen_total + cfg.loss.contrastive_weight * loss_cl
+
+        counts_l = [int(c) for c in counts.tolist()]
+        samples_l = torch.bincount(task, minlength=n_tasks).tolist() if task.numel() else [0] * n_tasks
+        losses = {name: means[i].detach() for i, name in enumerate(TASK_NAMES)}
+        losses["cl"] = loss_cl.detach()
+        num_tokens = {name: counts_l[i] for i, name in enumerate(TASK_NAMES)}
+        num_tokens["total"] = sum(counts_l)
+        return UniGenOutput(loss=total, losses=losses, temperature=(1.0 / scale).detach(),
+                            num_tokens=num_tokens,
+                            num_samples={n: int(samples_l[i]) for i, n in enumerate(TASK_NAMES)},
+                            num_pairs=P)
+
+    def _match_answer(self, yes: bool) -> list[int]:
+        tasks = self.config.tasks
+        if not tasks.match_yes_ids or tasks.eos_token_id is None:
+            raise ValueError(
+                "UniGen: the [match] task needs the decoder ids of its answers: set "
+                "config.tasks.match_yes_ids / match_no_ids / eos_token_id, or attach the "
+                "tokenizers with set_tokenizers() (or set loss.beta = 0 to skip [match])")
+        return list(tasks.match_yes_ids if yes else tasks.match_no_ids) + [tasks.eos_token_id]
+
+    def _match_samples(self, batch: UniGenBatch, cl):
+        """[match] samples of the pairs (ALBEF's ITM recipe): (v_i, t_i) → yes; with
+        match_negatives, (v_i, t_neg(i)) → no and (v_neg(i), t_i) → no."""
+        dev = self.device
+        yes = torch.tensor(self._match_answer(True), device=dev)
+        no = torch.tensor(self._match_answer(False), device=dev)
+        pi, pt = batch.pair_image_index.long(), batch.pair_text_index.long()
+        P = pi.numel()
+        imgs, txts, answers = [pi], [pt], [torch.ones(P, dtype=torch.bool, device=dev)]
+        if self.config.loss.match_negatives and cl is not None and cl.neg_text_for_image is not None:
+            # Mined indices address the gathered batch; under data parallelism keep the ones that
+            # fall in this rank's slice (the others' encoder outputs live on other ranks).
+            offset = 0
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                offset = torch.distributed.get_rank() * P
+            nt = cl.neg_text_for_image.long() - offset
+            ni = cl.neg_image_for_text.long() - offset
+            ok_t = (cl.neg_text_for_image >= 0) & (nt >= 0) & (nt < P)
+            ok_i = (cl.neg_image_for_text >= 0) & (ni >= 0) & (ni < P)
+            imgs += [pi[ok_t], pi[ni[ok_i]]]
+            txts += [pt[nt[ok_t]], pt[ok_i]]
+            answers += [torch.zeros(int(ok_t.sum()), dtype=torch.bool, device=dev),
+                        torch.zeros(int(ok_i.sum()), dtype=torch.bool, device=dev)]
+        img, txt, ans = torch.cat(imgs), torch.cat(txts), torch.cat(answers)
+        n = img.numel()
+        n_yes = P  # the positives come first, then every negative
+        lens = torch.where(ans, yes.numel(), no.numel())
+        tgt = torch.cat([yes.repeat(n_yes), no.repeat(n - n_yes)])
+        return (torch.full((n,), TASK_IDS["match"], dtype=torch.long, device=dev), img, txt, tgt,
+                lens.long())
+
+    # ---- inference ------------------------------------------------------------------------
+    def _require_tokenizers(self, op: str):
+        if self.text_tokenizer is None or self.decoder_tokenizer is None:
+            raise RuntimeError(f"UniGen.{op}: no tokenizers attached; build the model with "
+                               f"text_tokenizer=/decoder_tokenizer= or call set_tokenizers()")
+
+    def _images(self, images, op: str) -> torch.Tensor:
+        if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
+            raise ValueError(f"UniGen.{op}: images is empty")
+        v = self.config.vision
+        try:
+            x = preprocess_images(images, image_size=v.image_size, mean=v.image_mean, std=v.image_std)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"UniGen.{op}: {e}") from None
+        return x.to(self.device)
+
+    def _texts(self, texts, op: str, name: str = "texts"):
+        self._require_tokenizers(op)
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)) or len(texts) == 0:
+            raise ValueError(f"UniGen.{op}: {name} must be a non-empty list of strings")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"UniGen.{op}: {name}[{i}] must be a non-empty string, got {t!r}")
+        enc = self.text_tokenizer(list(texts), padding=True, truncation=True,
+                                  max_length=self.config.text.max_length, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device).bool()
+
+    def _prefixes(self, task: str, img_prefix=None, txt_prefix=None, txt_mask=None) -> list[torch.Tensor]:
+        if task not in TASK_IDS:
+            raise ValueError(f"UniGen: unknown task {task!r}; expected one of {TASK_NAMES}")
+        emb = self._task_embeddings()[TASK_IDS[task]].unsqueeze(0)
+        n = img_prefix.shape[0] if img_prefix is not None else txt_prefix.shape[0]
+        out = []
+        for i in range(n):
+            parts = []
+            if img_prefix is not None:
+                parts.append(img_prefix[i])
+            if txt_prefix is not None:
+                parts.append(txt_prefix[i][txt_mask[i]])
+            parts.append(emb)
+            out.append(torch.cat(parts, 0))
+        return out
+
+    def _generate(self, prefixes, max_new_tokens, num_beams, length_penalty,
+                  use_cache) -> list[list[int]]:
+        from unigen.model.generation import generate, generate_without_cache
+
+        tasks = self.config.tasks
+        fn = generate if use_cache else generate_without_cache
+        was_training = self.training
+        self.eval()
+        try:
+            ids = fn(self.decoder, prefixes,
+                     max_new_tokens=max_new_tokens or tasks.max_new_tokens,
+                     eos_token_id=tasks.eos_token_id, num_beams=num_beams or tasks.num_beams,
+                     length_penalty=length_penalty)
+        finally:
+            self.train(was_training)
+        return ids
+
+    def _decode(self, ids: list[list[int]]) -> list[str]:
+        return [self.decoder_tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
+
+    @torch.no_grad()
+    def generate_ids(self, task: str, *, images=None, texts=None, max_new_tokens: int | None = None,
+                     num_beams: int | None = None, length_penalty: float = 1.0,
+                     use_cache: bool = True) -> list[list[int]]:
+        """Token ids generated for ``task`` (the API below decodes them to strings)."""
+        return self._generate_task(task, images, texts, max_new_tokens, num_beams, length_penalty,
+                                   use_cache)
+
+    def _generate_task(self, task, images, texts, max_new_tokens, num_beams, length_penalty,
+                       use_cache, op="generate_ids"):
+        self._require_tokenizers(op)
+        if task not in TASK_IDS:
+            raise ValueError(f"UniGen.{op}: unknown task {task!r}; expected one of {TASK_NAMES}")
+        needs_img = task in ("cap", "qus", "match")
+        needs_txt = task in ("trans", "qus", "match")
+        img_prefix = txt_prefix = mask = None
+        if needs_img:
+            _, img_prefix = self.encode_images(self._images(images, op))
+        elif images is not None:
+            raise ValueError(f"UniGen.{op}: task {task!r} takes no images")
+        if needs_txt:
+            ids, mask = self._texts(texts, op)
+            _, txt_prefix = self.encode_texts(ids, mask)
+        elif texts is not None:
+            raise ValueError(f"UniGen.{op}: task {task!r} takes no texts")
+        if img_prefix is not None and txt_prefix is not None and img_prefix.shape[0] != txt_prefix.shape[0]:
+            raise ValueError(f"UniGen.{op}: got {img_prefix.shape[0]} images but "
+                             f"{txt_prefix.shape[0]} texts; they must pair up")
+        prefixes = self._prefixes(task, img_prefix, txt_prefix, mask)
+        return self._generate(prefixes, max_new_tokens, num_beams, length_penalty, use_cache)
+
+    @torch.no_grad()
+    def caption(self, images, *, max_new_tokens: int | None = None, num_beams: int | None = None,
+                length_penalty: float = 1.0, use_cache: bool = True) -> list[str]:
+        """English captions of ``images`` (PIL images or tensors): E_v ⊕ [cap] → text."""
+        return self._decode(self._generate_task("cap", images, None, max_new_tokens, num_beams,
+                                                length_penalty, use_cache, op="caption"))
+
+    @torch.no_grad()
+    def translate(self, texts, *, max_new_tokens: int | None = None, num_beams: int | None = None,
+                  length_penalty: float = 1.0, use_cache: bool = True) -> list[str]:
+        """English translations of ``texts`` (any language): E_t ⊕ [trans] → text."""
+        return self._decode(self._generate_task("trans", None, texts, max_new_tokens, num_beams,
+                                                length_penalty, use_cache, op="translate"))
+
+    @torch.no_grad()
+    def answer(self, images, questions, *, max_new_tokens: int | None = None,
+               num_beams: int | None = None, length_penalty: float = 1.0,
+               use_cache: bool = True) -> list[str]:
+        """Answers to ``questions`` (any language) about ``images``: E_v ⊕ E_t ⊕ [qus] → text."""
+        return self._decode(self._generate_task("qus", images, questions, max_new_tokens,
+                                                num_beams, length_penalty, use_cache, op="answer"))
+
+    def _match_prob(self, img_prefix, txt_prefix, txt_mask) -> torch.Tensor:
+        from unigen.model.generation import sequence_logprob
+
+        prefixes = self._prefixes("match", img_prefix, txt_prefix, txt_mask)
+        yes, no = self._match_answer(True), self._match_answer(False)
+        lp_yes = sequence_logprob(self.decoder, prefixes, [yes] * len(prefixes))
+        lp_no = sequence_logprob(self.decoder, prefixes, [no] * len(prefixes))
+        # P(yes | yes or no): the two answers' sequence probabilities, renormalised.
+        return torch.sigmoid(lp_yes - lp_no)
+
+    @torch.no_grad()
+    def match(self, images, texts) -> torch.Tensor:
+        """P([match] answers "yes") for each (image, text) pair, a float tensor [N]."""
+        x = self._images(images, "match")
+        ids, mask = self._texts(texts, "match")
+        if x.shape[0] != ids.shape[0]:
+            raise ValueError(f"UniGen.match: got {x.shape[0]} images but {ids.shape[0]} texts; "
+                             f"they must pair up")
+        was_training = self.training
+        self.eval()
+        try:
+            _, img_prefix = self.encode_images(x)
+            _, txt_prefix = self.encode_texts(ids, mask)
+            return self._match_prob(img_prefix, txt_prefix, mask)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def embed_images(self, images) -> torch.Tensor:
+        """L2-normalised contrastive embeddings [N, contrastive_dim] of the image [CLS]."""
+        x = self._images(images, "embed_images")
+        q, _ = self.encode_images(x)
+        return F.normalize(self.image_proj(q[:, 0]).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, texts) -> torch.Tensor:
+        """L2-normalised contrastive embeddings [N, contrastive_dim] of the text [CLS]."""
+        ids, mask = self._texts(texts, "embed_texts")
+        h, _ = self.encode_texts(ids, mask)
+        return F.normalize(self.text_proj(h[:, 0]).float(), dim=-1)
+
+    @torch.no_grad()
+    def retrieve(self, images, texts, k: int = 16) -> RetrievalResult:
+        """Image→text and text→image retrieval: contrastive top-k, then re-ranking of those k by
+        the [match] probability (CCLM/BLIP's two-stage retrieval)."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"UniGen.retrieve: k must be a positive int, got {k!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            x = self._images(images, "retrieve")
+            ids, mask = self._texts(texts, "retrieve")
+            q, img_prefix = self.encode_images(x)
+            h, txt_prefix = self.encode_texts(ids, mask)
+            ie = F.normalize(self.image_proj(q[:, 0]).float(), dim=-1)
+            te = F.normalize(self.text_proj(h[:, 0]).float(), dim=-1)
+            sim = ie @ te.t()  # [N_img, N_txt]
+
+            def rerank(sim_rows, kk, pair):
+                top_sim, top = sim_rows.topk(kk, dim=1)
+                rows = torch.arange(sim_rows.shape[0], device=sim_rows.device).repeat_interleave(kk)
+                cols = top.reshape(-1)
+                ii, tt = pair(rows, cols)
+                prob = self._match_prob(img_prefix[ii], txt_prefix[tt], mask[tt]).view(-1, kk)
+                order = prob.argsort(dim=1, descending=True)
+                return top.gather(1, order), prob.gather(1, order), top_sim.gather(1, order)
+
+            i2t = rerank(sim, min(k, sim.shape[1]), lambda r, c: (r, c))
+            t2i = rerank(sim.t(), min(k, sim.shape[0]), lambda r, c: (c, r))
+            return RetrievalResult(*i2t, *t2i)
+        finally:
+            self.train(was_training)
+
+    # ---- loading and saving -----------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json, model.safetensors and the attached tokenizers to ``directory``."""
+        from unigen.model.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, map_location="cpu",
+                        load_tokenizers: bool = True) -> "UniGen":
+        """Rebuild a model written by :meth:`save_pretrained` (exact round trip)."""
+        from unigen.model.checkpoint import load_pretrained
+
+        return load_pretrained(cls, directory, map_location=map_location,
+                               load_tokenizers=load_tokenizers)
+
+    @classmethod
+    def from_pretrained_parts(cls, *, clip_dir=None, xlmr_dir=None, gpt2_dir=None,
+                              qformer_checkpoint=None, config: UniGenConfig | None = None,
+                              load_tokenizers: bool = True) -> "UniGen":
+        """Build UniGen from local pre-trained parts (nothing is downloaded).
+
+        clip_dir: HF CLIP ViT-L/14 directory; xlmr_dir: HF xlm-roberta-base directory (its
+        tokenizer is loaded too when present); gpt2_dir: HF gpt2 directory (tokenizer likewise);
+        qformer_checkpoint: LAVIS's BLIP-2 (ViT-L) checkpoint file. The sizes of the parts set the
+        vision, text and decoder configs; any part left None keeps its random initialisation.
+        """
+        from unigen.model.image_encoder import vision_config_from_hf
+        from unigen.model.text_encoder import text_config_from_hf
+
+        config = copy.deepcopy(config) if config is not None else UniGenConfig.paper()
+        if clip_dir is not None:
+            v = vision_config_from_hf(clip_dir)
+            for f in ("feature_layer", "frozen", "compute_dtype", "image_mean", "image_std"):
+                setattr(v, f, getattr(config.vision, f))
+            config.vision = v
+        if xlmr_dir is not None:
+            config.text = text_config_from_hf(xlmr_dir, max_length=config.text.max_length,
+                                              hidden_dropout=config.text.hidden_dropout,
+                                              attention_dropout=config.text.attention_dropout)
+        decoder = None
+        if gpt2_dir is not None:
+            d = config.decoder
+            decoder = GPT2Decoder.from_pretrained_gpt2(
+                gpt2_dir, frozen_layers=d.frozen_layers, prefix_attention=d.prefix_attention,
+                attention_backend=d.attention_backend, dropout=d.dropout)
+            config.decoder = copy.deepcopy(decoder.config)
+        config.__post_init__()
+        model = cls(config)
+        if clip_dir is not None:
+            model.image_encoder.load_clip_vision(clip_dir)
+        if xlmr_dir is not None:
+            model.text_encoder.load_hf(xlmr_dir)
+        if decoder is not None:
+            model._install_decoder(decoder)
+        if qformer_checkpoint is not None:
+            from unigen.model.lavis_remap import load_lavis_qformer_checkpoint
+
+            load_lavis_qformer_checkpoint(model, qformer_checkpoint)
+        if load_tokenizers and xlmr_dir is not None and gpt2_dir is not None:
+            from unigen.tokenization import load_decoder_tokenizer, load_text_tokenizer
+
+            try:
+                text_tok = load_text_tokenizer(xlmr_dir)
+                dec_tok = load_decoder_tokenizer(gpt2_dir, config.tasks.task_tokens)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"UniGen.from_pretrained_parts: could not load the tokenizers "
+                                 f"({e}); pass load_tokenizers=False to skip them") from e
+            model.set_tokenizers(text_tok, dec_tok)
+        return model
+
+
+def count_parameters(config: UniGenConfig | None = None) -> dict[str, dict[str, int]]:
+    """Trainable/frozen parameters per part of the model ``config`` describes (default: the
+    paper's), counted on the meta device: nothing is allocated or initialised."""
+    with torch.device("meta"):
+        model = UniGen(config if config is not None else UniGenConfig.paper())
+    out = model.parameter_breakdown()
+    out["total"] = {"trainable": model.num_parameters(),
+                    "frozen": model.num_parameters(trainable_only=False) - model.num_parameters()}
+    return out
+
+
+if __name__ == "__main__":  # python -m unigen.model.unigen_model: the paper model's size
+    for part, n in count_parameters().items():
+        print(f"{part:>14}  trainable {n['trainable']:>12,}  frozen {n['frozen']:>12,}")
