@@ -1,0 +1,812 @@
+"""Fused symmetric InfoNCE (CLIP / ALBEF contrastive loss) with on-device hard-negative mining.
+
+UniGen's L_CL (paper §3.3) is the symmetric InfoNCE between the image [CLS] and the text [CLS]:
+
+    L_CL = (L_v2t + L_t2v) / 2,   L_v2t = -1/B Σ_i log softmax_j(s_ij)[i],   s_ij = scale · cos(v_i, t_j)
+
+and the image-text matching task ([match]) needs, for every image, a hard negative text and, for
+every text, a hard negative image, drawn ∝ softmax(s) over the non-positives (ALBEF / BLIP).
+
+Generalisations implemented here (all of them reduce to the formula above by default):
+
+- ``ids``: every pair sharing an id is a positive. The target of row i is uniform over its positives
+  P_i (BLIP's retrieval loss: ``sim_targets = pos / pos.sum(1)``), and positives are never mined.
+- ``label_smoothing`` ε: target = (1-ε)·uniform(P_i) + ε·uniform(all columns), exactly
+  ``F.cross_entropy(..., label_smoothing=ε)`` when ``ids`` is None.
+- distributed: features are all-gathered with gradient; each rank computes the loss of its local rows
+  against the global batch (open_clip's ``local_loss=True, gather_with_grad=True``).
+
+The file follows the house pattern: the readable reference (``contrastive_loss_reference``), the
+Triton kernels and their launchers, a dense PyTorch implementation of the same op interface, the
+``torch.library`` custom ops (forward + backward, fake kernels, autograd), then the functional
+``contrastive_loss`` and the module ``ContrastiveLoss``.
+
+The Triton path runs both directions (image rows × text columns and text rows × image columns)
+in the same launches, on a (row blocks, 2) grid. The forward is one sweep per row block that
+produces the row loss, the log-sum-exp and the mined negative (Gumbel-max on the fly, so mining
+costs no extra pass and no B×B buffer); the backward is one sweep accumulating the row gradients
+(and the logit_scale gradient) and one accumulating the column gradients, both recomputing the
+similarity tiles from the saved log-sum-exp. The column direction recomputes the transposed tile
+instead of sharing it with the row direction: sharing would need a cross-program reduction of the
+column statistics (atomics, or an O(B²/BLOCK) partial buffer), and recomputing a [32, D] × [D, 32]
+tile costs less than either. Nothing of size B×B is ever stored: extra memory is O(B·D).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import resolve_backend, triton_available, triton_interpreting
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+
+_OP = "contrastive_loss"
+_NEGATIVE_MODES = {None: 0, "sample": 1, "hardest": 2}
+# Feature normalisation as in F.normalize: x / max(||x||, eps).
+_NORM_EPS = 1e-12
+# The Triton kernels keep a whole feature row in registers (the row block and its gradient
+# accumulator); beyond this width "auto" falls back to the PyTorch path.
+_TRITON_MAX_DIM = 1024
+# Test-only knob: (block_m, block_n) forced on the Triton launchers, so interpreter tests can use
+# small tiles and several blocks on tiny shapes. None = the launcher's GPU choice.
+_BLOCK_OVERRIDE: Optional[tuple[int, int]] = None
+
+
+class ContrastiveLossOutput(NamedTuple):
+    """``loss``: 0-d tensor. ``neg_text_for_image[i]``: index (into the gathered batch) of the hard
+    negative text of local image i, -1 when every text is a positive of image i; likewise
+    ``neg_image_for_text``. Both are None with ``negatives=None``."""
+
+    loss: torch.Tensor
+    neg_text_for_image: Optional[torch.Tensor]
+    neg_image_for_text: Optional[torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# Readable reference (single process, dense B×B; what the tests trust)
+# ----------------------------------------------------------------------------------------------
+
+
+def contrastive_loss_reference(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    logit_scale,
+    *,
+    ids: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    negatives: Optional[str] = "sample",
+    generator: Optional[torch.Generator] = None,
+) -> ContrastiveLossOutput:
+    """Plain PyTorch (autograd) version of :func:`contrastive_loss` on one process.
+
+    Computes in fp32 (fp64 for fp64 inputs). Mining samples with ``torch.multinomial`` over the
+    softmax of the similarity restricted to the non-positives (one batched call, no Python loop).
+    """
+    acc = torch.float64 if image_feats.dtype == torch.float64 else torch.float32
+    a = F.normalize(image_feats.to(acc), dim=-1, eps=_NORM_EPS)
+    b = F.normalize(text_feats.to(acc), dim=-1, eps=_NORM_EPS)
+    scale = torch.as_tensor(logit_scale, dtype=acc, device=a.device)
+    logits = scale * (a @ b.t())  # [images, texts]
+    n = logits.shape[0]
+    if ids is None:
+        ids = torch.arange(n, device=a.device)
+    pos = ids.view(-1, 1) == ids.view(1, -1)  # symmetric: pos[i, j] == pos[j, i]
+    targets = pos.to(acc) / pos.sum(1, keepdim=True).to(acc)
+    targets = (1.0 - label_smoothing) * targets + label_smoothing / n
+    loss_i2t = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t2i = -(targets * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    loss = 0.5 * (loss_i2t + loss_t2i)
+    if negatives is None:
+        return ContrastiveLossOutput(loss, None, None)
+    sim = logits.detach()
+
+    def mine(s):
+        masked = s.masked_fill(pos, float("-inf"))
+        has_negative = ~pos.all(1)
+        if negatives == "hardest":
+            idx = masked.argmax(1)
+        else:
+            # softmax over the non-positives only: no underflow to an all-zero row, and rows without
+            # any candidate get a dummy uniform row (their draw is discarded below).
+            weights = torch.softmax(masked, dim=1)
+            weights = torch.where(has_negative.view(-1, 1), weights, torch.ones_like(weights))
+            idx = torch.multinomial(weights, 1, generator=generator).view(-1)
+        return torch.where(has_negative, idx, torch.full_like(idx, -1))
+
+    return ContrastiveLossOutput(loss, mine(sim), mine(sim.t()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _mma(a, b, DOT_IEEE: tl.constexpr, ACC: tl.constexpr):
+        """a @ b with ACC accumulation. DOT_IEEE is set for fp32/fp64 inputs (full-precision
+        products: TF32 would cost ~1e-3 relative error in a cosine, i.e. up to 0.1 in a logit at
+        scale 100) and for bf16 under the interpreter, whose bf16 tl.dot is wrong (triton 3.9): the
+        launcher then upcasts there only; on a GPU bf16/fp16 tiles go to the tensor cores as is."""
+        if DOT_IEEE:
+            if a.dtype == tl.bfloat16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+        else:
+            return tl.dot(a, b, out_dtype=ACC)
+
+    @triton.jit
+    def _similarity_tile(q, k_ptr, inv_k_ptr, cols, col_mask, inv_q, scale, stride, dim,
+                         BLOCK_D: tl.constexpr, DOT_IEEE: tl.constexpr, ACC: tl.constexpr):
+        """Loads one column block of K and returns (s, cos, k, inv_k): the scaled similarity tile
+        [BLOCK_M, BLOCK_N], the cosine tile, the raw K block [BLOCK_N, BLOCK_D] and its inverse
+        norms.
+
+        Normalisation is fused: the dot product runs on the raw features (tensor cores in the input
+        dtype, ACC accumulation) and is multiplied by both inverse norms afterwards, which never
+        rounds a normalised copy back to bf16.
+        """
+        offs_d = tl.arange(0, BLOCK_D)
+        k = tl.load(k_ptr + cols[:, None] * stride + offs_d[None, :],
+                    mask=col_mask[:, None] & (offs_d[None, :] < dim), other=0.0)
+        inv_k = tl.load(inv_k_ptr + cols, mask=col_mask, other=0.0)
+        dots = _mma(q, tl.trans(k), DOT_IEEE, ACC)
+        cos = dots * inv_q[:, None] * inv_k[None, :]
+        return cos * scale, cos, k, inv_k
+
+    @triton.jit
+    def _direction(img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, d):
+        """Direction d = 0: image rows against text columns; d = 1: text rows against image
+        columns. Both directions run in the same launch (program_id(1)), which doubles the grid
+        for small batches and halves the launches."""
+        if d == 0:
+            q_ptr, k_ptr, inv_q_ptr, inv_k_ptr = img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr
+        else:
+            q_ptr, k_ptr, inv_q_ptr, inv_k_ptr = txt_ptr, img_ptr, inv_txt_ptr, inv_img_ptr
+        return q_ptr, k_ptr, inv_q_ptr, inv_k_ptr
+
+    @triton.jit
+    def _fwd_kernel(
+        img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, ids_ptr, scale_ptr, seed_ptr,
+        row_loss_ptr, lse_ptr, pos_cnt_ptr, neg_ptr,
+        n_q, n_k, dim, row_start, stride, keep, smooth,
+        MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_IEEE: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """One program = BLOCK_M local query rows of one direction swept against every column.
+
+        Per row it keeps the online log-sum-exp (running max m, running sum l), the sum and count of
+        positive logits, the sum of all logits (label smoothing), and for mining the running best
+        (key, column) where key = s + Gumbel noise (MODE 1: Gumbel-max is an exact draw from
+        softmax(s) over the candidates) or key = s (MODE 2: argmax). Positives get key -inf, so a
+        row whose every column is a positive keeps index -1.
+        """
+        pid = tl.program_id(0)
+        d = tl.program_id(1)
+        q_ptr, k_ptr, inv_q_ptr, inv_k_ptr = _direction(img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, d)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_q
+        grows = row_start + rows  # rows of the gathered batch
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + grows[:, None] * stride + offs_d[None, :],
+                    mask=row_mask[:, None] & (offs_d[None, :] < dim), other=0.0)
+        inv_q = tl.load(inv_q_ptr + grows, mask=row_mask, other=0.0)
+        ids_q = tl.load(ids_ptr + grows, mask=row_mask, other=0)
+        scale = tl.load(scale_ptr).to(ACC)
+        if MODE == 1:
+            seed = tl.load(seed_ptr + d)
+            # Philox counter = (column, global row, 0, 0): draws are independent of the tiling and
+            # of the launch configuration, and no flattened row·B offset can wrap at 2^32.
+            rng_row = grows.to(tl.uint32)
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
+        l_i = tl.zeros((BLOCK_M,), ACC)
+        pos_sum = tl.zeros((BLOCK_M,), ACC)
+        pos_cnt = tl.zeros((BLOCK_M,), ACC)
+        row_sum = tl.zeros((BLOCK_M,), ACC)
+        best = tl.full((BLOCK_M,), float("-inf"), ACC)
+        best_idx = tl.full((BLOCK_M,), -1, tl.int64)
+
+        for start in range(0, n_k, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_mask = cols < n_k
+            s, cos, k, inv_k = _similarity_tile(q, k_ptr, inv_k_ptr, cols, col_mask, inv_q, scale,
+                                                stride, dim, BLOCK_D, DOT_IEEE, ACC)
+            ids_k = tl.load(ids_ptr + cols, mask=col_mask, other=0)
+            s = tl.where(col_mask[None, :], s, float("-inf"))
+            # Online log-sum-exp; every block has at least one valid column so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            m_i = m_new
+            pos = (ids_q[:, None] == ids_k[None, :]) & col_mask[None, :]
+            pos_sum += tl.sum(tl.where(pos, s, 0.0), 1)
+            pos_cnt += tl.sum(pos.to(ACC), 1)
+            row_sum += tl.sum(tl.where(col_mask[None, :], s, 0.0), 1)
+            if MODE != 0:
+                if MODE == 1:
+                    c_col = (cols[None, :] + 0 * rows[:, None]).to(tl.uint32)
+                    c_row = rng_row[:, None] + 0 * c_col
+                    zero = 0 * c_col
+                    r0, _, _, _ = tl.philox(seed, c_col, c_row, zero, zero)
+                    u = tl.uint_to_uniform_float(r0)
+                    # u in [0, 1); clamping keeps the Gumbel noise finite so every candidate stays
+                    # eligible (the clamp changes each probability by < 1e-30).
+                    u = tl.maximum(u, 1e-30)
+                    key = s - tl.log(-tl.log(u)).to(ACC)
+                else:
+                    key = s
+                key = tl.where(pos | (~col_mask[None, :]), float("-inf"), key)
+                tile_best = tl.max(key, 1)
+                tile_idx = tl.argmax(key, 1).to(tl.int64) + start
+                # strict '>': ties keep the earlier column, and an all -inf tile never updates.
+                better = tile_best > best
+                best = tl.where(better, tile_best, best)
+                best_idx = tl.where(better, tile_idx, best_idx)
+
+        lse = m_i + tl.log(l_i)
+        # -Σ_j target_ij log softmax(s)_ij with target = keep·[pos]/|P| + smooth (ε/N).
+        # (valid rows have |P| ≥ 1: the pair itself; the max only keeps masked rows nan-free)
+        row_loss = lse - keep * pos_sum / tl.maximum(pos_cnt, 1.0) - smooth * row_sum
+        out = d * n_q + rows
+        tl.store(row_loss_ptr + out, row_loss, mask=row_mask)
+        tl.store(lse_ptr + out, lse, mask=row_mask)
+        tl.store(pos_cnt_ptr + out, pos_cnt, mask=row_mask)
+        if MODE != 0:
+            tl.store(neg_ptr + out, best_idx, mask=row_mask)
+
+    @triton.jit
+    def _grad_logits(s, lse, pos, pos_cnt, row_mask, col_mask, weight, keep, smooth):
+        """dL/ds for one tile: weight · (softmax_row(s) - target), target =
+        keep·[pos]/|P| + smooth (keep = 1-ε, smooth = ε/n_k). Invalid rows/columns give 0."""
+        p = tl.exp(s - lse[:, None])
+        target = tl.where(pos, keep / pos_cnt[:, None], 0.0) + smooth
+        g = weight * (p - target)
+        return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+
+    @triton.jit
+    def _rows_bwd_kernel(
+        img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, ids_ptr, scale_ptr, weight_ptr,
+        lse_ptr, pos_cnt_ptr, dq_ptr, dscale_ptr,
+        n_q, n_k, dim, row_start, stride, keep, smooth,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_IEEE: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """Gradient w.r.t. the normalised local query rows of direction d, dq̂_i = scale Σ_j G_ij k̂_j,
+        and the per-row part of dL/dscale = Σ_j G_ij cos_ij. One program owns BLOCK_M rows, so its
+        [BLOCK_M, D] accumulator needs no atomics; the tile is recomputed from the saved lse."""
+        pid = tl.program_id(0)
+        d = tl.program_id(1)
+        q_ptr, k_ptr, inv_q_ptr, inv_k_ptr = _direction(img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, d)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_q
+        grows = row_start + rows
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + grows[:, None] * stride + offs_d[None, :],
+                    mask=row_mask[:, None] & (offs_d[None, :] < dim), other=0.0)
+        inv_q = tl.load(inv_q_ptr + grows, mask=row_mask, other=0.0)
+        ids_q = tl.load(ids_ptr + grows, mask=row_mask, other=0)
+        lse = tl.load(lse_ptr + d * n_q + rows, mask=row_mask, other=0.0)
+        pos_cnt = tl.load(pos_cnt_ptr + d * n_q + rows, mask=row_mask, other=1.0)
+        scale = tl.load(scale_ptr).to(ACC)
+        weight = tl.load(weight_ptr).to(ACC)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+        dscale = tl.zeros((BLOCK_M,), ACC)
+        for start in range(0, n_k, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_mask = cols < n_k
+            s, cos, k, inv_k = _similarity_tile(q, k_ptr, inv_k_ptr, cols, col_mask, inv_q, scale,
+                                                stride, dim, BLOCK_D, DOT_IEEE, ACC)
+            ids_k = tl.load(ids_ptr + cols, mask=col_mask, other=0)
+            pos = ids_q[:, None] == ids_k[None, :]
+            g = _grad_logits(s, lse, pos, pos_cnt, row_mask, col_mask, weight, keep, smooth)
+            dscale += tl.sum(g * cos, 1)
+            # k̂ = k · inv_k: fold the column norm into G before the matmul (G is cast to the input
+            # dtype for the tensor cores, as flash-attention does with P).
+            gk = (g * inv_k[None, :]).to(k.dtype)
+            acc += _mma(gk, k, DOT_IEEE, ACC)
+        out = d * n_q + rows
+        tl.store(dq_ptr + out[:, None] * dim + offs_d[None, :], acc * scale,
+                 mask=row_mask[:, None] & (offs_d[None, :] < dim))
+        tl.store(dscale_ptr + out, dscale, mask=row_mask)
+
+    @triton.jit
+    def _cols_bwd_kernel(
+        img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, ids_ptr, scale_ptr, weight_ptr,
+        lse_ptr, pos_cnt_ptr, dk_ptr,
+        n_q, n_k, dim, row_start, stride, keep, smooth,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_IEEE: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """Gradient w.r.t. the normalised key columns of direction d, dk̂_j = scale Σ_i G_ij q̂_i.
+        One program owns BLOCK_N columns and sweeps every local query row block (deterministic, no
+        atomics). It works on the transposed tile G^T [BLOCK_N, BLOCK_M] computed as K·Q^T, with Q
+        loaded in both layouts, so no register tile is ever transposed (with fp32 inputs,
+        transposing G made the sm_90 build spill its whole state to local memory)."""
+        pid = tl.program_id(0)
+        d = tl.program_id(1)
+        q_ptr, k_ptr, inv_q_ptr, inv_k_ptr = _direction(img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, d)
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_k
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < dim
+        k = tl.load(k_ptr + cols[:, None] * stride + offs_d[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        inv_k = tl.load(inv_k_ptr + cols, mask=col_mask, other=0.0)
+        ids_k = tl.load(ids_ptr + cols, mask=col_mask, other=0)
+        scale = tl.load(scale_ptr).to(ACC)
+        weight = tl.load(weight_ptr).to(ACC)
+        acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+        for start in range(0, n_q, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_mask = rows < n_q
+            grows = row_start + rows
+            q_t = tl.load(q_ptr + grows[None, :] * stride + offs_d[:, None],
+                          mask=row_mask[None, :] & d_mask[:, None], other=0.0)
+            inv_q = tl.load(inv_q_ptr + grows, mask=row_mask, other=0.0)
+            ids_q = tl.load(ids_ptr + grows, mask=row_mask, other=0)
+            lse = tl.load(lse_ptr + d * n_q + rows, mask=row_mask, other=0.0)
+            pos_cnt = tl.load(pos_cnt_ptr + d * n_q + rows, mask=row_mask, other=1.0)
+            s_t = _mma(k, q_t, DOT_IEEE, ACC) * inv_k[:, None] * inv_q[None, :] * scale
+            p_t = tl.exp(s_t - lse[None, :])
+            target_t = tl.where(ids_k[:, None] == ids_q[None, :], keep / pos_cnt[None, :], 0.0) + smooth
+            g_t = tl.where(col_mask[:, None] & row_mask[None, :], weight * (p_t - target_t), 0.0)
+            acc += _mma((g_t * inv_q[None, :]).to(q_t.dtype), tl.trans(q_t), DOT_IEEE, ACC)
+        out = d * n_k + cols
+        tl.store(dk_ptr + out[:, None] * dim + offs_d[None, :], acc * scale,
+                 mask=col_mask[:, None] & d_mask[None, :])
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_config(dim: int, dtype: torch.dtype):
+    """Tile sizes for the Triton kernels.
+
+    BLOCK_D covers the whole (padded) feature dimension: a query block is loaded once and the
+    gradient accumulator of a block stays on chip. Register pressure, not the grid, sets the tile.
+    Compiled for sm_90 (checked with cuobjdump's resource usage): bf16/fp16 at D = 256 with 32×32
+    tiles and 4 warps needs 165-236 registers/thread and no spills, while 64×64 spills in the
+    backward at 4, 8 and 16 warps. 32-row tiles also give 2·B/32 programs (both directions), 256
+    at B = 4096: two per H100 SM. D = 512 and 1024 need 16×16 tiles (8 warps at 1024). fp32 and
+    fp64 take the full-precision FMA path, whose operands are twice as wide: 16×16 keeps it
+    spill-free.
+    """
+    block_d = max(16, triton.next_power_of_2(dim))
+    half = dtype in (torch.float16, torch.bfloat16)
+    block_m = block_n = 32 if (half and block_d <= 256) else 16
+    if _BLOCK_OVERRIDE is not None:
+        block_m, block_n = _BLOCK_OVERRIDE
+    num_warps = 8 if block_d >= 1024 else 4
+    return block_m, block_n, block_d, num_warps
+
+
+def _dot_ieee(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.float64) or (dtype == torch.bfloat16 and triton_interpreting())
+
+
+def _triton_fwd(image, text, inv_i, inv_t, ids, scale, seeds, row_start, n_local, keep, smooth, mode):
+    """Both directions in one launch. Returns [2, n_local] row_loss, lse, pos_cnt and neg."""
+    n, dim = image.shape
+    acc = _acc_dtype(image.dtype)
+    block_m, block_n, block_d, num_warps = _launch_config(dim, image.dtype)
+    row_loss = torch.empty(2, n_local, dtype=acc, device=image.device)
+    lse = torch.empty_like(row_loss)
+    pos_cnt = torch.empty_like(row_loss)
+    neg = torch.full((2, n_local), -1, dtype=torch.int64, device=image.device)
+    _fwd_kernel[(triton.cdiv(n_local, block_m), 2)](
+        image, text, inv_i, inv_t, ids, scale, seeds if seeds is not None else ids,
+        row_loss, lse, pos_cnt, neg,
+        n_local, n, dim, row_start, dim, keep, smooth,
+        MODE=mode, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_IEEE=_dot_ieee(image.dtype), ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        num_warps=num_warps,
+    )
+    return row_loss, lse, pos_cnt, neg
+
+
+def _triton_bwd(image, text, inv_i, inv_t, ids, scale, weight, lse, pos_cnt, row_start, keep, smooth):
+    """Returns dq [2, n_local, D] (local image rows, local text rows), dk [2, N, D] (all texts, all
+    images) w.r.t. the normalised features, and dscale [2, n_local]."""
+    n, dim = image.shape
+    n_local = lse.shape[1]
+    acc = _acc_dtype(image.dtype)
+    block_m, block_n, block_d, num_warps = _launch_config(dim, image.dtype)
+    dq = torch.empty(2, n_local, dim, dtype=acc, device=image.device)
+    dk = torch.empty(2, n, dim, dtype=acc, device=image.device)
+    dscale = torch.empty(2, n_local, dtype=acc, device=image.device)
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_IEEE=_dot_ieee(image.dtype),
+                ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps)
+    common = (image, text, inv_i, inv_t, ids, scale, weight, lse, pos_cnt)
+    sizes = (n_local, n, dim, row_start, dim, keep, smooth)
+    _rows_bwd_kernel[(triton.cdiv(n_local, block_m), 2)](*common, dq, dscale, *sizes, **meta)
+    _cols_bwd_kernel[(triton.cdiv(n, block_n), 2)](*common, dk, *sizes, **meta)
+    return dq, dk, dscale
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense PyTorch implementation of the op interface (backend="torch"; also handles local rows)
+# ----------------------------------------------------------------------------------------------
+
+
+def _inv_norm(x: torch.Tensor) -> torch.Tensor:
+    # dtype= accumulates in fp32 without materialising an fp32 copy of x.
+    return torch.linalg.vector_norm(x, dim=-1, dtype=_acc_dtype(x.dtype)).clamp_min(_NORM_EPS).reciprocal()
+
+
+def _torch_rows_fwd(q, k, inv_q, inv_k, ids_q, ids_k, scale, noise, mode):
+    acc = inv_q.dtype
+    s = scale.to(acc) * ((q.to(acc) * inv_q[:, None]) @ (k.to(acc) * inv_k[:, None]).t())
+    pos = ids_q[:, None] == ids_k[None, :]
+    lse = torch.logsumexp(s, dim=1)
+    pos_sum = torch.where(pos, s, 0.0).sum(1)
+    pos_cnt = pos.sum(1).to(acc)
+    row_sum = s.sum(1)
+    neg = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)
+    if mode != 0:
+        key = s + noise.to(acc) if mode == 1 else s
+        key = key.masked_fill(pos, float("-inf"))
+        idx = key.argmax(1)  # first index on ties, as the kernel
+        best = key.gather(1, idx[:, None]).squeeze(1)
+        neg = torch.where(best > float("-inf"), idx, neg)
+    return lse, pos_sum, pos_cnt, row_sum, neg
+
+
+def _torch_grad_logits(q, k, inv_q, inv_k, ids_q, ids_k, scale, weight, lse, pos_cnt, keep, smooth):
+    acc = inv_q.dtype
+    cos = (q.to(acc) * inv_q[:, None]) @ (k.to(acc) * inv_k[:, None]).t()
+    s = scale.to(acc) * cos
+    pos = ids_q[:, None] == ids_k[None, :]
+    target = pos.to(acc) * (keep / pos_cnt)[:, None] + smooth
+    g = weight.to(acc) * (torch.exp(s - lse[:, None]) - target)
+    return g, cos
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("unigen::contrastive_loss_fwd", mutates_args=())
+def _contrastive_fwd_op(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    ids: torch.Tensor,
+    seeds: Optional[torch.Tensor],
+    noise_i2t: Optional[torch.Tensor],
+    noise_t2i: Optional[torch.Tensor],
+    row_start: int,
+    n_local: int,
+    label_smoothing: float,
+    mode: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, negatives [2, n_local], lse [2, n_local], pos_cnt [2, n_local]).
+
+    ``image``/``text`` are the gathered [N, D] features, the local rows are
+    ``row_start:row_start + n_local``; row 0 of the [2, n_local] outputs is the image→text
+    direction, row 1 text→image. lse and pos_cnt are what the backward recomputes the tiles from."""
+    n = image.shape[0]
+    inv_i, inv_t = _inv_norm(image), _inv_norm(text)
+    keep, smooth = 1.0 - label_smoothing, label_smoothing / n
+    if backend == "triton":
+        row_loss, lse, pos_cnt, neg = _triton_fwd(
+            image.contiguous(), text.contiguous(), inv_i, inv_t, ids.contiguous(), logit_scale,
+            seeds, row_start, n_local, keep, smooth, mode)
+    else:
+        rows = slice(row_start, row_start + n_local)
+        outs = []
+        for q, k, inv_q, inv_k, noise in ((image, text, inv_i, inv_t, noise_i2t),
+                                          (text, image, inv_t, inv_i, noise_t2i)):
+            lse_d, pos_sum, cnt_d, row_sum, neg_d = _torch_rows_fwd(
+                q[rows], k, inv_q[rows], inv_k, ids[rows], ids, logit_scale, noise, mode)
+            # -Σ_j target_ij log softmax(s)_ij with the smoothed multi-positive target.
+            outs.append((lse_d - keep * pos_sum / cnt_d - smooth * row_sum, lse_d, cnt_d, neg_d))
+        row_loss, lse, pos_cnt, neg = (torch.stack(t) for t in zip(*outs))
+    # ½ (mean over image rows + mean over text rows)
+    loss = row_loss.sum() * (0.5 / n_local)
+    return loss, neg, lse, pos_cnt
+
+
+@_contrastive_fwd_op.register_fake
+def _(image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start, n_local,
+      label_smoothing, mode, backend):
+    acc = _acc_dtype(image.dtype)
+    return (image.new_empty((), dtype=acc), image.new_empty((2, n_local), dtype=torch.int64),
+            image.new_empty((2, n_local), dtype=acc), image.new_empty((2, n_local), dtype=acc))
+
+
+@torch.library.custom_op("unigen::contrastive_loss_bwd", mutates_args=())
+def _contrastive_bwd_op(
+    grad_loss: torch.Tensor,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    ids: torch.Tensor,
+    lse: torch.Tensor,
+    pos_cnt: torch.Tensor,
+    row_start: int,
+    label_smoothing: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the loss w.r.t. the gathered image and text features and logit_scale."""
+    n, dim = image.shape
+    n_local = lse.shape[1]
+    acc = _acc_dtype(image.dtype)
+    inv_i, inv_t = _inv_norm(image), _inv_norm(text)
+    # Every row loss enters with weight 1/2 · 1/n_local (two directions, mean over local rows).
+    weight = (grad_loss.to(acc) * (0.5 / n_local)).reshape(())
+    keep, smooth = 1.0 - label_smoothing, label_smoothing / n
+    rows = slice(row_start, row_start + n_local)
+    if backend == "triton":
+        dq, dk, dscale_rows = _triton_bwd(
+            image.contiguous(), text.contiguous(), inv_i, inv_t, ids.contiguous(), logit_scale,
+            weight, lse, pos_cnt, row_start, keep, smooth)
+        d_scale = dscale_rows.sum()
+    else:
+        dq = torch.empty(2, n_local, dim, dtype=acc, device=image.device)
+        dk = torch.empty(2, n, dim, dtype=acc, device=image.device)
+        d_scale = torch.zeros((), dtype=acc, device=image.device)
+        s = logit_scale.to(acc)
+        for d, (q, k, inv_q, inv_k) in enumerate(((image, text, inv_i, inv_t), (text, image, inv_t, inv_i))):
+            g, cos = _torch_grad_logits(q[rows], k, inv_q[rows], inv_k, ids[rows], ids, logit_scale,
+                                        weight, lse[d], pos_cnt[d], keep, smooth)
+            dq[d] = s * (g @ (k.to(acc) * inv_k[:, None]))
+            dk[d] = s * (g.t() @ (q[rows].to(acc) * inv_q[rows, None]))
+            d_scale = d_scale + (g * cos).sum()
+    # dk[0] is the text-column gradient of the image rows, dk[1] the image-column one.
+    d_hat_image, d_hat_text = dk[1], dk[0]
+    d_hat_image[rows] += dq[0]
+    d_hat_text[rows] += dq[1]
+    grads = []
+    for x, inv, dh in ((image, inv_i, d_hat_image), (text, inv_t, d_hat_text)):
+        # Backward of x̂ = x / ||x||: dx = (dx̂ - x̂ (x̂·dx̂)) / ||x||  (O(B·D), fp32).
+        x_hat = x.to(acc) * inv[:, None]
+        dx = (dh - x_hat * (x_hat * dh).sum(-1, keepdim=True)) * inv[:, None]
+        grads.append(dx.to(x.dtype))
+    return grads[0], grads[1], d_scale.to(logit_scale.dtype)
+
+
+@_contrastive_bwd_op.register_fake
+def _(grad_loss, image, text, logit_scale, ids, lse, pos_cnt, row_start, label_smoothing, backend):
+    return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
+
+
+def _setup_context(ctx, inputs, output):
+    image, text, logit_scale, ids, _, _, _, row_start, _, label_smoothing, _, backend = inputs
+    _, _, lse, pos_cnt = output
+    ctx.save_for_backward(image, text, logit_scale, ids, lse, pos_cnt)
+    ctx.row_start, ctx.label_smoothing, ctx.backend = row_start, label_smoothing, backend
+
+
+def _backward(ctx, grad_loss, *unused_grads):
+    image, text, logit_scale, ids, lse, pos_cnt = ctx.saved_tensors
+    d_image, d_text, d_scale = _contrastive_bwd_op(
+        grad_loss, image, text, logit_scale, ids, lse, pos_cnt, ctx.row_start, ctx.label_smoothing,
+        ctx.backend)
+    return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None
+
+
+_contrastive_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional and module
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_finite(x: torch.Tensor, name: str):
+    """Non-finite features would silently poison the whole batch (every row's log-sum-exp).
+
+    On CPU (eager) this raises a ValueError at once. On CUDA, and while compiling, raising would
+    need a host sync, so it uses ``torch._assert_async``: the check is queued on the device and a
+    failure surfaces as a device-side assertion at the next synchronisation."""
+    ok = torch.isfinite(x).all()
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(f"{_OP}: {name} contains non-finite values (nan or inf)")
+    else:
+        torch._assert_async(ok, f"{_OP}: {name} contains non-finite values (nan or inf)")
+
+
+def _resolve_group(process_group):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise RuntimeError(f"{_OP}: process_group given but torch.distributed is not initialised")
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _gather(image_feats, text_feats, ids, group):
+    """All-gather features with gradient (the backward reduce-scatters every rank's gradient back
+    to the owner, as open_clip's ``gather_with_grad``) and ids without. Every rank must hold the
+    same local batch size. Functional collectives keep this traceable by torch.compile."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    # Newer torch names the gather-along-dim-0 collectives *_single (the *_tensor names warn as
+    # deprecated); older releases (e.g. torch 2.11) only have *_tensor.
+    gather_grad = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    image_all = funcol.wait_tensor(gather_grad(image_feats.contiguous(), 0, group))
+    text_all = funcol.wait_tensor(gather_grad(text_feats.contiguous(), 0, group))
+    n_local = image_feats.shape[0]
+    if ids is None:
+        ids_all = torch.arange(n_local * world, device=image_feats.device)
+    else:
+        ids_all = funcol.wait_tensor(gather(ids.contiguous(), 0, group))
+    return image_all, text_all, ids_all, rank * n_local
+
+
+def contrastive_loss(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    logit_scale,
+    *,
+    ids: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    negatives: Optional[str] = "sample",
+    generator: Optional[torch.Generator] = None,
+    process_group=None,
+    backend: str = "auto",
+) -> ContrastiveLossOutput:
+    """Symmetric InfoNCE on ``logit_scale · cos(image_feats, text_feats)`` with hard-negative mining.
+
+    Args:
+        image_feats, text_feats: ``[B, D]`` float features of the B local pairs (same dtype).
+        logit_scale: the multiplier (``exp`` of the log-temperature), a 0-d / 1-element tensor (it
+            receives a gradient) or a Python number; must be positive and finite.
+        ids: optional ``[B]`` int32/int64 pair ids; pairs sharing an id are all positives of each
+            other (multi-positive targets, never mined). Default: pair i is the only positive of i.
+        label_smoothing: ε in [0, 1): target = (1-ε)·uniform(positives) + ε·uniform(batch).
+        negatives: ``"sample"`` (∝ softmax of the similarity over the non-positives), ``"hardest"``
+            (argmax) or None (no mining).
+        generator: a ``torch.Generator`` on the features' device for reproducible sampling.
+        process_group: all-gather over this group (default: the default group when
+            ``torch.distributed`` is initialised with more than one rank).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` (``"cpp"`` raises: no C++ op).
+
+    Returns:
+        ``ContrastiveLossOutput(loss, neg_text_for_image, neg_image_for_text)``; the negatives are
+        int64 indices into the gathered batch (``[B]`` local rows), -1 where a row has no
+        non-positive candidate.
+    """
+    check_tensor(image_feats, "image_feats", op=_OP, ndim=2, dtypes=FLOAT_DTYPES)
+    device = image_feats.device
+    check_tensor(text_feats, "text_feats", op=_OP, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    if text_feats.dtype != image_feats.dtype:
+        raise TypeError(f"{_OP}: image_feats and text_feats must have the same dtype, got "
+                        f"{image_feats.dtype} and {text_feats.dtype}")
+    if image_feats.shape[0] != text_feats.shape[0]:
+        raise ValueError(f"{_OP}: image_feats and text_feats must have the same batch size, got "
+                         f"{image_feats.shape[0]} and {text_feats.shape[0]}")
+    if image_feats.shape[1] != text_feats.shape[1]:
+        raise ValueError(f"{_OP}: image_feats and text_feats must have the same feature dim, got "
+                         f"{image_feats.shape[1]} and {text_feats.shape[1]}")
+    n_local, dim = image_feats.shape
+    if n_local == 0 or dim == 0:
+        raise ValueError(f"{_OP}: image_feats is empty (shape {tuple(image_feats.shape)})")
+    if negatives not in _NEGATIVE_MODES:
+        raise ValueError(f"{_OP}: negatives must be 'sample', 'hardest' or None, got {negatives!r}")
+    mode = _NEGATIVE_MODES[negatives]
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"{_OP}: label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+    if ids is not None:
+        check_tensor(ids, "ids", op=_OP, ndim=1, dtypes=INDEX_DTYPES, device=device)
+        if ids.shape[0] != n_local:
+            raise ValueError(f"{_OP}: ids must have one entry per pair ({n_local}), got {ids.shape[0]}")
+        ids = ids.to(torch.int64).contiguous()
+    if isinstance(logit_scale, torch.Tensor):
+        check_tensor(logit_scale, "logit_scale", op=_OP, dtypes=FLOAT_DTYPES, device=device)
+        if logit_scale.numel() != 1:
+            raise ValueError(f"{_OP}: logit_scale must hold one value, got shape {tuple(logit_scale.shape)}")
+        logit_scale = logit_scale.reshape(())
+    elif isinstance(logit_scale, (int, float)):
+        if not (math.isfinite(logit_scale) and logit_scale > 0):
+            raise ValueError(f"{_OP}: logit_scale must be positive and finite, got {logit_scale}")
+        logit_scale = torch.tensor(float(logit_scale), dtype=_acc_dtype(image_feats.dtype), device=device)
+    else:
+        raise TypeError(f"{_OP}: logit_scale must be a tensor or a number, got {type(logit_scale).__name__}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"{_OP}: generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"{_OP}: generator is on {generator.device} but the features are on {device}")
+
+    _check_finite(image_feats, "image_feats")
+    _check_finite(text_feats, "text_feats")
+    scale_ok = torch.isfinite(logit_scale) & (logit_scale > 0)
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(scale_ok):
+            raise ValueError(f"{_OP}: logit_scale must be positive and finite, got {logit_scale.item()}")
+    else:
+        torch._assert_async(scale_ok, f"{_OP}: logit_scale must be positive and finite")
+
+    be = resolve_backend(backend, device, op=_OP, has_cpp=False)
+
+    group = _resolve_group(process_group)
+    if group is not None:
+        image_all, text_all, ids_all, row_start = _gather(image_feats, text_feats, ids, group)
+    else:
+        image_all, text_all, row_start = image_feats, text_feats, 0
+        ids_all = ids if ids is not None else torch.arange(n_local, device=device)
+    n = image_all.shape[0]
+    if n < 2:
+        raise ValueError(f"{_OP}: needs at least 2 image-text pairs in the (gathered) batch, got {n}")
+    # The kernels keep a feature row on chip (D ≤ 1024) and index with int32 (2·N·D < 2^31).
+    if be == "triton" and (dim > _TRITON_MAX_DIM or 2 * n * dim >= 2**31):
+        if backend == "triton":
+            raise ValueError(f"{_OP}: backend='triton' supports feature dim ≤ {_TRITON_MAX_DIM} and "
+                             f"2·batch·dim < 2^31, got batch {n}, dim {dim}")
+        be = "torch"
+
+    seeds = noise_i2t = noise_t2i = None
+    if mode == 1:
+        if be == "triton":
+            # Two int64 Philox seeds (one per direction), drawn on device from the generator: no
+            # host sync, reproducible with an explicit generator.
+            seeds = torch.randint(0, 2**62, (2,), generator=generator, device=device, dtype=torch.int64)
+        else:
+            # Gumbel noise -log(E), E ~ Exp(1): argmax(s - log E) is an exact draw from softmax(s).
+            acc = _acc_dtype(image_feats.dtype)
+            noise_i2t = -torch.empty(n_local, n, dtype=acc, device=device).exponential_(generator=generator).log()
+            noise_t2i = -torch.empty(n_local, n, dtype=acc, device=device).exponential_(generator=generator).log()
+
+    loss, neg, _, _ = _contrastive_fwd_op(
+        image_all, text_all, logit_scale, ids_all, seeds, noise_i2t, noise_t2i,
+        row_start, n_local, float(label_smoothing), mode, be)
+    if mode == 0:
+        return ContrastiveLossOutput(loss, None, None)
+    return ContrastiveLossOutput(loss, neg[0], neg[1])
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """Symmetric InfoNCE with a learnable temperature and hard-negative mining.
+
+    Owns ``log_logit_scale`` (log of the multiplier, i.e. -log τ), initialised to log(1/0.07) and
+    clamped to at most log(100) in the forward, as CLIP does.
+    """
+
+    def __init__(self, *, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
+                 learnable_temperature: bool = True, label_smoothing: float = 0.0,
+                 negatives: Optional[str] = "sample", process_group=None, backend: str = "auto"):
+        super().__init__()
+        if not init_temperature > 0:
+            raise ValueError(f"ContrastiveLoss: init_temperature must be positive, got {init_temperature}")
+        if not max_logit_scale > 0:
+            raise ValueError(f"ContrastiveLoss: max_logit_scale must be positive, got {max_logit_scale}")
+        value = torch.tensor(math.log(1.0 / init_temperature))
+        if learnable_temperature:
+            self.log_logit_scale = torch.nn.Parameter(value)
+        else:
+            self.register_buffer("log_logit_scale", value)
+        self.max_log_logit_scale = math.log(max_logit_scale)
+        self.label_smoothing = label_smoothing
+        self.negatives = negatives
+        self.process_group = process_group
+        self.backend = backend
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
+
+    def forward(self, image_feats, text_feats, *, ids=None, generator=None) -> ContrastiveLossOutput:
+        return contrastive_loss(
+            image_feats, text_feats, self.logit_scale, ids=ids, label_smoothing=self.label_smoothing,
+            negatives=self.negatives, generator=generator, process_group=self.process_group,
+            backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"label_smoothing={self.label_smoothing}, negatives={self.negatives!r}, "
+                f"max_logit_scale={math.exp(self.max_log_logit_scale):g}, backend={self.backend!r}")

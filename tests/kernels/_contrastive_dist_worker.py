@@ -1,0 +1,90 @@
+"""Two-process gloo check of contrastive_loss (run as a script by test_contrastive_distributed.py).
+
+Every rank holds its slice of one global batch; the distributed loss averaged over the ranks, the
+gradients and the "hardest" negatives must equal the single-process reference on the whole batch.
+Exits non-zero (with the failing assertion on stderr) when any check fails.
+"""
+
+import importlib
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+N_LOCAL, DIM = 13, 20
+
+
+def _data():
+    g = torch.Generator().manual_seed(1234)
+    n = N_LOCAL * WORLD
+    img = torch.randn(n, DIM, generator=g, dtype=torch.float64)
+    txt = torch.randn(n, DIM, generator=g, dtype=torch.float64)
+    ids = torch.arange(n) // 3  # groups of 3 positives, one straddles the rank boundary
+    return img, txt, ids
+
+
+def _worker(rank, init_file, backend):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        cl = importlib.import_module("unigen.kernels.contrastive_loss")
+        cl._BLOCK_OVERRIDE = (16, 16)
+        img, txt, ids = _data()
+        rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+            scale = torch.tensor(4.0, dtype=dtype, requires_grad=True)
+            img_l = img[rows].to(dtype).requires_grad_()
+            txt_l = txt[rows].to(dtype).requires_grad_()
+            for ids_arg, smoothing in ((None, 0.0), (ids, 0.1)):
+                ids_l = None if ids_arg is None else ids_arg[rows]
+                out = cl.contrastive_loss(img_l, txt_l, scale, ids=ids_l, label_smoothing=smoothing,
+                                          negatives="hardest", backend=backend)
+                g_img, g_txt, g_scale = torch.autograd.grad(out.loss, (img_l, txt_l, scale))
+
+                # Reference: one process, the whole batch, fp64.
+                i64, t64 = img.clone().requires_grad_(), txt.clone().requires_grad_()
+                s64 = scale.detach().double().requires_grad_()
+                ref = cl.contrastive_loss_reference(i64, t64, s64, ids=ids_arg,
+                                                    label_smoothing=smoothing, negatives="hardest")
+                r_img, r_txt, r_scale = torch.autograd.grad(ref.loss, (i64, t64, s64))
+                loss_mean = out.loss.detach().double().clone()
+                dist.all_reduce(loss_mean)
+                loss_mean /= WORLD
+                torch.testing.assert_close(loss_mean, ref.loss.detach(), atol=atol, rtol=0)
+                # all_gather's backward sums every rank's gradient into the owner: the local
+                # gradient is that of Σ_r loss_r = WORLD · (global loss), which DDP's averaging
+                # turns into the exact gradient of the global loss.
+                torch.testing.assert_close(g_img.double(), WORLD * r_img[rows], atol=atol, rtol=1e-6)
+                torch.testing.assert_close(g_txt.double(), WORLD * r_txt[rows], atol=atol, rtol=1e-6)
+                g_scale_mean = g_scale.detach().double().clone()
+                dist.all_reduce(g_scale_mean)
+                g_scale_mean /= WORLD
+                torch.testing.assert_close(g_scale_mean, r_scale, atol=atol, rtol=1e-6)
+                # Negatives index the global batch.
+                assert out.neg_text_for_image.shape == (N_LOCAL,)
+                assert torch.equal(out.neg_text_for_image, ref.neg_text_for_image[rows])
+                assert torch.equal(out.neg_image_for_text, ref.neg_image_for_text[rows])
+            # Sampled negatives: global indices, never a positive (ids shared across ranks).
+            gen = torch.Generator().manual_seed(rank)
+            out = cl.contrastive_loss(img_l, txt_l, scale, ids=ids[rows], generator=gen, backend=backend)
+            for neg in (out.neg_text_for_image, out.neg_image_for_text):
+                assert ((neg >= 0) & (neg < N_LOCAL * WORLD)).all()
+                assert (ids[neg] != ids[rows]).all()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def main():
+    backend = sys.argv[1]
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(os.path.join(tmp, "rendezvous"), backend), nprocs=WORLD, join=True)
+    print(f"distributed contrastive_loss OK ({backend})")
+
+
+if __name__ == "__main__":
+    main()
