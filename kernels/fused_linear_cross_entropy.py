@@ -295,6 +295,26 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, dim, stride_h, stride_w,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+        """fp32 logits of a [BLOCK_N rows, BLOCK_V vocabulary] tile: h[rows] · W[cols]ᵀ (+ b)."""
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            d_mask = (d0 + offs_d) < dim
+            h = tl.load(h_ptr + rows[:, None] * stride_h + (d0 + offs_d)[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_v[:, None] * stride_w + (d0 + offs_d)[None, :],
+                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                h, w = h.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
     def _flce_forward_kernel(
         h_ptr, w_ptr, b_ptr, target_ptr, order_ptr, n_valid_ptr,
         part_lse_ptr, part_best_ptr, part_arg_ptr, part_zt_ptr, part_zsum_ptr,
@@ -327,22 +347,12 @@ if triton_available():
         best_idx = tl.zeros((BLOCK_N,), tl.int32)
         zt = tl.zeros((BLOCK_N,), tl.float32)
         zsum = tl.zeros((BLOCK_N,), tl.float32)
-        offs_d = tl.arange(0, BLOCK_D)
         for v0 in range(v_begin, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             col_mask = offs_v < v_end
-            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-            for d0 in range(0, dim, BLOCK_D):
-                d_mask = (d0 + offs_d) < dim
-                h = tl.load(h_ptr + rows[:, None] * stride_h + (d0 + offs_d)[None, :],
-                            mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                w = tl.load(w_ptr + offs_v[:, None] * stride_w + (d0 + offs_d)[None, :],
-                            mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                if UPCAST_DOT:
-                    h, w = h.to(tl.float32), w.to(tl.float32)
-                acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            acc = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, dim,
+                              stride_h, stride_w, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D,
+                              DOT_PRECISION, UPCAST_DOT)
             if SMOOTHING:
                 zsum += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
             zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
@@ -397,19 +407,9 @@ if triton_available():
         tgt = tl.load(target_ptr + rows, mask=row_mask, other=0)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
-        offs_d = tl.arange(0, BLOCK_D)
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            d_mask = (d0 + offs_d) < dim
-            h = tl.load(h_ptr + rows[:, None] * stride_h + (d0 + offs_d)[None, :],
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_v[:, None] * stride_w + (d0 + offs_d)[None, :],
-                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            if UPCAST_DOT:
-                h, w = h.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, dim,
+                          stride_h, stride_w, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D,
+                          DOT_PRECISION, UPCAST_DOT)
         p = tl.exp(acc - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
         dz = p - label_smoothing / vocab - tl.where(offs_v[None, :] == tgt[:, None], 1.0 - label_smoothing, 0.0)
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz * g[:, None], 0.0)

@@ -9,8 +9,9 @@ import pytest
 
 from unigen.data import (ImageStore, MultilingualCaptionStream, QAStream,
                          WebdatasetImageTextStream, WikiMatrixStream)
-from unigen.data.synthetic_world import (LANGUAGES, LEXICONS, POSITIONS, Scene, SceneObject,
-                                         WorldFiles, caption, question_answer, sample_scene,
+from unigen.data.synthetic_world import (COLOURS, LANGUAGES, LEXICONS, POSITIONS,
+                                         QUESTION_KINDS, SHAPES, Scene, SceneObject, WorldFiles,
+                                         caption, question, question_answer, sample_scene,
                                          write_synthetic_world)
 
 
@@ -114,16 +115,43 @@ def parse_english(text):
     return Scene(tuple(objects))
 
 
+def _translate_question(english: str, lang: str) -> str | None:
+    """The ``lang`` version of an English world question (by search over all questions)."""
+    for kind in QUESTION_KINDS:
+        for col in COLOURS:
+            for shape in SHAPES:
+                for pos in POSITIONS:
+                    obj = SceneObject(col, shape, pos)
+                    if question(kind, obj) == english:
+                        return question(kind, obj, lang)
+    return None
+
+
 def test_translation_pairs_are_translations_unless_low_scored(world):
-    good = bad = 0
+    good = bad = questions = 0
     for s in WikiMatrixStream(world.wikimatrix):
-        matches = caption(parse_english(s["target_text"]), s["lang"]) == s["source_text"]
+        if s["target_text"].endswith("?"):
+            questions += 1
+            matches = _translate_question(s["target_text"], s["lang"]) == s["source_text"]
+        else:
+            matches = caption(parse_english(s["target_text"]), s["lang"]) == s["source_text"]
         if s["score"] >= 1.04:
             assert matches, s
             good += 1
         else:
             bad += not matches
     assert good > 0 and bad > 0  # the planted noise exists and is what min_score removes
+    assert questions > 0  # questions are translated too (English is their pivot as well)
+
+
+def test_eval_questions_in_every_language(world):
+    with open(world.eval_qa, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows
+    for row in rows:
+        assert set(row["questions"]) == set(world.languages)
+        assert row["questions"]["en"] == row["question"]
+        assert len(set(row["questions"].values())) == len(world.languages)
 
 
 def test_bad_arguments(tmp_path):

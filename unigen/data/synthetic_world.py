@@ -148,12 +148,46 @@ def caption(scene: Scene, lang: str = ENGLISH) -> str:
     return f" {lex.conj} ".join(lex.phrase(o.colour, o.shape, o.position) for o in scene.objects)
 
 
-def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """An English question about one object whose answer is a span of the English caption.
+# Question templates per language ({shape}, {col}, {pos}: that language's words). Every
+# language can be asked; the training QA data is English only (as CCQA), and the translation
+# pairs carry questions too, so English is the pivot for questions as well as for captions.
+QUESTIONS = {
+    "en": {"colour": "what color is the {shape}?", "shape": "what shape is {pos}?",
+           "position": "where is the {col} {shape}?"},
+    "de": {"colour": "welche farbe hat {shape}?", "shape": "welche form ist {pos}?",
+           "position": "wo ist {col} {shape}?"},
+    "fr": {"colour": "quelle couleur a le {shape}?", "shape": "quelle forme est {pos}?",
+           "position": "où est le {shape} {col}?"},
+    "ja": {"colour": "{shape} wa nani iro?", "shape": "{pos} nani ga aru?",
+           "position": "{col} {shape} wa doko?"},
+    "es": {"colour": "¿de qué color es el {shape}?", "shape": "¿qué forma hay {pos}?",
+           "position": "¿dónde está el {shape} {col}?"},
+    "sw": {"colour": "{shape} ni rangi gani?", "shape": "{pos} kuna umbo gani?",
+           "position": "{shape} {col} iko wapi?"},
+}
+QUESTION_KINDS = ("colour", "shape", "position")
 
-    Only unambiguous questions are asked: "what color is the <shape>?" needs the shape to be
-    unique in the scene, and so on.
-    """
+
+def question(kind: str, obj: SceneObject, lang: str = ENGLISH) -> str:
+    """The ``kind`` question about ``obj`` in ``lang``."""
+    if lang not in QUESTIONS:
+        raise ValueError(f"unknown language {lang!r}; the world speaks {sorted(QUESTIONS)}")
+    if kind not in QUESTION_KINDS:
+        raise ValueError(f"unknown question kind {kind!r}; expected one of {QUESTION_KINDS}")
+    lex = LEXICONS[lang]
+    return QUESTIONS[lang][kind].format(shape=lex.shapes[obj.shape], col=lex.colours[obj.colour],
+                                        pos=lex.positions[obj.position])
+
+
+def answer(kind: str, obj: SceneObject) -> str:
+    """The English answer (a span of the English caption)."""
+    return {"colour": obj.colour, "shape": obj.shape,
+            "position": LEXICONS[ENGLISH].positions[obj.position]}[kind]
+
+
+def pick_question(scene: Scene, rng: np.random.Generator) -> tuple[str, SceneObject]:
+    """An unambiguous (kind, object): "what color is the <shape>?" needs the shape to be unique
+    in the scene, and so on."""
     obj = scene.objects[int(rng.integers(len(scene.objects)))]
     shapes = [o.shape for o in scene.objects]
     kinds = ["shape"]  # positions are distinct, so "what shape is <position>?" always is
@@ -161,13 +195,13 @@ def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
         kinds.append("colour")
     if [(o.colour, o.shape) for o in scene.objects].count((obj.colour, obj.shape)) == 1:
         kinds.append("position")
-    kind = kinds[int(rng.integers(len(kinds)))]
-    en = LEXICONS[ENGLISH]
-    if kind == "colour":
-        return f"what color is the {obj.shape}?", obj.colour
-    if kind == "shape":
-        return f"what shape is {en.positions[obj.position]}?", obj.shape
-    return f"where is the {obj.colour} {obj.shape}?", en.positions[obj.position]
+    return kinds[int(rng.integers(len(kinds)))], obj
+
+
+def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """An English question about one object whose answer is a span of the English caption."""
+    kind, obj = pick_question(scene, rng)
+    return question(kind, obj), answer(kind, obj)
 
 
 def render(scene: Scene, rng: np.random.Generator, size: int = 64) -> np.ndarray:
@@ -273,7 +307,8 @@ def _write_jsonl(path: str, rows) -> None:
 def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pairs: int = 1000,
                           num_eval_images: int = 200, image_size: int = 64,
                           shard_size: int = 500, low_score_fraction: float = 0.05,
-                          seed: int = 0, jpeg_quality: int = 90) -> WorldFiles:
+                          question_fraction: float = 0.3, seed: int = 0,
+                          jpeg_quality: int = 90) -> WorldFiles:
     """Write the world's training and evaluation files under ``out_dir`` (see module doc).
 
     Args:
@@ -284,6 +319,8 @@ def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pair
         low_score_fraction: share of WikiMatrix rows that pair *unrelated* sentences and get a
             margin score under 1.04, as noisy mined pairs do (the reader's ``min_score``
             filters them).
+        question_fraction: share of translation pairs that are questions about a scene
+            rather than captions (text only: no image is involved).
     """
     for name, value in (("num_images", num_images), ("num_eval_images", num_eval_images),
                         ("num_text_pairs", num_text_pairs), ("shard_size", shard_size),
@@ -294,9 +331,12 @@ def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pair
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
     if not 0.0 <= low_score_fraction < 1.0:
         raise ValueError(f"low_score_fraction must be in [0, 1), got {low_score_fraction!r}")
+    if not 0.0 <= question_fraction <= 1.0:
+        raise ValueError(f"question_fraction must be in [0, 1], got {question_fraction!r}")
     os.makedirs(out_dir, exist_ok=True)
     # independent streams per part: changing one count leaves the other parts unchanged
-    rng_train, rng_eval, rng_qa, rng_text = (np.random.default_rng([seed, i]) for i in range(4))
+    rng_train, rng_eval, rng_qa, rng_text, rng_q = (np.random.default_rng([seed, i])
+                                                    for i in range(5))
 
     shards, train = _write_image_split(out_dir, "images", "{:09d}", num_images, rng_train,
                                        image_size, shard_size, jpeg_quality)
@@ -328,7 +368,13 @@ def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pair
                     other, score = sample_scene(rng_text), rng_text.uniform(1.0, 1.03)
                 else:
                     score = rng_text.uniform(1.05, 1.3)
-                cols = {lang: caption(scene, lang), ENGLISH: caption(other, ENGLISH)}
+                if rng_q.random() < question_fraction:
+                    kind, obj = pick_question(scene, rng_q)
+                    other_kind, other_obj = (kind, obj) if other is scene else pick_question(other, rng_q)
+                    cols = {lang: question(kind, obj, lang),
+                            ENGLISH: question(other_kind, other_obj, ENGLISH)}
+                else:
+                    cols = {lang: caption(scene, lang), ENGLISH: caption(other, ENGLISH)}
                 f.write(f"{score:.4f}\t{cols[l1]}\t{cols[l2]}\n".encode())
         wikimatrix.append(path)
 
@@ -341,8 +387,10 @@ def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pair
     eval_qa = os.path.join(out_dir, "eval", "qa.jsonl")
     rows = []
     for k, s in held_out:
-        q, a = question_answer(s, rng_eval)
-        rows.append({"key": k, "caption": caption(s), "question": q, "answer": a})
+        kind, obj = pick_question(s, rng_eval)
+        rows.append({"key": k, "caption": caption(s), "question": question(kind, obj),
+                     "answer": answer(kind, obj),
+                     "questions": {l: question(kind, obj, l) for l in LANGUAGES}})
     _write_jsonl(eval_qa, rows)
 
     files = WorldFiles(root=out_dir, image_shards=shards, cc6l=cc6l, ccqa=ccqa,
@@ -379,6 +427,7 @@ def all_texts(files: WorldFiles) -> list[str]:
             for line in f:
                 row = json.loads(line)
                 texts.extend((row["question"], row["answer"]))
+                texts.extend(row.get("questions", {}).values())
     return texts
 
 

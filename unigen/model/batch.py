@@ -127,7 +127,10 @@ class UniGenBatch:
         if not isinstance(groups, dict):
             raise TypeError(f"UniGenBatch.from_task_groups: groups must be a dict, got "
                             f"{type(groups).__name__}")
-        unknown = [t for t, g in groups.items() if isinstance(g, dict) and t not in TASK_IDS]
+        # "data_state" (resume position) and "dropped" (skip counts) ride along in collated
+        # batches; they are metadata, not tasks.
+        unknown = [t for t, g in groups.items()
+                   if isinstance(g, dict) and t not in TASK_IDS and t not in ("data_state", "dropped")]
         if unknown:
             raise ValueError(f"UniGenBatch.from_task_groups: unknown tasks {unknown}; expected {TASKS}")
         images, texts, masks = [], [], []
