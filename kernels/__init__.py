@@ -4,13 +4,21 @@ Every op takes ``backend=`` one of ``"auto"``, ``"triton"``, ``"torch"``, ``"cpp
 (see :mod:`unigen.kernels._backend`).
 """
 
-from ._backend import BACKENDS, triton_available
-from .contrastive_loss import ContrastiveLoss, ContrastiveLossOutput, contrastive_loss
-from .fused_linear_cross_entropy import (
-    FusedLinearCrossEntropyLoss,
-    fused_linear_cross_entropy,
-)
-from .prefix_lm_attention import PrefixLMAttention, prefix_lm_attention
+if __name__ != "unigen.kernels":
+    # This folder installs as the subpackage `unigen.kernels`. With a checkout's root on
+    # sys.path (`python -m ...` run there), `import kernels` — transformers probes for PyPI's
+    # `kernels` package that way — finds this folder instead. Registering every torch.library op
+    # a second time under that name corrupts the op registry, so the module stays an empty
+    # shadow here; without a __file__ it reads as "not installed" to such probes.
+    __file__ = None
+else:
+    from ._backend import BACKENDS, triton_available
+    from .contrastive_loss import ContrastiveLoss, ContrastiveLossOutput, contrastive_loss
+    from .fused_linear_cross_entropy import (
+        FusedLinearCrossEntropyLoss,
+        fused_linear_cross_entropy,
+    )
+    from .prefix_lm_attention import PrefixLMAttention, prefix_lm_attention
 
 __all__ = [
     "BACKENDS",

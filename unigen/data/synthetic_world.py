@@ -276,7 +276,7 @@ class WorldFiles:
 
 
 def _write_image_split(root: str, sub: str, key_fmt: str, n: int, rng, image_size: int,
-                       shard_size: int, quality: int):
+                       shard_size: int, quality: int, max_objects: int = 2):
     """Shards of ``n`` scenes; returns (shard paths, [(key, scene)])."""
     os.makedirs(os.path.join(root, sub), exist_ok=True)
     shards, items = [], []
@@ -285,7 +285,7 @@ def _write_image_split(root: str, sub: str, key_fmt: str, n: int, rng, image_siz
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(start, min(n, start + shard_size)):
                 key = key_fmt.format(i)
-                scene = sample_scene(rng)
+                scene = sample_scene(rng, max_objects)
                 text = caption(scene, ENGLISH)
                 meta = {"key": key, "caption": text, "status": "success",
                         "width": image_size, "height": image_size,
@@ -307,7 +307,7 @@ def _write_jsonl(path: str, rows) -> None:
 def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pairs: int = 1000,
                           num_eval_images: int = 200, image_size: int = 64,
                           shard_size: int = 500, low_score_fraction: float = 0.05,
-                          question_fraction: float = 0.3, seed: int = 0,
+                          question_fraction: float = 0.3, max_objects: int = 2, seed: int = 0,
                           jpeg_quality: int = 90) -> WorldFiles:
     """Write the world's training and evaluation files under ``out_dir`` (see module doc).
 
@@ -321,6 +321,7 @@ def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pair
             filters them).
         question_fraction: share of translation pairs that are questions about a scene
             rather than captions (text only: no image is involved).
+        max_objects: objects per scene, 1 or 2 (1 makes a world a tiny model learns faster).
     """
     for name, value in (("num_images", num_images), ("num_eval_images", num_eval_images),
                         ("num_text_pairs", num_text_pairs), ("shard_size", shard_size),
@@ -331,6 +332,8 @@ def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pair
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
     if not 0.0 <= low_score_fraction < 1.0:
         raise ValueError(f"low_score_fraction must be in [0, 1), got {low_score_fraction!r}")
+    if max_objects not in (1, 2):
+        raise ValueError(f"max_objects must be 1 or 2, got {max_objects!r}")
     if not 0.0 <= question_fraction <= 1.0:
         raise ValueError(f"question_fraction must be in [0, 1], got {question_fraction!r}")
     os.makedirs(out_dir, exist_ok=True)
@@ -339,7 +342,7 @@ def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pair
                                                     for i in range(5))
 
     shards, train = _write_image_split(out_dir, "images", "{:09d}", num_images, rng_train,
-                                       image_size, shard_size, jpeg_quality)
+                                       image_size, shard_size, jpeg_quality, max_objects)
     cc6l = os.path.join(out_dir, "cc6l", "captions.jsonl")
     os.makedirs(os.path.dirname(cc6l), exist_ok=True)
     _write_jsonl(cc6l, ({"key": k,
@@ -362,10 +365,10 @@ def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pair
         path = os.path.join(wm_dir, f"WikiMatrix.{l1}-{l2}.tsv.gz")
         with gzip.GzipFile(path, "wb", mtime=0) as f:
             for _ in range(num_text_pairs):
-                scene = sample_scene(rng_text)
+                scene = sample_scene(rng_text, max_objects)
                 other = scene
                 if rng_text.random() < low_score_fraction:
-                    other, score = sample_scene(rng_text), rng_text.uniform(1.0, 1.03)
+                    other, score = sample_scene(rng_text, max_objects), rng_text.uniform(1.0, 1.03)
                 else:
                     score = rng_text.uniform(1.05, 1.3)
                 if rng_q.random() < question_fraction:
@@ -380,7 +383,7 @@ def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pair
 
     eval_shards, held_out = _write_image_split(out_dir, "eval/images", "eval{:06d}",
                                                num_eval_images, rng_eval, image_size,
-                                               shard_size, jpeg_quality)
+                                               shard_size, jpeg_quality, max_objects)
     eval_captions = os.path.join(out_dir, "eval", "captions.jsonl")
     _write_jsonl(eval_captions, ({"key": k, "captions": {l: caption(s, l) for l in LANGUAGES}}
                                  for k, s in held_out))
@@ -398,6 +401,7 @@ def write_synthetic_world(out_dir: str, *, num_images: int = 2000, num_text_pair
                        eval_captions=eval_captions, eval_qa=eval_qa,
                        counts={"images": num_images, "text_pairs_per_language": num_text_pairs,
                                "eval_images": num_eval_images, "seed": seed,
+                               "max_objects": max_objects,
                                "image_size": image_size})
     manifest = dataclasses.asdict(files)
     manifest.pop("root")

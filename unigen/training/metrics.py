@@ -1,0 +1,135 @@
+"""Rank-0 metrics: console lines, a JSON-lines file, TensorBoard scalars, and an MFU estimate.
+
+MFU (model FLOPs utilisation) follows nanoGPT/PaLM's rough count: a training step costs about
+``6 · N · T`` FLOPs for ``N`` trainable parameters and ``T`` tokens (forward 2NT, backward 4NT),
+divided by the device's peak dense FLOP/s times the number of devices. Here ``T`` counts the
+decoder targets plus the encoder inputs (text tokens and Q-Former queries), and the frozen
+ViT/decoder blocks are left out of ``N``: it is an estimate for comparing runs, not a profile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+
+import torch
+
+# Peak dense tensor-core FLOP/s per device: (bf16/fp16, tf32). Sources: the vendors' data
+# sheets (dense, no sparsity). Matched by substring of torch.cuda.get_device_name(), first hit.
+PEAK_FLOPS = (
+    ("H200", 989e12, 494e12),
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 494e12),   # SXM / NVL
+    ("GH200", 989e12, 494e12),
+    ("B200", 2250e12, 1100e12),
+    ("A100", 312e12, 156e12),
+    ("A800", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L4", 121e12, 60e12),
+    ("A10", 125e12, 62.5e12),
+    ("RTX 4090", 165e12, 82.6e12),
+    ("RTX 3090", 71e12, 35.6e12),
+    ("V100", 125e12, None),
+    ("T4", 65e12, None),
+)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of one device for ``dtype`` (None on CPUs and unknown GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, half, tf32 in PEAK_FLOPS:
+        if key in name:
+            return half if dtype in (torch.bfloat16, torch.float16) else tf32
+    return None
+
+
+def estimate_mfu(num_params: int, tokens_per_second: float, peak_per_device: float | None,
+                 world_size: int) -> float | None:
+    if not peak_per_device or tokens_per_second <= 0:
+        return None
+    return 6.0 * num_params * tokens_per_second / (peak_per_device * world_size)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident memory on CPUs (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN/inf
+    return v
+
+
+class MetricLogger:
+    """Writes metric dicts to the console, ``metrics.jsonl`` and TensorBoard. Construct with
+    ``enabled=False`` on ranks other than 0: every method is then a no-op."""
+
+    def __init__(self, output_dir: str, cfg, *, enabled: bool = True, write=print):
+        self.enabled = enabled
+        self.cfg = cfg
+        self.write = write
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        if cfg.jsonl:
+            self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.write("[unigen.train] tensorboard is not installed: TensorBoard logging "
+                           "skipped (pip install tensorboard)")
+            else:
+                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        if self.cfg.console:
+            self.write(format_metrics(step, metrics))
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **{k: _clean(v) for k, v in metrics.items()}})
+                              + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None \
+                        and math.isfinite(v):
+                    self._tb.add_scalar(k.replace(".", "/"), v, step)
+
+    def event(self, text: str) -> None:
+        """A one-off line (checkpoint saved, resumed, stopped)."""
+        if self.enabled and self.cfg.console:
+            self.write(f"[unigen.train] {text}")
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def format_metrics(step: int, m: dict) -> str:
+    parts = [f"step {step}"]
+    loss_keys = [k for k in m if k.startswith("loss/")]
+    for k in loss_keys:
+        if m[k] is not None:
+            parts.append(f"{k[5:]} {m[k]:.4f}")
+    for key, fmt in (("temperature", "τ {:.4f}"), ("lr", "lr {:.3e}"),
+                     ("samples_per_s", "{:.1f} samples/s"), ("tokens_per_s", "{:.0f} tok/s"),
+                     ("mfu", "mfu {:.1%}"), ("peak_mem_gib", "mem {:.2f} GiB")):
+        if m.get(key) is not None:
+            parts.append(fmt.format(m[key]))
+    return " | ".join(parts)
