@@ -1,6 +1,9 @@
-"""`make demo`: the showcase of the fused loss (the training demo replaces it once it lands)."""
+"""`make demo`: pre-train a tiny UniGen on the embedded synthetic world (see
+:mod:`unigen.demos.pretrain`). The fused-loss showcase is ``python -m unigen.demos.fused_loss``."""
 
-from unigen.demos.fused_loss import main
+import sys
+
+from unigen.demos.pretrain import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
