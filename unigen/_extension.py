@@ -19,6 +19,8 @@ def cpp_ops_available() -> bool:
             _loaded, _error = False, "disabled by UNIGEN_NO_EXT=1"
         else:
             try:
+                import torch  # noqa: F401  (loads libc10/libtorch, which unigen._C links against)
+
                 importlib.import_module("unigen._C")
                 _loaded = True
             except ImportError as exc:
