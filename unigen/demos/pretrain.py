@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     parser.add_argument("--text-pairs", type=int, default=2000,
                         help="translation pairs per non-English language")
     parser.add_argument("--eval-images", type=int, default=100)
-    parser.add_argument("--multilingual-fraction", type=float, default=0.5,
+    parser.add_argument("--multilingual-fraction", type=float, default=0.1,
                         help="share of [match]/L_CL pairs with a de/fr/ja caption (paper: 0.1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
