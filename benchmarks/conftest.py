@@ -146,7 +146,9 @@ def markdown_table(meta, rows):
     for r in rows:
         keyed.setdefault((r["group"], json.dumps(r["params"], sort_keys=True)), []).append(r)
     for (group, params), items in sorted(keyed.items()):
-        ours = next((r for r in items if r["provider"] == OURS), None)
+        # our provider: "ours", else the first whose name starts with it (e.g. "ours_torch")
+        ours = next((r for r in items if r["provider"] == OURS), None) or next(
+            (r for r in sorted(items, key=lambda r: r["provider"]) if r["provider"].startswith(OURS)), None)
         case = ", ".join(f"{k}={v}" for k, v in json.loads(params).items())
         for r in sorted(items, key=lambda r: r["mean_ms"]):
             ratio = f"{r['mean_ms'] / ours['mean_ms']:.2f}×" if ours else "–"

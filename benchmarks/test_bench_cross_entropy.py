@@ -103,7 +103,7 @@ def test_cross_entropy_fwd_bwd(benchmark, provider, shape):
     n, d, v = shape
     benchmark.extra_info.update(device=device_name(DEVICE), dtype=str(DTYPE).replace("torch.", ""),
                                 peak_mem_mb=mem.extra_mb)
-    benchmark.pedantic(step, rounds=5 if ON_GPU else 2, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.mean
     tflops = 6 * n * d * v / seconds / 1e12
     benchmark.extra_info["tflops"] = round(tflops, 2)

@@ -8,7 +8,6 @@
 - ``"cpp"``: the ``unigen._C`` op (raises when it was not built).
 """
 
-import functools
 import importlib.util
 import os
 
@@ -19,9 +18,12 @@ from unigen._extension import cpp_ops_available, cpp_ops_error
 BACKENDS = ("auto", "triton", "torch", "cpp")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import: a plain constant is also what torch.compile traces best.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreting() -> bool:

@@ -200,12 +200,14 @@ def test_token_weights_with_gradient(backend):
         torch.testing.assert_close(a, b, atol=_tol(dtype), rtol=_tol(dtype))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+HALF_CASES = [(b, d) for b in BACKENDS for d in (torch.bfloat16, torch.float16)
+              if b == "triton" or (b == "cpp" and d == torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend,dtype", HALF_CASES)
 def test_half_precision_error_within_2x_of_pytorch(backend, dtype):
-    """Error against an fp64 reference at most ~2× that of the same-precision PyTorch formula."""
-    if backend == "cpp" and dtype == torch.float16:
-        pytest.skip("covered by bf16; fp16 goes through the same fp32 path")
+    """Error against an fp64 reference at most ~2× that of the same-precision PyTorch formula
+    (the C++ path upcasts fp16 and bf16 alike to fp32, so bf16 covers it)."""
     hidden, weight, bias, target = make_inputs(48, 32, 131, dtype, scale=2.0)
     exact_in = [x.detach().double().requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
     exact = naive_loss(*exact_in[:2], target, exact_in[2])
