@@ -492,26 +492,9 @@ print("compiled for sm_90")
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("dtype,dim", [("bf16", 256), ("fp32", 256)])
-def test_kernels_compile_for_sm90(dtype, dim, tmp_path):
+def test_kernels_compile_for_sm90(dtype, dim, tmp_path, run_sm90_compile):
     """The interpreter is lenient (it runs Python); this compiles the kernels with the launcher's
     tiles through Triton's real NVIDIA pipeline down to a cubin for sm_90 (with the ptxas bundled
     in the triton wheel, no GPU needed), so a kernel only the GPU compiler rejects fails here too.
     It runs in a subprocess because the interpreter (TRITON_INTERPRET=1) replaces @triton.jit."""
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no ASTSource/GPUTarget")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("triton's bundled ptxas is missing")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a real compile every time, not a cache hit
-    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE, dtype, str(dim)], env=env,
-                          capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0 and "compiled for sm_90" in proc.stdout, proc.stderr[-4000:]
+    run_sm90_compile(_SM90_COMPILE, [dtype, str(dim)], tmp_path)

@@ -405,25 +405,8 @@ print("compiled for sm_90")
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_kernels_compile_for_sm90(dtype, tmp_path):
+def test_kernels_compile_for_sm90(dtype, tmp_path, run_sm90_compile):
     """The interpreter runs Python and forgives what the GPU compiler rejects: compile both
     kernels with the launcher's GPU tiles down to an sm_90 cubin (Triton's bundled ptxas, no GPU
     needed). A subprocess, because TRITON_INTERPRET=1 replaces @triton.jit in this one."""
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no ASTSource/GPUTarget")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("triton's bundled ptxas is missing")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE, dtype], env=env,
-                          capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0 and "compiled for sm_90" in proc.stdout, proc.stderr[-4000:]
+    run_sm90_compile(_SM90_COMPILE, [dtype], tmp_path)

@@ -49,7 +49,7 @@ def _train_config(name: str, world, tok, out: str, args):
     # trains with the rest (the paper freezes a pre-trained CLIP ViT-L/14).
     model.vision = VisionConfig(**{**model.vision.__dict__, "frozen": False})
     model.text.vocab_size, model.decoder.vocab_size = tok.text_vocab_size, tok.decoder_vocab_size
-    ratios = {"trans": 1.0, "cap": 1.0, "qus": 1.0, "match": 1.0}
+    ratios = {"trans": args.trans_ratio, "cap": 1.0, "qus": 1.0, "match": 1.0}
     wikimatrix = tuple(world.wikimatrix)
     if name == "no_translation":
         ratios.pop("trans")
@@ -202,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-images", type=int, default=100)
     parser.add_argument("--multilingual-fraction", type=float, default=0.1,
                         help="share of [match]/L_CL pairs with a de/fr/ja caption (paper: 0.1)")
+    parser.add_argument("--trans-ratio", type=float, default=1.0,
+                        help="share of translation samples relative to each other task")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "images", "text_pairs", "eval_images"):
