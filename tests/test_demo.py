@@ -1,0 +1,40 @@
+"""The demos run end to end on tiny settings and write what they promise."""
+
+import json
+import os
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pretrain_demo_smoke(tmp_path, capsys):
+    from unigen.demos.pretrain import main
+
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--steps", "12", "--images", "60", "--text-pairs", "40",
+                 "--eval-images", "10", "--batch-size", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "ablation: no translation pairs" in printed and "| sw | **no** |" in printed
+    results = json.loads((out / "results.json").read_text())
+    for run in ("unigen", "no_translation"):
+        langs = [row["language"] for row in results[run]]
+        assert langs == ["en", "de", "fr", "ja", "es", "sw"]
+        assert os.path.isdir(out / run / "final_model")
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    assert 0.0 < results["qa_chance"] < 1.0
+
+
+def test_pretrain_demo_rejects_bad_arguments():
+    from unigen.demos.pretrain import main
+
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])
+
+
+def test_fused_loss_demo(capsys):
+    from unigen.demos.fused_loss import main
+
+    main(["--steps", "2", "--tokens", "64", "--vocab", "300", "--dim", "16"])
+    printed = capsys.readouterr().out
+    assert "naive loss" in printed and "largest loss difference" in printed
