@@ -629,8 +629,10 @@ def _resolve_group(process_group):
 
 def _gather(image_feats, text_feats, ids, group):
     """All-gather features with gradient (the backward reduce-scatters every rank's gradient back
-    to the owner, as open_clip's ``gather_with_grad``) and ids without. Every rank must hold the
-    same local batch size. Functional collectives keep this traceable by torch.compile."""
+    to the owner, as open_clip's ``gather_with_grad``) and ids without. Ranks may hold different
+    numbers of pairs (a mixed-task batch carries a varying number, possibly 0): the sizes are
+    gathered first — one small host sync — and the rows padded to the largest, gathered, and
+    the padding dropped. Functional collectives keep the gathers traceable by torch.compile."""
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
 
@@ -639,14 +641,21 @@ def _gather(image_feats, text_feats, ids, group):
     gather_grad = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
     gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    image_all = funcol.wait_tensor(gather_grad(image_feats.contiguous(), 0, group))
-    text_all = funcol.wait_tensor(gather_grad(text_feats.contiguous(), 0, group))
+    device = image_feats.device
     n_local = image_feats.shape[0]
+    sizes = funcol.wait_tensor(gather(torch.tensor([n_local], device=device), 0, group)).tolist()
+    n_max = max(sizes)
     if ids is None:
-        ids_all = torch.arange(n_local * world, device=image_feats.device)
-    else:
-        ids_all = funcol.wait_tensor(gather(ids.contiguous(), 0, group))
-    return image_all, text_all, ids_all, rank * n_local
+        ids = torch.arange(n_local, device=device) + sum(sizes[:rank])  # globally unique
+    pad = n_max - n_local
+    image_all = funcol.wait_tensor(gather_grad(F.pad(image_feats, (0, 0, 0, pad)).contiguous(), 0, group))
+    text_all = funcol.wait_tensor(gather_grad(F.pad(text_feats, (0, 0, 0, pad)).contiguous(), 0, group))
+    ids_all = funcol.wait_tensor(gather(F.pad(ids, (0, pad)).contiguous(), 0, group))
+    if min(sizes) != n_max:
+        keep = torch.cat([torch.arange(r * n_max, r * n_max + k, device=device)
+                          for r, k in enumerate(sizes)])
+        image_all, text_all, ids_all = (x.index_select(0, keep) for x in (image_all, text_all, ids_all))
+    return image_all, text_all, ids_all, sum(sizes[:rank])
 
 
 def contrastive_loss(
@@ -695,7 +704,9 @@ def contrastive_loss(
         raise ValueError(f"{_OP}: image_feats and text_feats must have the same feature dim, got "
                          f"{image_feats.shape[1]} and {text_feats.shape[1]}")
     n_local, dim = image_feats.shape
-    if n_local == 0 or dim == 0:
+    group = _resolve_group(process_group)
+    # Under data parallelism a rank may hold no pair this step; it still joins the gathers.
+    if (n_local == 0 and group is None) or dim == 0:
         raise ValueError(f"{_OP}: image_feats is empty (shape {tuple(image_feats.shape)})")
     if negatives not in _NEGATIVE_MODES:
         raise ValueError(f"{_OP}: negatives must be 'sample', 'hardest' or None, got {negatives!r}")
@@ -735,15 +746,21 @@ def contrastive_loss(
 
     be = resolve_backend(backend, device, op=_OP, has_cpp=False)
 
-    group = _resolve_group(process_group)
     if group is not None:
         image_all, text_all, ids_all, row_start = _gather(image_feats, text_feats, ids, group)
     else:
         image_all, text_all, row_start = image_feats, text_feats, 0
         ids_all = ids if ids is not None else torch.arange(n_local, device=device)
     n = image_all.shape[0]
-    if n < 2:
-        raise ValueError(f"{_OP}: needs at least 2 image-text pairs in the (gathered) batch, got {n}")
+    if n < 2 and group is None:
+        raise ValueError(f"{_OP}: needs at least 2 image-text pairs in the batch, got {n}")
+    if n_local == 0 or n < 2:
+        # No local rows, or a gathered batch of one pair (no negative exists): a zero loss that
+        # still reaches the gathered features, so this rank takes part in the backward's
+        # reduce-scatter like the others; no negative can be mined (-1).
+        loss = (image_all.sum() + text_all.sum()) * 0.0 * logit_scale
+        none = torch.full((n_local,), -1, dtype=torch.int64, device=device)
+        return ContrastiveLossOutput(loss, *((None, None) if mode == 0 else (none, none.clone())))
     # The kernels keep a feature row on chip (D ≤ 1024) and index with int32 (2·N·D < 2^31).
     if be == "triton" and (dim > _TRITON_MAX_DIM or 2 * n * dim >= 2**31):
         if backend == "triton":

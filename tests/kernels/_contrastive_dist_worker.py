@@ -73,9 +73,39 @@ def _worker(rank, init_file, backend):
             for neg in (out.neg_text_for_image, out.neg_image_for_text):
                 assert ((neg >= 0) & (neg < N_LOCAL * WORLD)).all()
                 assert (ids[neg] != ids[rows]).all()
+        _check_uneven_ranks(cl, rank, backend)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _check_uneven_ranks(cl, rank, backend):
+    """Ranks holding different numbers of pairs, one of them none: the size-weighted sum of the
+    local losses is the global loss, and its gradients are the global gradients."""
+    img, txt, ids = _data()
+    n = img.shape[0]
+    for split in (5, 0):  # rank 0 holds the first `split` pairs, rank 1 the rest
+        rows = slice(0, split) if rank == 0 else slice(split, n)
+        n_local = rows.stop - rows.start
+        img_l, txt_l = img[rows].clone().requires_grad_(), txt[rows].clone().requires_grad_()
+        scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        out = cl.contrastive_loss(img_l, txt_l, scale, ids=ids[rows], negatives="hardest",
+                                  backend=backend)
+        weighted = out.loss * (n_local / n)
+        g_img, g_txt = torch.autograd.grad(weighted, (img_l, txt_l), allow_unused=True)
+        i64, t64 = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        ref = cl.contrastive_loss_reference(i64, t64, scale.detach(), ids=ids, negatives="hardest")
+        r_img, r_txt = torch.autograd.grad(ref.loss, (i64, t64))
+        total = weighted.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, ref.loss.detach(), atol=1e-10, rtol=0)
+        if n_local:
+            torch.testing.assert_close(g_img, r_img[rows], atol=1e-10, rtol=1e-6)
+            torch.testing.assert_close(g_txt, r_txt[rows], atol=1e-10, rtol=1e-6)
+            assert torch.equal(out.neg_text_for_image, ref.neg_text_for_image[rows])
+            assert torch.equal(out.neg_image_for_text, ref.neg_image_for_text[rows])
+        else:
+            assert out.neg_text_for_image.numel() == 0 and out.loss.item() == 0.0
 
 
 def main():

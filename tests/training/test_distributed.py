@@ -76,3 +76,14 @@ def test_two_process_fsdp_resume_matches_ddp(ddp_run):
     # FSDP2 reduce-scatters where DDP all-reduces: equal up to float rounding
     for key in ("loss", "cl", "trans", "cap", "qus", "match", "grad_norm"):
         assert fsdp["history"][key] == pytest.approx(ddp["history"][key], rel=1e-5), key
+
+
+def test_two_process_random_mixing_with_uneven_pairs(ddp_run):
+    """Random task draws give the ranks different numbers of image-text pairs per step, some
+    none at all; the contrastive all-gather must still line up (no hang, no size mismatch)."""
+    path, root, _, _ = ddp_run
+    run_dir = os.path.join(root, "random_mixing")
+    _torchrun(path, f"--run.output_dir={run_dir}", "--data.mixing=random", "--data.batch_size=3")
+    state = _trainer_state(run_dir)
+    assert state["step"] == 6
+    assert all(v == v for v in state["history"]["loss"])  # finite, no nan

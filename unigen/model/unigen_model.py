@@ -295,20 +295,37 @@ class UniGen(nn.Module):
         target_ids, target_lens = batch.target_ids.long(), batch.target_lengths()
         scale = self.logit_scale_value()
         loss_cl = scale * 0.0
+        distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                       and torch.distributed.get_world_size() > 1)
+        pair_ids = batch.pair_ids.long()
+        pair_offset = 0  # where this rank's pairs start in the batch the fused op gathers
+        if distributed and cfg.loss.contrastive == "fused":
+            world = torch.distributed.get_world_size()
+            sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
+            torch.distributed.all_gather(sizes, torch.tensor([P], dtype=torch.long, device=dev))
+            pair_offset = int(sum(sizes[:torch.distributed.get_rank()]))
+        if distributed:
+            # pair ids are numbered per batch; the op gathers every rank's pairs, so a rank
+            # offset keeps different ranks' ids apart (else they would count as positives).
+            pair_ids = pair_ids + torch.distributed.get_rank() * (1 << 32)
+        if not P and distributed and cfg.loss.contrastive == "fused":
+            # The fused op all-gathers the pairs of every rank: a rank without pairs this step
+            # must still join (with an empty batch), or the others wait for it forever.
+            empty_img = self.image_proj(self.image_proj.weight.new_zeros(0, self.image_proj.in_features))
+            empty_txt = self.text_proj(self.text_proj.weight.new_zeros(0, self.text_proj.in_features))
+            loss_cl = contrastive(empty_img, empty_txt, scale, pair_ids, cfg.loss, generator).loss
         if P:
-            distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
-                           and torch.distributed.get_world_size() > 1)
             if P >= 2 or distributed:
                 img_feat = self.image_proj(img_q[batch.pair_image_index.long(), 0])
                 txt_feat = self.text_proj(txt_hidden[batch.pair_text_index.long(), 0])
-                cl = contrastive(img_feat, txt_feat, scale, batch.pair_ids.long(), cfg.loss, generator)
+                cl = contrastive(img_feat, txt_feat, scale, pair_ids, cfg.loss, generator)
                 loss_cl = cl.loss
             else:
                 # One pair has no negative: InfoNCE is identically 0 and nothing can be mined.
                 cl = None
             # 3a. [match] samples from the pairs: positive → "yes", mined negatives → "no".
             if cfg.loss.beta > 0:
-                extra = self._match_samples(batch, cl)
+                extra = self._match_samples(batch, cl, pair_offset)
                 task = torch.cat([task, extra[0]])
                 image_index = torch.cat([image_index, extra[1]])
                 text_index = torch.cat([text_index, extra[2]])
@@ -350,7 +367,7 @@ class UniGen(nn.Module):
                 "tokenizers with set_tokenizers() (or set loss.beta = 0 to skip [match])")
         return list(tasks.match_yes_ids if yes else tasks.match_no_ids) + [tasks.eos_token_id]
 
-    def _match_samples(self, batch: UniGenBatch, cl):
+    def _match_samples(self, batch: UniGenBatch, cl, pair_offset: int = 0):
         """[match] samples of the pairs (ALBEF's ITM recipe): (v_i, t_i) → yes; with
         match_negatives, (v_i, t_neg(i)) → no and (v_neg(i), t_i) → no."""
         dev = self.device
@@ -360,11 +377,10 @@ class UniGen(nn.Module):
         P = pi.numel()
         imgs, txts, answers = [pi], [pt], [torch.ones(P, dtype=torch.bool, device=dev)]
         if self.config.loss.match_negatives and cl is not None and cl.neg_text_for_image is not None:
-            # Mined indices address the gathered batch; under data parallelism keep the ones that
-            # fall in this rank's slice (the others' encoder outputs live on other ranks).
-            offset = 0
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                offset = torch.distributed.get_rank() * P
+            # Mined indices address the gathered batch, in which this rank's pairs start at
+            # pair_offset; keep the ones in this rank's slice (the others' encoder outputs live
+            # on other ranks).
+            offset = pair_offset
             nt = cl.neg_text_for_image.long() - offset
             ni = cl.neg_image_for_text.long() - offset
             ok_t = (cl.neg_text_for_image >= 0) & (nt >= 0) & (nt < P)
