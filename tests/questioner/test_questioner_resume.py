@@ -119,11 +119,16 @@ def test_store_refuses_inconsistent_or_locked_outputs(tmp_path):
 
 def test_deferred_signal_arrives_after_the_write():
     reached = False
-    with pytest.raises(KeyboardInterrupt):
-        with signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # a handler would have run by now if the signal were not held
-            reached = True
+    # Python's own Ctrl-C handler, whatever an earlier test (or library) left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # a handler would have run by now if the signal were not held
+                reached = True
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert reached
 
 
