@@ -73,7 +73,6 @@ def test_qa_accuracy_normalises():
 
 @pytest.mark.slow
 def test_evaluate_world_end_to_end(tmp_path):
-    torch.set_num_threads(1)
     from unigen.data.synthetic_world import all_texts, write_synthetic_world
     from unigen.eval.world import evaluate_world, load_eval_split
     from unigen.model import UniGen

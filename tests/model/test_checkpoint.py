@@ -11,21 +11,6 @@ from unigen.config import UniGenConfig
 from unigen.model.batch import Example, collate_examples
 from unigen.model.checkpoint import CheckpointError
 from unigen.model.unigen_model import UniGen
-from unigen.tokenization import synthetic_corpus, train_tiny_tokenizers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return train_tiny_tokenizers(synthetic_corpus(), tmp_path_factory.mktemp("tok"),
-                                 text_vocab_size=300, decoder_vocab_size=300)
 
 
 def trained_model(tokenizers):

@@ -12,16 +12,6 @@ from unigen.model.packing import pack
 D = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add synchronisation, and on a loaded 2-core
-    # machine their spin-waits make the module several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**overrides):
     torch.manual_seed(0)
     return GPT2Decoder(DecoderConfig.tiny(**overrides)).eval()

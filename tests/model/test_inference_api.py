@@ -6,21 +6,7 @@ import torch
 
 from unigen.model.batch import Example, collate_examples
 from unigen.model.unigen_model import UniGen
-from unigen.tokenization import sentence_of, synthetic_corpus, train_tiny_tokenizers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return train_tiny_tokenizers(synthetic_corpus(), tmp_path_factory.mktemp("tok"),
-                                 text_vocab_size=300, decoder_vocab_size=300)
+from unigen.tokenization import sentence_of
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,10 @@ import torch.nn.functional as F
 from unigen.config import TASK_NAMES, UniGenConfig
 from unigen.model.batch import Example, UniGenBatch, collate_examples
 from unigen.model.unigen_model import UniGen
-from unigen.tokenization import sentence_of, synthetic_corpus, train_tiny_tokenizers
+from unigen.tokenization import sentence_of
 
 QUESTION = "what is the color of the thing?"
 COLORS_EN = ["red", "blue", "green", "black", "white"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices gain nothing from threads, and on a loaded machine OpenMP's spinning
-    # workers make each op up to ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return train_tiny_tokenizers(synthetic_corpus(), tmp_path_factory.mktemp("tok"),
-                                 text_vocab_size=300, decoder_vocab_size=300)
 
 
 def tiny_model(tokenizers, **loss_overrides):
