@@ -28,11 +28,10 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from unigen._extension import cpp_ops_available
 
-from ._backend import resolve_backend, triton_available
+from ._backend import resolve_backend, triton_available, triton_interpreting
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 OP = "fused_linear_cross_entropy"
@@ -399,9 +398,10 @@ if triton_available():
         col_mask = (offs_c < chunk) & (offs_v < vocab)
         if pid_n * BLOCK_N >= n_valid:
             # rows past n_valid are ignored rows: their gradient is exactly zero
+            # (dz has a whole number of row blocks, so only the columns need a mask)
             tl.store(dz_ptr + offs_n[:, None] * stride_dz + offs_c[None, :],
                      tl.zeros((BLOCK_N, BLOCK_V), tl.float32).to(dz_ptr.dtype.element_ty),
-                     mask=(offs_n[:, None] < tl.num_programs(0) * BLOCK_N) & (offs_c[None, :] < chunk))
+                     mask=offs_c[None, :] < chunk)
             return
         rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0)
         tgt = tl.load(target_ptr + rows, mask=row_mask, other=0)
@@ -414,21 +414,15 @@ if triton_available():
         dz = p - label_smoothing / vocab - tl.where(offs_v[None, :] == tgt[:, None], 1.0 - label_smoothing, 0.0)
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz * g[:, None], 0.0)
         tl.store(dz_ptr + offs_n[:, None] * stride_dz + offs_c[None, :], dz.to(dz_ptr.dtype.element_ty),
-                 mask=(offs_c[None, :] < chunk) & (offs_n[:, None] < tl.num_programs(0) * BLOCK_N))
+                 mask=offs_c[None, :] < chunk)
 
 
-def _triton_tiles(dtype, n_rows, dim):
+def _triton_tiles():
     """Tile sizes. On GPUs 64×128 logit tiles with a 64-wide K step keep the bf16 MMA units busy
     while the fp32 accumulator fits in registers; under the CPU interpreter small tiles are faster."""
-    if _interpreting():
+    if triton_interpreting():
         return 16, 32, 16
     return 64, 128, 64
-
-
-def _interpreting():
-    from ._backend import triton_interpreting
-
-    return triton_interpreting()
 
 
 def _dot_precision(dtype):
@@ -439,7 +433,7 @@ def _dot_precision(dtype):
 def _upcast_dot(dtype):
     # Triton's CPU interpreter computes bf16 tl.dot wrongly; there (only) the operands go
     # through fp32, which is exact for bf16 values. GPUs use the native bf16 MMA.
-    return dtype == torch.bfloat16 and _interpreting()
+    return dtype == torch.bfloat16 and triton_interpreting()
 
 
 def _compact_rows(target, ignore_index):
@@ -450,11 +444,12 @@ def _compact_rows(target, ignore_index):
     return order, n_valid
 
 
-def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss):
+def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
+                   compacted=None):
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    block_n, block_v, block_d = _triton_tiles(hidden.dtype, n, dim)
-    order, n_valid = _compact_rows(target, ignore_index)
+    block_n, block_v, block_d = _triton_tiles()
+    order, n_valid = compacted if compacted is not None else _compact_rows(target, ignore_index)
     # Split the vocabulary so that (row blocks × splits) fills the GPU even for small N; each
     # split's partial lse is merged below (the partial buffers are [splits, N] floats: tiny).
     row_blocks = triton.cdiv(n, block_n)
@@ -499,11 +494,11 @@ def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, 
 
 
 def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
-                    z_loss, need_hidden, need_weight, need_bias):
+                    z_loss, need_hidden, need_weight, need_bias, compacted=None):
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    block_n, block_v, block_d = _triton_tiles(hidden.dtype, n, dim)
-    order, n_valid = _compact_rows(target, ignore_index)
+    block_n, block_v, block_d = _triton_tiles()
+    order, n_valid = compacted if compacted is not None else _compact_rows(target, ignore_index)
     order_l = order.long()
     hidden = hidden.contiguous()
     weight = weight.contiguous()
@@ -546,14 +541,16 @@ def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, 
 def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
                            z_loss, need_hidden, need_weight, need_bias):
     """Reduced loss with its gradients computed right away (backward only rescales them)."""
+    compacted = _compact_rows(target, ignore_index)  # shared by both passes
     rows, lse, correct = triton_forward(hidden, weight, bias, target, ignore_index,
-                                        label_smoothing, z_loss)
+                                        label_smoothing, z_loss, compacted)
     scale = row_scale.to(rows.dtype)
     total = (torch.where(target != ignore_index, scale, 0.0) * rows).sum()
     grads = (None, None, None)
     if need_hidden or need_weight or need_bias:
         grads = triton_backward(scale, hidden, weight, bias, target, lse, ignore_index,
-                                label_smoothing, z_loss, need_hidden, need_weight, need_bias)
+                                label_smoothing, z_loss, need_hidden, need_weight, need_bias,
+                                compacted)
     return (total, lse, correct) + tuple(grads)
 
 

@@ -376,7 +376,7 @@ from triton.compiler import ASTSource
 m = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
 dtype = sys.argv[1]
 torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-block_n, block_v, block_d = m._triton_tiles(torch_dtype, 20480, 768)
+block_n, block_v, block_d = m._triton_tiles()
 pointer_types = {"target_ptr": "*i64", "order_ptr": "*i32", "n_valid_ptr": "*i32",
                  "part_arg_ptr": "*i32", "h_ptr": "*" + dtype, "w_ptr": "*" + dtype,
                  "b_ptr": "*" + dtype, "dz_ptr": "*" + dtype}
