@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: device info, peak-memory measurement, and a results table.
+"""Shared benchmark plumbing: device info and the results table (peak memory: unigen.memory).
 
 Every benchmark parametrises a ``provider`` and puts ``peak_mem_mb`` (extra memory above the
 inputs) into ``benchmark.extra_info``. At the end of the session the results of every group are
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 OURS = "ours"
 
 
@@ -26,54 +27,6 @@ def device_name(device: torch.device) -> str:
 
 def bench_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-class PeakMemory:
-    """Peak extra memory of a block: CUDA allocator stats on GPU, process peak RSS on CPU
-    (reset through /proc/self/clear_refs, Linux)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.extra_mb = float("nan")
-
-    @staticmethod
-    def _rss_peak_kb():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        return 0
-
-    @staticmethod
-    def _rss_now_kb():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # resets VmHWM to the current RSS
-            except OSError:
-                pass
-            self._base = self._rss_now_kb() * 1024
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = self._rss_peak_kb() * 1024
-        self.extra_mb = max(0, peak - self._base) / 2**20
-        return False
 
 
 def sync(device):

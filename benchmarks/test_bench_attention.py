@@ -32,7 +32,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import PeakMemory, bench_device, device_name, sync
+from unigen.memory import PeakMemory
+from benchmarks.conftest import bench_device, device_name, sync
 from unigen.kernels import prefix_lm_attention
 from unigen.kernels._backend import triton_available, triton_interpreting
 from unigen.kernels.prefix_lm_attention import (

@@ -39,7 +39,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import PeakMemory, bench_device, device_name
+from unigen.memory import PeakMemory
+from benchmarks.conftest import bench_device, device_name
 from unigen.kernels import contrastive_loss
 from unigen.kernels._backend import triton_available, triton_interpreting
 

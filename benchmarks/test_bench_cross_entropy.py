@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import PeakMemory, bench_device, device_name, sync
+from unigen.memory import PeakMemory
+from benchmarks.conftest import bench_device, device_name, sync
 from unigen.kernels import fused_linear_cross_entropy
 
 DEVICE = bench_device()

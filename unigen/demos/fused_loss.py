@@ -8,6 +8,7 @@ prints the loss of every step and the peak extra memory of one training step of 
 """
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -15,30 +16,7 @@ import torch.nn.functional as F
 
 from unigen.kernels import fused_linear_cross_entropy
 from unigen.kernels._backend import resolve_backend
-
-
-def _rss_peak_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_rss_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _rss_now_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from unigen.memory import PeakMemory
 
 
 class TinyHead(torch.nn.Module):
@@ -59,26 +37,18 @@ def train(loss_name, args, device, data):
     losses, peak = [], float("nan")
     start = time.perf_counter()
     for step in range(args.steps):
-        if step == 1:  # measure a steady-state step
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
+        # step 1 is measured: a steady-state step (optimizer state exists by then)
+        with PeakMemory(device) if step == 1 else contextlib.nullcontext() as mem:
+            h = model.hidden(x)
+            if loss_name == "naive":
+                loss = F.cross_entropy(F.linear(h, model.out), y)
             else:
-                _reset_rss_peak()
-                base = _rss_now_mb()
-        h = model.hidden(x)
-        if loss_name == "naive":
-            loss = F.cross_entropy(F.linear(h, model.out), y)
-        else:
-            loss = fused_linear_cross_entropy(h, model.out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+                loss = fused_linear_cross_entropy(h, model.out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         if step == 1:
-            if device.type == "cuda":
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            else:
-                peak = _rss_peak_mb() - base
+            peak = mem.extra_mb
         losses.append(loss.item())
     return losses, peak, time.perf_counter() - start
 
