@@ -18,6 +18,7 @@ measure what crosses over to languages that never met an image.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -39,7 +40,7 @@ def _write_inputs(out: str, args) -> tuple:
 
 
 def _train_config(name: str, world, tok, out: str, args):
-    from unigen.config import UniGenConfig, VisionConfig
+    from unigen.config import UniGenConfig
     from unigen.data.config import DataConfig
     from unigen.training.config import (CheckpointConfig, LoggingConfig, OptimConfig, RunConfig,
                                         ScheduleConfig, TrainConfig)
@@ -47,7 +48,7 @@ def _train_config(name: str, world, tok, out: str, args):
     model = UniGenConfig.tiny()
     # There is no pre-trained CLIP to freeze in a world made up on the spot: the tiny ViT
     # trains with the rest (the paper freezes a pre-trained CLIP ViT-L/14).
-    model.vision = VisionConfig(**{**model.vision.__dict__, "frozen": False})
+    model.vision = dataclasses.replace(model.vision, frozen=False)
     model.text.vocab_size, model.decoder.vocab_size = tok.text_vocab_size, tok.decoder_vocab_size
     ratios = {"trans": args.trans_ratio, "cap": 1.0, "qus": 1.0, "match": 1.0}
     wikimatrix = tuple(world.wikimatrix)
