@@ -22,8 +22,19 @@ def test_encoder_tokenizer_has_the_xlmr_layout(tiny):
     ids, mask = enc["input_ids"], enc["attention_mask"]
     assert ids[0][0] == 0 and ids[0][sum(mask[0]) - 1] == 2  # <s> ... </s>
     assert ids[0][-1] == 1 and mask[0][-1] == 0  # right-padded with <pad>
-    # Unseen words still encode (unigram pieces down to characters); nothing is dropped.
+    # Unseen words still encode (pieces down to characters); nothing is dropped.
     assert tok.decode(tok("un chien noir")["input_ids"], skip_special_tokens=True) == "un chien noir"
+
+
+def test_encoder_tokenizer_keeps_frequent_words_whole(tmp_path):
+    """A small corpus of few distinct words must not be cut into letters (captions would then
+    overrun the encoder's length limit)."""
+    corpus = [sentence_of(lang, (i, j, k)) for lang in ("en", "fr", "de")
+              for i in range(5) for j in range(6) for k in range(4)] * 20
+    tok = load_text_tokenizer(train_tiny_tokenizers(corpus, tmp_path).text_dir)
+    words = sentence_of("en", (1, 2, 3)).split()
+    pieces = tok.convert_ids_to_tokens(tok(" ".join(words), add_special_tokens=False)["input_ids"])
+    assert len(pieces) == len(words), pieces
 
 
 def test_decoder_tokenizer_round_trips_and_has_task_tokens(tiny):

@@ -1,4 +1,4 @@
-"""Tokenizers of UniGen: the XLM-R-style encoder tokenizer (SentencePiece unigram) and the
+"""Tokenizers of UniGen: the XLM-R-style encoder tokenizer (SentencePiece pieces) and the
 GPT-2-style decoder tokenizer (byte-level BPE) with the four task tokens (paper §3.3).
 
 ``load_text_tokenizer`` / ``load_decoder_tokenizer`` read local Hugging Face directories (nothing is
@@ -96,9 +96,17 @@ class TinyTokenizers:
 def train_tiny_tokenizers(texts: Iterable[str], out_dir: str | os.PathLike, *,
                           text_vocab_size: int = 500, decoder_vocab_size: int = 500,
                           task_tokens: Sequence[str] = DEFAULT_TASK_TOKENS) -> TinyTokenizers:
-    """Train a unigram (SentencePiece-style, XLM-R layout) encoder tokenizer and a byte-level BPE
-    (GPT-2 layout) decoder tokenizer on ``texts``; save both under ``out_dir`` in HF format
-    (``out_dir/text``, ``out_dir/decoder``; the decoder one includes the task tokens)."""
+    """Train an encoder tokenizer in XLM-R's layout (SentencePiece ``▁`` pieces, its special
+    tokens and ids) and a byte-level BPE (GPT-2 layout) decoder tokenizer on ``texts``; save both
+    under ``out_dir`` in HF format (``out_dir/text``, ``out_dir/decoder``; the decoder one
+    includes the task tokens).
+
+    The encoder's pieces are learned by BPE merges, not by XLM-R's unigram LM: on a corpus of a
+    few hundred distinct words the unigram trainers (``tokenizers``' and ``sentencepiece``'s
+    alike) stop far below the asked vocabulary and split the commonest words into letters
+    ("a yellow diamond in the middle" became 16 pieces, "▁", "y", "e", "llo", "w", ...), which
+    pushed captions past the encoder's length limit. BPE keeps every frequent word whole; unseen
+    words still encode, down to single characters."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -112,13 +120,13 @@ def train_tiny_tokenizers(texts: Iterable[str], out_dir: str | os.PathLike, *,
     out_dir = os.fspath(out_dir)
     text_dir, dec_dir = os.path.join(out_dir, "text"), os.path.join(out_dir, "decoder")
 
-    # Encoder: unigram LM over Metaspace pieces, as SentencePiece/XLM-R.
-    enc = Tokenizer(models.Unigram())
+    # Encoder: merges over Metaspace ("▁word") pieces, as SentencePiece/XLM-R segment text.
+    enc = Tokenizer(models.BPE(unk_token="<unk>"))
     enc.normalizer = normalizers.NFKC()
     enc.pre_tokenizer = pre_tokenizers.Metaspace()
     enc.decoder = decoders.Metaspace()
-    enc.train_from_iterator(texts, trainers.UnigramTrainer(
-        vocab_size=text_vocab_size, special_tokens=list(XLMR_SPECIAL), unk_token="<unk>"))
+    enc.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=text_vocab_size, special_tokens=list(XLMR_SPECIAL)))
     bos, eos = enc.token_to_id("<s>"), enc.token_to_id("</s>")
     enc.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",

@@ -221,6 +221,28 @@ def test_positives_sharing_an_id_are_never_mined(tokenizers):
     assert out.num_samples["match"] == 3  # positives only: no candidate negative exists
 
 
+@pytest.mark.parametrize("same_text_positives, expected", [(True, 3), (False, 9)])
+def test_identical_captions_of_different_images(tokenizers, same_text_positives, expected):
+    """Three images with one caption: with same_text_positives they are positives of each
+    other (only the 3 "yes" samples), without it each gets a mined "no" text and image."""
+    model = tiny_model(tokenizers, same_text_positives=same_text_positives)
+    ex = make_examples(n_trans=0, n_qus=0)
+    for e in ex:
+        e.pair_text = ex[0].pair_text
+    out = model(collate(model, ex))
+    assert out.num_samples["match"] == expected
+
+
+def test_merging_pair_ids_of_identical_texts_follows_chains():
+    from unigen.model.unigen_model import _merge_identical_texts
+
+    ids = torch.tensor([0, 1, 2, 3, 4, 4, 5])
+    texts = torch.tensor([[5, 6], [7, 8], [5, 6], [9, 9], [7, 8], [1, 1], [1, 2]])
+    # 0~2 share a text; 1~4 share a text and 4~5 an image, so 1, 4, 5 are one group.
+    # labels are the smallest dense image-group index of each component
+    assert _merge_identical_texts(ids, texts).tolist() == [0, 1, 0, 3, 1, 1, 5]
+
+
 def test_frozen_parameters_do_not_change_others_do(tokenizers):
     model = tiny_model(tokenizers)
     model.train()

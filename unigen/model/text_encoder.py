@@ -25,7 +25,7 @@ def _hf_xlmr_config(cfg: TextEncoderConfig):
         intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
         pad_token_id=cfg.pad_token_id, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
         layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.hidden_dropout,
-        attention_probs_dropout_prob=cfg.attention_dropout)
+        attention_probs_dropout_prob=cfg.attention_dropout, initializer_range=cfg.initializer_range)
 
 
 def text_config_from_hf(directory: str | os.PathLike, **overrides) -> TextEncoderConfig:

@@ -66,6 +66,23 @@ class RetrievalResult:
     text_to_image_similarity: torch.Tensor
 
 
+def _merge_identical_texts(pair_ids: torch.Tensor, pair_texts: torch.Tensor) -> torch.Tensor:
+    """Pair ids in which pairs of one image *or* of identical texts share an id: the connected
+    components of both relations (each label becomes the smallest id of its component)."""
+    _, text_group = torch.unique(pair_texts, dim=0, return_inverse=True)
+    _, image_group = torch.unique(pair_ids, return_inverse=True)
+    labels = image_group
+    while True:
+        # min label over each text group, then over each image group; stops when stable
+        by_text = labels.new_full((int(text_group.max()) + 1,), labels.numel())
+        merged = by_text.scatter_reduce(0, text_group, labels, "amin")[text_group]
+        by_image = labels.new_full((int(image_group.max()) + 1,), labels.numel())
+        merged = by_image.scatter_reduce(0, image_group, merged, "amin")[image_group]
+        if torch.equal(merged, labels):
+            return labels
+        labels = merged
+
+
 class UniGen(nn.Module):
     def __init__(self, config: UniGenConfig | None = None, *, text_tokenizer=None,
                  decoder_tokenizer=None):
@@ -298,6 +315,8 @@ class UniGen(nn.Module):
         distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
                        and torch.distributed.get_world_size() > 1)
         pair_ids = batch.pair_ids.long()
+        if P >= 2 and cfg.loss.same_text_positives:
+            pair_ids = _merge_identical_texts(pair_ids, batch.text_ids[batch.pair_text_index.long()])
         pair_offset = 0  # where this rank's pairs start in the batch the fused op gathers
         if distributed and cfg.loss.contrastive == "fused":
             world = torch.distributed.get_world_size()
