@@ -143,6 +143,7 @@ def _loss_curves(configs: dict, path: str) -> None:
                 ax.plot(*zip(*pts), label=RUNS[name])
             ax.set_title(key.split("/")[-1])
             ax.set_xlabel("step")
+            ax.set_yscale("log")  # the late differences between the runs are 0.1 against 0.4
     axes[1].legend(fontsize=7)  # the first panel (trans) has no ablation curve
     fig.tight_layout()
     fig.savefig(path, dpi=100)
