@@ -25,11 +25,18 @@ def test_pretrain_demo_smoke(tmp_path, capsys):
     assert 0.0 < results["qa_chance"] < 1.0
 
 
-def test_pretrain_demo_rejects_bad_arguments():
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be positive"),
+    (["--contrastive-weight", "-1"], "--contrastive-weight must be a finite non-negative"),
+    (["--multilingual-fraction", "2"], "--multilingual-fraction must be in"),
+    (["--lr", "0"], "--lr must be a finite positive"),
+])
+def test_pretrain_demo_rejects_bad_arguments(argv, message, capsys):
     from unigen.demos.pretrain import main
 
     with pytest.raises(SystemExit):
-        main(["--steps", "0"])
+        main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_fused_loss_demo(capsys):

@@ -232,6 +232,9 @@ class LossConfig:
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                    f"LossConfig.{name} must be a finite non-negative number, got {v!r}")
+        for name in ("match_negatives", "same_text_positives"):
+            _check(isinstance(getattr(self, name), bool),
+                   f"LossConfig.{name} must be True or False, got {getattr(self, name)!r}")
         _check(self.contrastive_dim > 0, "LossConfig.contrastive_dim must be positive")
         _check(0 < self.init_temperature and 1.0 / self.init_temperature <= self.max_logit_scale,
                f"LossConfig.init_temperature must be in (0, 1] with 1/τ <= max_logit_scale, "

@@ -355,6 +355,10 @@ def test_config_json_round_trip_and_validation(tmp_path):
         UniGenConfig.from_dict({"loss": {"alpha": "big"}})
     with pytest.raises(ValueError, match="hard_negatives"):
         UniGenConfig.tiny(loss=type(cfg.loss)(hard_negatives="random"))
+    with pytest.raises(ValueError, match="same_text_positives"):
+        type(cfg.loss)(same_text_positives="yes")
+    with pytest.raises(ValueError, match="initializer_range"):
+        UniGenConfig.from_dict({"text": {"initializer_range": 0.0}})
     with pytest.raises(ValueError, match="image_size"):
         UniGenConfig.from_dict({"vision": {"image_size": 30, "patch_size": 8}})
     assert math.isclose(UniGenConfig.paper().vision.num_layers_used, 23)

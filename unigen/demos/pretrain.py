@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     for name in ("steps", "batch_size", "images", "text_pairs", "eval_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not 0.0 <= args.multilingual_fraction <= 1.0:
+        parser.error(f"--multilingual-fraction must be in [0, 1], got {args.multilingual_fraction}")
     for name in ("contrastive_weight", "trans_ratio", "lr"):
         value = getattr(args, name)
         if not (0 <= value < float("inf")) or (name == "lr" and value == 0):
