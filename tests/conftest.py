@@ -9,6 +9,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op thread for a module of tiny-model tests: their ops are far too small to gain
+    from threads, and on a loaded 2-core machine OpenMP's spin-waiting workers make each op
+    several (up to ~50) times slower. Folders opt in with an autouse fixture that requests it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

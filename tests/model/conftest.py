@@ -1,17 +1,11 @@
 import pytest
-import torch
 
 from unigen.tokenization import synthetic_corpus, train_tiny_tokenizers
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The model tests use tiny tensors: intra-op threads only add synchronisation, and on a
-    # loaded 2-core machine OpenMP's spin-waiting workers make each op up to ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_intra_op_thread):
+    """Every model test runs on one intra-op thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="session")

@@ -14,16 +14,9 @@ from unigen.training.config import (CheckpointConfig, LoggingConfig, OptimConfig
                                     ScheduleConfig, TrainConfig)
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    # The tiny model's ops are far too small to gain from intra-op threads, and on a shared
-    # 2-core machine extra threads oversubscribe the cores (several times slower).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_intra_op_thread):
+    """Every training test runs on one intra-op thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="session")

@@ -69,15 +69,15 @@ class RetrievalResult:
 def _merge_identical_texts(pair_ids: torch.Tensor, pair_texts: torch.Tensor) -> torch.Tensor:
     """Pair ids in which pairs of one image *or* of identical texts share an id: the connected
     components of both relations (each label becomes the smallest id of its component)."""
-    _, text_group = torch.unique(pair_texts, dim=0, return_inverse=True)
-    _, image_group = torch.unique(pair_ids, return_inverse=True)
+    texts, text_group = torch.unique(pair_texts, dim=0, return_inverse=True)
+    images, image_group = torch.unique(pair_ids, return_inverse=True)
+    n = pair_ids.numel()
     labels = image_group
-    while True:
-        # min label over each text group, then over each image group; stops when stable
-        by_text = labels.new_full((int(text_group.max()) + 1,), labels.numel())
-        merged = by_text.scatter_reduce(0, text_group, labels, "amin")[text_group]
-        by_image = labels.new_full((int(image_group.max()) + 1,), labels.numel())
-        merged = by_image.scatter_reduce(0, image_group, merged, "amin")[image_group]
+    while True:  # min label over each text group, then over each image group, until stable
+        merged = labels.new_full((texts.shape[0],), n).scatter_reduce(
+            0, text_group, labels, "amin")[text_group]
+        merged = labels.new_full((images.shape[0],), n).scatter_reduce(
+            0, image_group, merged, "amin")[image_group]
         if torch.equal(merged, labels):
             return labels
         labels = merged
