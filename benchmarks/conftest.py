@@ -77,6 +77,8 @@ def pytest_sessionfinish(session, exitstatus):
     out = _results_dir()
     out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if dev.type == "cuda" else "cpu"
+    if os.environ.get("UNIGEN_BENCH_NAME"):  # one file per benchmark run (gpu_check.sh)
+        tag += "_" + os.environ["UNIGEN_BENCH_NAME"]
     (out / f"benchmarks_{tag}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     (out / f"benchmarks_{tag}.md").write_text(markdown_table(meta, rows))
 
@@ -91,10 +93,15 @@ def _version(name):
 
 
 def markdown_table(meta, rows):
-    """One line per (group, params, provider): time, ratio to ours (>1 = ours faster), memory."""
+    """One line per (group, params, provider): time, ratio to ours (>1 = ours faster), memory.
+
+    "extra memory" is the peak above the inputs; where a benchmark records ``outputs_mb`` (the
+    gradients every provider must return), "working memory" is that peak less the outputs.
+    """
     lines = [f"Device: {meta['device']} · torch {meta['torch']} · triton {meta['triton']} · {meta['time']}",
-             "", "| benchmark | case | provider | mean ms | ours speed-up | extra memory MB |",
-             "|---|---|---|---:|---:|---:|"]
+             "", "| benchmark | case | provider | mean ms | ours speed-up | extra memory MB "
+             "| working memory MB |",
+             "|---|---|---|---:|---:|---:|---:|"]
     keyed = {}
     for r in rows:
         keyed.setdefault((r["group"], json.dumps(r["params"], sort_keys=True)), []).append(r)
@@ -107,5 +114,9 @@ def markdown_table(meta, rows):
             ratio = f"{r['mean_ms'] / ours['mean_ms']:.2f}×" if ours else "–"
             mem = r.get("peak_mem_mb")
             mem_s = f"{mem:.0f}" if isinstance(mem, (int, float)) else "–"
-            lines.append(f"| {group} | {case} | {r['provider']} | {r['mean_ms']:.2f} | {ratio} | {mem_s} |")
+            outputs = r.get("outputs_mb")
+            work_s = (f"{max(0.0, mem - outputs):.0f}" if isinstance(mem, (int, float))
+                      and isinstance(outputs, (int, float)) else "–")
+            lines.append(f"| {group} | {case} | {r['provider']} | {r['mean_ms']:.2f} | {ratio} "
+                         f"| {mem_s} | {work_s} |")
     return "\n".join(lines) + "\n"

@@ -2,6 +2,11 @@
 
 GPU grid: N ∈ {4096, 20480} target tokens, D = 768, V = 50257 (GPT-2 head), bf16.
 CPU grid: N ∈ {2048, 8192}, D = 256, V = 8192, fp32 (a few seconds per case on 2 cores).
+Memory: ``peak_mem_mb`` is the peak above the inputs during one fwd+bwd, the gradients of h and
+W included; ``outputs_mb`` is the size of those gradients, which every provider must produce, so
+the working memory a provider adds is the difference (the GPU target: under 100 MB at N = 20480).
+``test_ours_tile_sweep`` times our Triton kernels under other tiles at N = 20480 (GPU only; its
+"ours" row is the default tiles of ``_triton_config``).
 Run: ``pytest benchmarks/test_bench_cross_entropy.py --benchmark-only``.
 """
 
@@ -14,6 +19,7 @@ import torch.nn.functional as F
 from unigen.memory import PeakMemory
 from benchmarks.conftest import bench_device, device_name, sync
 from unigen.kernels import fused_linear_cross_entropy
+from unigen.kernels._backend import triton_available
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -82,14 +88,7 @@ def _peak_tflops():
     return next((p for k, p in DENSE_BF16_PEAK.items() if k in name), None)
 
 
-@pytest.mark.parametrize("shape", GRID, ids=lambda s: f"N{s[0]}-D{s[1]}-V{s[2]}")
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_cross_entropy_fwd_bwd(benchmark, provider, shape):
-    if provider in REQUIRES and importlib.util.find_spec(REQUIRES[provider]) is None:
-        pytest.skip(f"{REQUIRES[provider]} not installed")
-    if provider in ("liger", "cut_cross_entropy") and not ON_GPU:
-        pytest.skip("GPU-only provider")
-    fn = PROVIDERS[provider]
+def _measure(benchmark, fn, shape, group="fused_linear_cross_entropy", **info):
     h, w, y = _inputs(*shape)
 
     def step():
@@ -100,10 +99,11 @@ def test_cross_entropy_fwd_bwd(benchmark, provider, shape):
     step()  # warm-up: compilation and autotuning stay out of the measurement
     with PeakMemory(DEVICE) as mem:
         step()
-    benchmark.group = "fused_linear_cross_entropy"
+    outputs_mb = (h.grad.nbytes + w.grad.nbytes) / 2**20
+    benchmark.group = group
     n, d, v = shape
     benchmark.extra_info.update(device=device_name(DEVICE), dtype=str(DTYPE).replace("torch.", ""),
-                                peak_mem_mb=mem.extra_mb)
+                                peak_mem_mb=mem.extra_mb, outputs_mb=outputs_mb, **info)
     benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.mean
     tflops = 6 * n * d * v / seconds / 1e12
@@ -111,3 +111,46 @@ def test_cross_entropy_fwd_bwd(benchmark, provider, shape):
     peak = _peak_tflops()
     if peak:
         benchmark.extra_info["pct_dense_bf16_peak"] = round(100 * tflops / peak, 1)
+
+
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: f"N{s[0]}-D{s[1]}-V{s[2]}")
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_cross_entropy_fwd_bwd(benchmark, provider, shape):
+    if provider in REQUIRES and importlib.util.find_spec(REQUIRES[provider]) is None:
+        pytest.skip(f"{REQUIRES[provider]} not installed")
+    if provider in ("liger", "cut_cross_entropy") and not ON_GPU:
+        pytest.skip("GPU-only provider")
+    _measure(benchmark, PROVIDERS[provider], shape)
+
+
+# Tiles of our Triton kernels to sweep on a GPU (the first is the default, reported as "ours");
+# the winner replaces the default in kernels/fused_linear_cross_entropy.py::_triton_config.
+TILE_CONFIGS = {
+    "ours": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    "ours_w4": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=3),
+    "ours_n128v128w8": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    "ours_n64v256w8": dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
+    "ours_n128v256w8": dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=2),
+    "ours_n128v64w4": dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=3),
+    "ours_n64v128d32s4": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=4, num_stages=4),
+}
+
+
+@pytest.mark.parametrize("provider", TILE_CONFIGS)
+def test_ours_tile_sweep(benchmark, provider):
+    if not (ON_GPU and triton_available()):
+        pytest.skip("the tile sweep runs on a GPU only")
+    import importlib
+
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    cfg = TILE_CONFIGS[provider]
+
+    def fn(h, w, y):
+        # the reduced path of fused_linear_cross_entropy(h, w, y) with these tiles
+        scale = torch.full((y.numel(),), 1.0 / y.numel(), device=DEVICE)
+        total, _, _, gh, gw, _ = flce.triton_forward_reduced(
+            h.detach(), w.detach(), None, y, scale, -100, 0.0, 0.0, True, True, False, config=cfg)
+        h.grad, w.grad = gh, gw
+        return total.requires_grad_()  # backward of a leaf: nothing more to do
+
+    _measure(benchmark, fn, GRID[-1], group="fused_linear_cross_entropy_tile_sweep", **cfg)

@@ -53,6 +53,11 @@ _TRITON_MAX_DIM = 1024
 # Test-only knob: (block_m, block_n) forced on the Triton launchers, so interpreter tests can use
 # small tiles and several blocks on tiny shapes. None = the launcher's GPU choice.
 _BLOCK_OVERRIDE: Optional[tuple[int, int]] = None
+# Parallelism of the Triton sweeps (see _splits): ~8 programs per SM of an H100, and the fewest
+# tiles one split sweeps. _SPLIT_OVERRIDE (test-only) forces a number of splits.
+_TARGET_PROGRAMS = 1024
+_MIN_TILES_PER_SPLIT = 4
+_SPLIT_OVERRIDE: Optional[int] = None
 
 
 class ContrastiveLossOutput(NamedTuple):
@@ -174,21 +179,27 @@ if triton_available():
     @triton.jit
     def _fwd_kernel(
         img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, ids_ptr, scale_ptr, seed_ptr,
-        row_loss_ptr, lse_ptr, pos_cnt_ptr, neg_ptr,
-        n_q, n_k, dim, row_start, stride, keep, smooth,
+        part_ptr, part_idx_ptr,
+        n_q, n_k, dim, row_start, stride, cols_per_split,
         MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_IEEE: tl.constexpr, ACC: tl.constexpr,
     ):
-        """One program = BLOCK_M local query rows of one direction swept against every column.
+        """One program = BLOCK_M local query rows of one direction swept against one split of the
+        columns (grid: row blocks, direction, column splits).
 
         Per row it keeps the online log-sum-exp (running max m, running sum l), the sum and count of
         positive logits, the sum of all logits (label smoothing), and for mining the running best
         (key, column) where key = s + Gumbel noise (MODE 1: Gumbel-max is an exact draw from
         softmax(s) over the candidates) or key = s (MODE 2: argmax). Positives get key -inf, so a
-        row whose every column is a positive keeps index -1.
+        row whose every column is a positive keeps index -1. The split's partial statistics go to
+        ``part`` [5, splits, 2, n_q] (lse, positive sum, positive count, row sum, best key) and
+        ``part_idx`` [splits, 2, n_q]; the launcher merges the splits.
         """
         pid = tl.program_id(0)
         d = tl.program_id(1)
+        split = tl.program_id(2)
+        col_begin = split * cols_per_split
+        col_end = tl.minimum(col_begin + cols_per_split, n_k)
         q_ptr, k_ptr, inv_q_ptr, inv_k_ptr = _direction(img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, d)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_q
@@ -213,9 +224,9 @@ if triton_available():
         best = tl.full((BLOCK_M,), float("-inf"), ACC)
         best_idx = tl.full((BLOCK_M,), -1, tl.int64)
 
-        for start in range(0, n_k, BLOCK_N):
+        for start in range(col_begin, col_end, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            col_mask = cols < n_k
+            col_mask = cols < col_end
             s, cos, k, inv_k = _similarity_tile(q, k_ptr, inv_k_ptr, cols, col_mask, inv_q, scale,
                                                 stride, dim, BLOCK_D, DOT_IEEE, ACC)
             ids_k = tl.load(ids_ptr + cols, mask=col_mask, other=0)
@@ -249,16 +260,15 @@ if triton_available():
                 best = tl.where(better, tile_best, best)
                 best_idx = tl.where(better, tile_idx, best_idx)
 
-        lse = m_i + tl.log(l_i)
-        # -Σ_j target_ij log softmax(s)_ij with target = keep·[pos]/|P| + smooth (ε/N).
-        # (valid rows have |P| ≥ 1: the pair itself; the max only keeps masked rows nan-free)
-        row_loss = lse - keep * pos_sum / tl.maximum(pos_cnt, 1.0) - smooth * row_sum
-        out = d * n_q + rows
-        tl.store(row_loss_ptr + out, row_loss, mask=row_mask)
-        tl.store(lse_ptr + out, lse, mask=row_mask)
-        tl.store(pos_cnt_ptr + out, pos_cnt, mask=row_mask)
+        out = (split * 2 + d) * n_q + rows
+        plane = tl.num_programs(2) * 2 * n_q
+        tl.store(part_ptr + out, m_i + tl.log(l_i), mask=row_mask)
+        tl.store(part_ptr + plane + out, pos_sum, mask=row_mask)
+        tl.store(part_ptr + 2 * plane + out, pos_cnt, mask=row_mask)
+        tl.store(part_ptr + 3 * plane + out, row_sum, mask=row_mask)
         if MODE != 0:
-            tl.store(neg_ptr + out, best_idx, mask=row_mask)
+            tl.store(part_ptr + 4 * plane + out, best, mask=row_mask)
+            tl.store(part_idx_ptr + out, best_idx, mask=row_mask)
 
     @triton.jit
     def _grad_logits(s, lse, pos, pos_cnt, row_mask, col_mask, weight, keep, smooth):
@@ -273,15 +283,20 @@ if triton_available():
     def _rows_bwd_kernel(
         img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, ids_ptr, scale_ptr, weight_ptr,
         lse_ptr, pos_cnt_ptr, dq_ptr, dscale_ptr,
-        n_q, n_k, dim, row_start, stride, keep, smooth,
+        n_q, n_k, dim, row_start, stride, keep, smooth, cols_per_split,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_IEEE: tl.constexpr, ACC: tl.constexpr,
     ):
         """Gradient w.r.t. the normalised local query rows of direction d, dq̂_i = scale Σ_j G_ij k̂_j,
-        and the per-row part of dL/dscale = Σ_j G_ij cos_ij. One program owns BLOCK_M rows, so its
-        [BLOCK_M, D] accumulator needs no atomics; the tile is recomputed from the saved lse."""
+        and the per-row part of dL/dscale = Σ_j G_ij cos_ij, over one split of the columns. One
+        program owns BLOCK_M rows of one split, so its [BLOCK_M, D] accumulator needs no atomics:
+        it writes dq [splits, 2, n_q, D] and the launcher sums the splits. The tile is recomputed
+        from the saved lse."""
         pid = tl.program_id(0)
         d = tl.program_id(1)
+        split = tl.program_id(2)
+        col_begin = split * cols_per_split
+        col_end = tl.minimum(col_begin + cols_per_split, n_k)
         q_ptr, k_ptr, inv_q_ptr, inv_k_ptr = _direction(img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, d)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_q
@@ -297,9 +312,9 @@ if triton_available():
         weight = tl.load(weight_ptr).to(ACC)
         acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
         dscale = tl.zeros((BLOCK_M,), ACC)
-        for start in range(0, n_k, BLOCK_N):
+        for start in range(col_begin, col_end, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            col_mask = cols < n_k
+            col_mask = cols < col_end
             s, cos, k, inv_k = _similarity_tile(q, k_ptr, inv_k_ptr, cols, col_mask, inv_q, scale,
                                                 stride, dim, BLOCK_D, DOT_IEEE, ACC)
             ids_k = tl.load(ids_ptr + cols, mask=col_mask, other=0)
@@ -310,7 +325,7 @@ if triton_available():
             # dtype for the tensor cores, as flash-attention does with P).
             gk = (g * inv_k[None, :]).to(k.dtype)
             acc += _mma(gk, k, DOT_IEEE, ACC)
-        out = d * n_q + rows
+        out = (split * 2 + d) * n_q + rows
         tl.store(dq_ptr + out[:, None] * dim + offs_d[None, :], acc * scale,
                  mask=row_mask[:, None] & (offs_d[None, :] < dim))
         tl.store(dscale_ptr + out, dscale, mask=row_mask)
@@ -319,7 +334,7 @@ if triton_available():
     def _cols_bwd_kernel(
         img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, ids_ptr, scale_ptr, weight_ptr,
         lse_ptr, pos_cnt_ptr, dk_ptr,
-        n_q, n_k, dim, row_start, stride, keep, smooth,
+        n_q, n_k, dim, row_start, stride, keep, smooth, rows_per_split,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_IEEE: tl.constexpr, ACC: tl.constexpr,
     ):
@@ -327,9 +342,14 @@ if triton_available():
         One program owns BLOCK_N columns and sweeps every local query row block (deterministic, no
         atomics). It works on the transposed tile G^T [BLOCK_N, BLOCK_M] computed as K·Q^T, with Q
         loaded in both layouts, so no register tile is ever transposed (with fp32 inputs,
-        transposing G made the sm_90 build spill its whole state to local memory)."""
+        transposing G made the sm_90 build spill its whole state to local memory). With several
+        splits of the query rows, each writes its part of dk [splits, 2, n_k, D]; the launcher
+        sums them."""
         pid = tl.program_id(0)
         d = tl.program_id(1)
+        split = tl.program_id(2)
+        row_begin = split * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, n_q)
         q_ptr, k_ptr, inv_q_ptr, inv_k_ptr = _direction(img_ptr, txt_ptr, inv_img_ptr, inv_txt_ptr, d)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < n_k
@@ -342,9 +362,9 @@ if triton_available():
         scale = tl.load(scale_ptr).to(ACC)
         weight = tl.load(weight_ptr).to(ACC)
         acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
-        for start in range(0, n_q, BLOCK_M):
+        for start in range(row_begin, row_end, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            row_mask = rows < n_q
+            row_mask = rows < row_end
             grows = row_start + rows
             q_t = tl.load(q_ptr + grows[None, :] * stride + offs_d[:, None],
                           mask=row_mask[None, :] & d_mask[:, None], other=0.0)
@@ -357,7 +377,7 @@ if triton_available():
             target_t = tl.where(ids_k[:, None] == ids_q[None, :], keep / pos_cnt[None, :], 0.0) + smooth
             g_t = tl.where(col_mask[:, None] & row_mask[None, :], weight * (p_t - target_t), 0.0)
             acc += _mma((g_t * inv_q[None, :]).to(q_t.dtype), tl.trans(q_t), DOT_IEEE, ACC)
-        out = d * n_k + cols
+        out = (split * 2 + d) * n_k + cols
         tl.store(dk_ptr + out[:, None] * dim + offs_d[None, :], acc * scale,
                  mask=col_mask[:, None] & d_mask[None, :])
 
@@ -391,23 +411,56 @@ def _dot_ieee(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64) or (dtype == torch.bfloat16 and triton_interpreting())
 
 
+def _splits(n_outer: int, block_outer: int, n_inner: int, block_inner: int):
+    """Splits of the inner (swept) dimension and their width, so that the grid of
+    (outer blocks × 2 directions × splits) reaches ~``_TARGET_PROGRAMS`` programs.
+
+    One program per row block leaves a GPU mostly idle at the batch sizes of training: at
+    B = 4096 with 32-row tiles that is 256 programs on 132 SMs, each sweeping 128 column tiles
+    one after the other. Splitting the sweep (as flash-decoding splits the keys) multiplies the
+    programs; each split keeps at least ``_MIN_TILES_PER_SPLIT`` tiles, and large batches that
+    fill the GPU already keep one split (so no partial buffers: memory stays O(B·D)).
+    """
+    tiles = triton.cdiv(n_inner, block_inner)
+    if _SPLIT_OVERRIDE is not None:
+        splits = _SPLIT_OVERRIDE
+    else:
+        wanted = triton.cdiv(_TARGET_PROGRAMS, 2 * triton.cdiv(n_outer, block_outer))
+        splits = min(wanted, tiles // _MIN_TILES_PER_SPLIT)
+    splits = max(1, min(splits, tiles))
+    width = triton.cdiv(tiles, splits) * block_inner
+    return triton.cdiv(n_inner, width), width
+
+
 def _triton_fwd(image, text, inv_i, inv_t, ids, scale, seeds, row_start, n_local, keep, smooth, mode):
     """Both directions in one launch. Returns [2, n_local] row_loss, lse, pos_cnt and neg."""
     n, dim = image.shape
     acc = _acc_dtype(image.dtype)
     block_m, block_n, block_d, num_warps = _launch_config(dim, image.dtype)
-    row_loss = torch.empty(2, n_local, dtype=acc, device=image.device)
-    lse = torch.empty_like(row_loss)
-    pos_cnt = torch.empty_like(row_loss)
-    neg = torch.full((2, n_local), -1, dtype=torch.int64, device=image.device)
-    _fwd_kernel[(triton.cdiv(n_local, block_m), 2)](
+    splits, width = _splits(n_local, block_m, n, block_n)
+    part = torch.empty(5, splits, 2, n_local, dtype=acc, device=image.device)
+    part_idx = torch.full((splits, 2, n_local), -1, dtype=torch.int64, device=image.device)
+    _fwd_kernel[(triton.cdiv(n_local, block_m), 2, splits)](
         image, text, inv_i, inv_t, ids, scale, seeds if seeds is not None else ids,
-        row_loss, lse, pos_cnt, neg,
-        n_local, n, dim, row_start, dim, keep, smooth,
+        part, part_idx,
+        n_local, n, dim, row_start, dim, width,
         MODE=mode, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_IEEE=_dot_ieee(image.dtype), ACC=tl.float64 if acc == torch.float64 else tl.float32,
         num_warps=num_warps,
     )
+    # Merge the column splits: log-sum-exp of the partial lse, sums of the rest, and the
+    # negative of the split with the best key (the first on ties: the earliest column, as
+    # without splits; a row with no candidate anywhere keeps -1).
+    part_lse, pos_sum, pos_cnt, row_sum, best = part.unbind(0)
+    lse = torch.logsumexp(part_lse, dim=0)
+    pos_sum, pos_cnt, row_sum = pos_sum.sum(0), pos_cnt.sum(0), row_sum.sum(0)
+    # -Σ_j target_ij log softmax(s)_ij with target = keep·[pos]/|P| + smooth (ε/N).
+    # (valid rows have |P| ≥ 1: the pair itself; the clamp only guards the arithmetic)
+    row_loss = lse - keep * pos_sum / pos_cnt.clamp_min(1.0) - smooth * row_sum
+    if mode != 0:
+        neg = part_idx.gather(0, best.argmax(dim=0, keepdim=True)).squeeze(0)
+    else:
+        neg = part_idx[0]
     return row_loss, lse, pos_cnt, neg
 
 
@@ -418,16 +471,21 @@ def _triton_bwd(image, text, inv_i, inv_t, ids, scale, weight, lse, pos_cnt, row
     n_local = lse.shape[1]
     acc = _acc_dtype(image.dtype)
     block_m, block_n, block_d, num_warps = _launch_config(dim, image.dtype)
-    dq = torch.empty(2, n_local, dim, dtype=acc, device=image.device)
-    dk = torch.empty(2, n, dim, dtype=acc, device=image.device)
-    dscale = torch.empty(2, n_local, dtype=acc, device=image.device)
+    row_splits, row_width = _splits(n_local, block_m, n, block_n)  # rows kernel: column splits
+    col_splits, col_width = _splits(n, block_n, n_local, block_m)  # cols kernel: row splits
+    dq = torch.empty(row_splits, 2, n_local, dim, dtype=acc, device=image.device)
+    dk = torch.empty(col_splits, 2, n, dim, dtype=acc, device=image.device)
+    dscale = torch.empty(row_splits, 2, n_local, dtype=acc, device=image.device)
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_IEEE=_dot_ieee(image.dtype),
                 ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps)
     common = (image, text, inv_i, inv_t, ids, scale, weight, lse, pos_cnt)
     sizes = (n_local, n, dim, row_start, dim, keep, smooth)
-    _rows_bwd_kernel[(triton.cdiv(n_local, block_m), 2)](*common, dq, dscale, *sizes, **meta)
-    _cols_bwd_kernel[(triton.cdiv(n, block_n), 2)](*common, dk, *sizes, **meta)
-    return dq, dk, dscale
+    _rows_bwd_kernel[(triton.cdiv(n_local, block_m), 2, row_splits)](
+        *common, dq, dscale, *sizes, row_width, **meta)
+    _cols_bwd_kernel[(triton.cdiv(n, block_n), 2, col_splits)](*common, dk, *sizes, col_width, **meta)
+    # one split: the [1, ...] buffers are the result as they are (no copy)
+    merge = lambda x: x[0] if x.shape[0] == 1 else x.sum(0)
+    return merge(dq), merge(dk), merge(dscale)
 
 
 # ----------------------------------------------------------------------------------------------

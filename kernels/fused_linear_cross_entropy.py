@@ -296,16 +296,24 @@ if triton_available():
     @triton.jit
     def _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, dim, stride_h, stride_w,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                    WIDE_INDEX: tl.constexpr):
         """fp32 logits of a [BLOCK_N rows, BLOCK_V vocabulary] tile: h[rows] · W[cols]ᵀ (+ b)."""
         offs_d = tl.arange(0, BLOCK_D)
+        if WIDE_INDEX:
+            # rows·stride would overflow int32 (N·D or V·D >= 2^31, e.g. 1M tokens × 4096); the
+            # 64-bit offsets cost registers (spills on sm_90), so only tensors this big pay them
+            rows = rows.to(tl.int64)
+            offs_v = offs_v.to(tl.int64)
+        h_rows = h_ptr + rows[:, None] * stride_h
+        w_rows = w_ptr + offs_v[:, None] * stride_w
         acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
         for d0 in range(0, dim, BLOCK_D):
             d_mask = (d0 + offs_d) < dim
-            h = tl.load(h_ptr + rows[:, None] * stride_h + (d0 + offs_d)[None, :],
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_v[:, None] * stride_w + (d0 + offs_d)[None, :],
-                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            h = tl.load(h_rows + (d0 + offs_d)[None, :], mask=row_mask[:, None] & d_mask[None, :],
+                        other=0.0)
+            w = tl.load(w_rows + (d0 + offs_d)[None, :], mask=col_mask[:, None] & d_mask[None, :],
+                        other=0.0)
             if UPCAST_DOT:
                 h, w = h.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
@@ -321,7 +329,7 @@ if triton_available():
         stride_h, stride_w,
         HAS_BIAS: tl.constexpr, SMOOTHING: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ):
         """One program: BLOCK_N rows × one vocabulary split, online log-sum-exp over its tiles.
 
@@ -351,7 +359,7 @@ if triton_available():
             col_mask = offs_v < v_end
             acc = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, dim,
                               stride_h, stride_w, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D,
-                              DOT_PRECISION, UPCAST_DOT)
+                              DOT_PRECISION, UPCAST_DOT, WIDE_INDEX)
             if SMOOTHING:
                 zsum += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
             zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
@@ -381,48 +389,62 @@ if triton_available():
         label_smoothing, z_loss,
         HAS_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ):
-        """∂loss/∂z for compacted rows × one vocabulary chunk, recomputing the logits tile by tile.
+        """∂loss/∂z for the valid rows × one vocabulary chunk, recomputing the logits tile by tile.
 
-        The logits themselves never reach memory; only this chunk's gradient does, which the
-        launcher then applies with two dense matmuls (dH += dZ·W_c, dW_c = dZᵀ·H).
+        The logits themselves never reach memory; only this chunk's gradient does, stored at each
+        row's own index, so the launcher applies it with two dense matmuls on the original rows
+        (dH += dZ·W_c, dW_c = dZᵀ·H) without copying H into compacted order. Ignored rows are
+        never written: the launcher zeroes dZ once and they stay zero for every chunk.
         """
         pid_n = tl.program_id(0)
         pid_v = tl.program_id(1)
+        n_valid = tl.load(n_valid_ptr)
+        if pid_n * BLOCK_N >= n_valid:
+            return
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
         offs_v = v_start + offs_c
-        n_valid = tl.load(n_valid_ptr)
         row_mask = offs_n < n_valid
         col_mask = (offs_c < chunk) & (offs_v < vocab)
-        if pid_n * BLOCK_N >= n_valid:
-            # rows past n_valid are ignored rows: their gradient is exactly zero
-            # (dz has a whole number of row blocks, so only the columns need a mask)
-            tl.store(dz_ptr + offs_n[:, None] * stride_dz + offs_c[None, :],
-                     tl.zeros((BLOCK_N, BLOCK_V), tl.float32).to(dz_ptr.dtype.element_ty),
-                     mask=offs_c[None, :] < chunk)
-            return
         rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0)
         tgt = tl.load(target_ptr + rows, mask=row_mask, other=0)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
         acc = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, dim,
                           stride_h, stride_w, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D,
-                          DOT_PRECISION, UPCAST_DOT)
+                          DOT_PRECISION, UPCAST_DOT, WIDE_INDEX)
         p = tl.exp(acc - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
         dz = p - label_smoothing / vocab - tl.where(offs_v[None, :] == tgt[:, None], 1.0 - label_smoothing, 0.0)
-        dz = tl.where(row_mask[:, None] & col_mask[None, :], dz * g[:, None], 0.0)
-        tl.store(dz_ptr + offs_n[:, None] * stride_dz + offs_c[None, :], dz.to(dz_ptr.dtype.element_ty),
-                 mask=offs_c[None, :] < chunk)
+        dz = tl.where(col_mask[None, :], dz * g[:, None], 0.0)
+        if WIDE_INDEX:
+            rows = rows.to(tl.int64)
+        tl.store(dz_ptr + rows[:, None] * stride_dz + offs_c[None, :],
+                 dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_c < chunk)[None, :])
 
 
-def _triton_tiles():
-    """Tile sizes. On GPUs 64×128 logit tiles with a 64-wide K step keep the bf16 MMA units busy
-    while the fp32 accumulator fits in registers; under the CPU interpreter small tiles are faster."""
+def _triton_config(override: dict | None = None) -> dict:
+    """Tiles and launch options of both kernels.
+
+    On GPUs, 64-row × 128-column logit tiles with a 64-wide K step. 8 warps: compiled for sm_90
+    (``tests/kernels/gpu_compile_check.py cross_entropy bf16``) both kernels spill 650-800 bytes
+    per thread at 4 warps and none (forward) or a few bytes (backward) at 8; larger tiles spill
+    at 8 warps too. Not yet timed on a GPU: ``override`` lets the benchmarks try others
+    (``benchmarks/test_bench_cross_entropy.py::test_ours_tile_sweep``). Under the CPU
+    interpreter small tiles are faster.
+    """
     if triton_interpreting():
-        return 16, 32, 16
-    return 64, 128, 64
+        cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4, num_stages=1)
+    else:
+        cfg = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+    if override:
+        unknown = set(override) - set(cfg)
+        if unknown:
+            raise ValueError(f"{OP}: unknown Triton config keys {sorted(unknown)}; "
+                             f"expected some of {sorted(cfg)}")
+        cfg.update(override)
+    return cfg
 
 
 def _dot_precision(dtype):
@@ -444,11 +466,22 @@ def _compact_rows(target, ignore_index):
     return order, n_valid
 
 
+def _wide_index(*tensors):
+    """64-bit element offsets in the kernels only when some tensor has 2^31 elements or more."""
+    return any(t.numel() >= 2**31 for t in tensors)
+
+
+def _launch(kernel, grid, *args, cfg, **constexprs):
+    kernel[grid](*args, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **constexprs)
+
+
 def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
-                   compacted=None):
+                   compacted=None, config=None):
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    block_n, block_v, block_d = _triton_tiles()
+    cfg = _triton_config(config)
+    block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     order, n_valid = compacted if compacted is not None else _compact_rows(target, ignore_index)
     # Split the vocabulary so that (row blocks × splits) fills the GPU even for small N; each
     # split's partial lse is merged below (the partial buffers are [splits, N] floats: tiny).
@@ -464,14 +497,15 @@ def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, 
     part_zsum = torch.zeros((splits, n), **f32) if label_smoothing > 0 else part_zt
     hidden = hidden.contiguous()
     weight = weight.contiguous()
-    _flce_forward_kernel[(row_blocks, splits)](
+    _launch(
+        _flce_forward_kernel, (row_blocks, splits),
         hidden, weight, bias if bias is not None else weight, target, order, n_valid,
         part_lse, part_best, part_arg, part_zt, part_zsum,
         n, vocab, dim, vocab_per_split,
         hidden.stride(0), weight.stride(0),
-        HAS_BIAS=bias is not None, SMOOTHING=label_smoothing > 0,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+        cfg=cfg, HAS_BIAS=bias is not None, SMOOTHING=label_smoothing > 0,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
+        WIDE_INDEX=_wide_index(hidden, weight),
     )
     # Partials are indexed by compacted position; scatter back to the original rows.
     lse_c = torch.logsumexp(part_lse, dim=0)
@@ -494,63 +528,68 @@ def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, 
 
 
 def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
-                    z_loss, need_hidden, need_weight, need_bias, compacted=None):
+                    z_loss, need_hidden, need_weight, need_bias, compacted=None, config=None):
+    """Gradients for hidden, weight and bias, one vocabulary chunk at a time.
+
+    Working memory beyond the gradients themselves: the fp32 dH accumulator (4·N·D bytes; one
+    rounding at the end instead of one per chunk) and one dZ chunk (~``DZ_BUDGET_BYTES``).
+    """
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    block_n, block_v, block_d = _triton_tiles()
+    cfg = _triton_config(config)
     order, n_valid = compacted if compacted is not None else _compact_rows(target, ignore_index)
-    order_l = order.long()
     hidden = hidden.contiguous()
     weight = weight.contiguous()
     grad_rows = grad_rows.contiguous().float()
     # dZ is kept in the input precision so the two matmuls below run on tensor cores (fp32
-    # accumulation inside); the chunk bounds the transient buffer to rows × chunk elements.
-    chunk = _backward_vocab_chunk(n, vocab, hidden.element_size(), block_v)
-    dz = torch.empty((triton.cdiv(n, block_n) * block_n, chunk), dtype=hidden.dtype, device=hidden.device)
-    h_c = hidden.index_select(0, order_l)  # compacted rows: dZ row i belongs to h_c row i
-    grad_h_c = torch.zeros((n, dim), dtype=torch.float32, device=hidden.device) if need_hidden else None
+    # accumulation inside); the chunk bounds the transient buffer to N × chunk elements. Rows
+    # of ignored targets are zero once and never written.
+    chunk = _backward_vocab_chunk(n, vocab, hidden.element_size(), cfg["BLOCK_V"])
+    dz = torch.zeros((n, chunk), dtype=hidden.dtype, device=hidden.device)
+    grad_h = torch.zeros((n, dim), dtype=torch.float32, device=hidden.device) if need_hidden else None
     grad_w = torch.empty_like(weight) if need_weight else None
     grad_b = torch.empty_like(bias) if need_bias else None
+    wide = _wide_index(hidden, weight, dz)
     for v_start in range(0, vocab, chunk):
         width = min(chunk, vocab - v_start)
-        grid = (triton.cdiv(n, block_n), triton.cdiv(width, block_v))
-        _flce_logit_grad_kernel[grid](
+        _launch(
+            _flce_logit_grad_kernel, (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(width, cfg["BLOCK_V"])),
             hidden, weight, bias if bias is not None else weight, target, order, n_valid, lse,
             grad_rows, dz,
             vocab, dim, v_start, width,
             hidden.stride(0), weight.stride(0), dz.stride(0),
             float(label_smoothing), float(z_loss),
-            HAS_BIAS=bias is not None,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+            cfg=cfg, HAS_BIAS=bias is not None,
             DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
+            WIDE_INDEX=wide,
         )
-        dz_c = dz[:n, :width]
+        dz_c = dz[:, :width]
         w_c = weight[v_start:v_start + width]
         if need_hidden:
-            _accumulate_mm(grad_h_c, dz_c, w_c)
+            _accumulate_mm(grad_h, dz_c, w_c)
         if need_weight:
-            torch.mm(dz_c.t(), h_c, out=grad_w[v_start:v_start + width])
+            torch.mm(dz_c.t(), hidden, out=grad_w[v_start:v_start + width])
         if need_bias:
             grad_b[v_start:v_start + width] = dz_c.float().sum(dim=0).to(bias.dtype)
-    grad_h = None
+    del dz  # before the cast below, so the two buffers never coexist
     if need_hidden:
-        grad_h = torch.empty_like(hidden).index_put_((order_l,), grad_h_c.to(hidden.dtype))
+        grad_h = grad_h.to(hidden.dtype)
     return grad_h, grad_w, grad_b
 
 
 def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
-                           z_loss, need_hidden, need_weight, need_bias):
+                           z_loss, need_hidden, need_weight, need_bias, config=None):
     """Reduced loss with its gradients computed right away (backward only rescales them)."""
     compacted = _compact_rows(target, ignore_index)  # shared by both passes
     rows, lse, correct = triton_forward(hidden, weight, bias, target, ignore_index,
-                                        label_smoothing, z_loss, compacted)
+                                        label_smoothing, z_loss, compacted, config)
     scale = row_scale.to(rows.dtype)
     total = (torch.where(target != ignore_index, scale, 0.0) * rows).sum()
     grads = (None, None, None)
     if need_hidden or need_weight or need_bias:
         grads = triton_backward(scale, hidden, weight, bias, target, lse, ignore_index,
                                 label_smoothing, z_loss, need_hidden, need_weight, need_bias,
-                                compacted)
+                                compacted, config)
     return (total, lse, correct) + tuple(grads)
 
 
@@ -568,8 +607,13 @@ def _accumulate_mm(acc, a, b):
     acc.add_(torch.mm(a, b).float())
 
 
-def _backward_vocab_chunk(n, vocab, elem_size, block_v, budget_bytes=32 * 2**20):
-    """Largest vocabulary chunk (a multiple of the tile) whose dZ buffer fits in ~32 MiB."""
+# The dZ chunk of the Triton backward. With the fp32 dH accumulator it sets the working memory:
+# at N = 20480, D = 768 (the GPT-2 head of one GPU step) 60 MiB + 24 MiB, under 100 MB.
+DZ_BUDGET_BYTES = 24 * 2**20
+
+
+def _backward_vocab_chunk(n, vocab, elem_size, block_v, budget_bytes=DZ_BUDGET_BYTES):
+    """Largest vocabulary chunk (a multiple of the tile) whose dZ buffer fits the budget."""
     cols = max(block_v, (budget_bytes // max(1, n * elem_size)) // block_v * block_v)
     return min(cols, triton.cdiv(vocab, block_v) * block_v)
 
@@ -697,8 +741,26 @@ def _setup_context_reduced(ctx, inputs, output):
 
 
 def _backward_reduced(ctx, grad_total, *_unused):
+    # The gradients were computed in the forward. In eager mode they are scaled in place, so
+    # autograd adopts them as .grad without a copy (saving their whole size at the peak); a
+    # second backward through the same graph would then scale them twice, so it is refused.
+    # While tracing (torch.compile, export: tensors are fake/functional subclasses) the graph
+    # gets the out-of-place product instead, which the compiler may fuse as it likes.
+    if getattr(ctx, "grads_consumed", False):
+        raise RuntimeError(
+            f"{OP}: backward ran twice through one reduced ('mean'/'sum') fused loss "
+            f"(retain_graph=True); its gradients are computed in the forward and handed "
+            f"over once. Compute the loss again, or use reduction='none' and reduce it.")
     gh, gw, gb = ctx.saved_tensors
-    scale = lambda g: (g * grad_total.to(g.dtype)) if g.numel() else None
+    in_place = all(type(g) is torch.Tensor for g in (gh, gw, gb, grad_total))
+    ctx.grads_consumed = in_place
+
+    def scale(g):
+        if not g.numel():
+            return None
+        factor = grad_total.to(g.dtype)
+        return g.mul_(factor) if in_place else g * factor
+
     n_nondiff = len(ctx.needs_input_grad) - 3
     return (scale(gh), scale(gw), scale(gb)) + (None,) * n_nondiff
 

@@ -1,8 +1,6 @@
-"""Fixtures of the kernel tests. ``run_sm90_compile``: compile Triton kernels down to an sm_90 cubin without a GPU.
-
-The interpreter (TRITON_INTERPRET=1) runs kernels as Python and forgives what the GPU compiler
-rejects; this pushes them through Triton's real NVIDIA pipeline (the ptxas bundled in the
-triton wheel). It runs in a subprocess because TRITON_INTERPRET=1 replaces @triton.jit here.
+"""Fixtures of the kernel tests. ``run_sm90_compile``: compile an op's Triton kernels down to an
+sm_90 cubin without a GPU (``gpu_compile_check.py`` beside this file, in a subprocess because
+TRITON_INTERPRET=1 replaces @triton.jit in the test process).
 """
 
 import os
@@ -12,8 +10,12 @@ import sys
 import pytest
 
 
-def _run_sm90_compile(script: str, args: list[str], cache_dir) -> None:
-    """Run ``script`` (which prints "compiled for sm_90") with ``args``; skip where impossible."""
+GPU_COMPILE_CHECK = os.path.join(os.path.dirname(__file__), "gpu_compile_check.py")
+
+
+def _run_sm90_compile(args: list[str], cache_dir) -> str:
+    """Run gpu_compile_check.py with ``args`` (op, dtype[, dim]); skip where impossible.
+    Returns its report (one line per kernel)."""
     import triton
 
     try:
@@ -25,9 +27,11 @@ def _run_sm90_compile(script: str, args: list[str], cache_dir) -> None:
         pytest.skip("triton's bundled ptxas is missing")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(cache_dir)  # a real compile every time, not a cache hit
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, GPU_COMPILE_CHECK, *args], env=env, capture_output=True,
                           text=True, timeout=280)
-    assert proc.returncode == 0 and "compiled for sm_90" in proc.stdout, proc.stderr[-4000:]
+    assert proc.returncode == 0 and "compiled for sm_90" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-4000:])
+    return proc.stdout
 
 
 @pytest.fixture

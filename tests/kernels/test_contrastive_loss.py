@@ -26,8 +26,10 @@ TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 2e-4),
 
 @pytest.fixture(autouse=True)
 def _small_tiles(monkeypatch):
-    # 16×16 tiles on tiny batches: several blocks per direction and partial edge blocks.
+    # 16×16 tiles on tiny batches: several blocks per direction and partial edge blocks, and
+    # each sweep split in two (as larger batches are on a GPU), so split merging is always on.
     monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", (16, 16))
+    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", 2)
 
 
 def _inputs(n, d, dtype, scale=3.0, seed=0):
@@ -268,8 +270,10 @@ def test_python_number_logit_scale_and_non_contiguous_inputs():
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_launcher_default_tiles(dtype, monkeypatch):
-    """The launcher's own tile choice (32×32 for 16-bit inputs, 16×16 for fp32), ragged edges."""
+    """The launcher's own tile and split choice (32×32 for 16-bit inputs, 16×16 for fp32),
+    ragged edges."""
     monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", None)
+    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", None)
     img, txt, s = _inputs(70, 24, dtype, scale=8.0)
     ids = torch.arange(70) // 4
     out = contrastive_loss(img, txt, s, ids=ids, label_smoothing=0.05, negatives="hardest",
@@ -280,6 +284,43 @@ def test_triton_launcher_default_tiles(dtype, monkeypatch):
         _assert_close(g, rg, dtype, "grad")
     if dtype == torch.float32:
         assert torch.equal(out.neg_text_for_image, ref.neg_text_for_image)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("negatives", ["sample", "hardest"])
+def test_triton_split_sweeps_equal_one_sweep(negatives, monkeypatch):
+    """Splitting the sweeps over more programs (what larger batches get on a GPU) changes
+    nothing: the same negatives (the Gumbel noise depends on (row, column) only) and the same
+    loss and gradients up to summation order. 3 splits of 5 tiles: a narrower last split."""
+    img, txt, s = _inputs(75, 20, torch.float64, scale=6.0)
+    ids = torch.arange(75) // 3
+
+    def run(splits):
+        monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", splits)
+        out = contrastive_loss(img, txt, s, ids=ids, label_smoothing=0.1, negatives=negatives,
+                               generator=torch.Generator().manual_seed(3), backend="triton")
+        return out, torch.autograd.grad(out.loss, (img, txt, s))
+
+    (one, one_grads), (three, three_grads) = run(1), run(3)
+    assert torch.equal(one.neg_text_for_image, three.neg_text_for_image)
+    assert torch.equal(one.neg_image_for_text, three.neg_image_for_text)
+    torch.testing.assert_close(one.loss, three.loss, atol=1e-12, rtol=1e-12)
+    for a, b in zip(one_grads, three_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_split_choice(monkeypatch):
+    if not triton_available():
+        pytest.skip("needs triton")
+    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", None)
+    splits = cl_module._splits
+    # B = 4096, 32-row tiles: 256 programs alone -> 4 splits of 32 column tiles
+    assert splits(4096, 32, 4096, 32) == (4, 1024)
+    # B = 65536 fills the GPU without splitting: no partial buffers
+    assert splits(65536, 32, 65536, 32) == (1, 65536)
+    # each split keeps at least 4 tiles; a ragged end gives a narrower last split
+    assert splits(64, 32, 200, 32) == (1, 224)
+    assert splits(512, 32, 520, 32)[0] == 4
 
 
 def test_triton_rejects_too_wide_features():
@@ -414,6 +455,7 @@ def test_non_finite_features_raise(name, value):
 @pytest.mark.parametrize("n,d", [(1000, 256), (4097, 128)])
 def test_gpu_triton_matches_reference(dtype, n, d, monkeypatch):
     monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", None)  # the launcher's GPU tiles
+    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", None)  # and splits
     g = torch.Generator(device="cuda").manual_seed(0)
     img = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_()
     txt = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_()
@@ -435,6 +477,7 @@ def test_gpu_triton_matches_reference(dtype, n, d, monkeypatch):
 def test_gpu_memory_is_linear_in_batch(monkeypatch):
     """B = 16384, D = 256: a B×B fp32 matrix alone would be 1 GiB; ours stays O(B·D)."""
     monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", None)
+    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", None)
     n, d = 16384, 256
     img = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     txt = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -452,42 +495,6 @@ def test_gpu_memory_is_linear_in_batch(monkeypatch):
 # ------------------------------------------------------------------ GPU compile without a GPU
 
 
-_SM90_COMPILE = r"""
-import importlib, os, sys
-import torch, triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-cl = importlib.import_module("unigen.kernels.contrastive_loss")
-dtype, dim = sys.argv[1], int(sys.argv[2])
-torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-block_m, block_n, block_d, num_warps = cl._launch_config(dim, torch_dtype)
-for kernel, extra in ((cl._fwd_kernel, {"MODE": 1}), (cl._fwd_kernel, {"MODE": 2}),
-                      (cl._rows_bwd_kernel, {}), (cl._cols_bwd_kernel, {})):
-    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_IEEE=dtype == "fp32",
-                  ACC=tl.float32, **extra)
-    signature = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name in ("img_ptr", "txt_ptr"):
-            signature[name] = "*" + dtype
-        elif name in ("ids_ptr", "seed_ptr", "neg_ptr"):
-            signature[name] = "*i64"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        elif name in ("keep", "smooth"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    assert compiled.asm.get("cubin"), kernel
-print("compiled for sm_90")
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -497,4 +504,4 @@ def test_kernels_compile_for_sm90(dtype, dim, tmp_path, run_sm90_compile):
     tiles through Triton's real NVIDIA pipeline down to a cubin for sm_90 (with the ptxas bundled
     in the triton wheel, no GPU needed), so a kernel only the GPU compiler rejects fails here too.
     It runs in a subprocess because the interpreter (TRITON_INTERPRET=1) replaces @triton.jit."""
-    run_sm90_compile(_SM90_COMPILE, [dtype, str(dim)], tmp_path)
+    run_sm90_compile(["contrastive", dtype, str(dim)], tmp_path)

@@ -252,6 +252,72 @@ def test_only_weight_requires_grad():
     torch.testing.assert_close(gw, gw_ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_gradients_are_handed_over_without_a_copy(backend, reduction):
+    """The reduced path computes its gradients in the forward; backward must hand those very
+    buffers to .grad (scaled in place), not allocate a second set of gradient-sized tensors."""
+    hidden, weight, bias, target = make_inputs(37, 19, 101, torch.float32)
+    saved = []
+
+    def pack(x):
+        saved.append(x.data_ptr())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        ours = fused_linear_cross_entropy(hidden, weight, target, bias, reduction=reduction,
+                                          backend=backend)
+    (ours * 3.0).backward()
+    for x in (hidden, weight, bias):
+        assert x.grad.data_ptr() in saved
+    ref = naive_loss(hidden, weight, target, bias, reduction=reduction) * 3.0
+    expected = torch.autograd.grad(ref, (hidden, weight, bias))
+    for x, e in zip((hidden, weight, bias), expected):
+        torch.testing.assert_close(x.grad, e, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduced_loss_refuses_a_second_backward(backend):
+    hidden, weight, bias, target = make_inputs(9, 8, 20, torch.float32)
+    loss = fused_linear_cross_entropy(hidden, weight, target, bias, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    # the unreduced form supports it
+    rows = fused_linear_cross_entropy(hidden, weight, target, bias, reduction="none", backend=backend)
+    total = rows.sum()
+    first = torch.autograd.grad(total, weight, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(total, weight)[0], first)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("wide_index", [False, True])
+def test_triton_other_tiles_and_chunked_backward(monkeypatch, wide_index):
+    """The Triton path with tiles other than the default (as the GPU tile sweep runs them), a
+    dZ budget that forces many vocabulary chunks, interleaved ignored rows, and the 64-bit
+    offsets that tensors of 2^31+ elements switch on."""
+    import importlib
+
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    if not flce.triton_interpreting():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    monkeypatch.setattr(flce, "_wide_index", lambda *tensors: wide_index)
+    hidden, weight, bias, target = make_inputs(45, 24, 203, torch.float32, ignore_every=3)
+    monkeypatch.setattr(flce, "DZ_BUDGET_BYTES", 45 * 4 * 40)  # 40 columns -> 32-wide chunks
+    cfg = dict(BLOCK_N=32, BLOCK_V=16, BLOCK_D=32)
+    scale = torch.linspace(0.5, 1.5, 45, dtype=torch.float32)
+    total, lse, _, gh, gw, gb = flce.triton_forward_reduced(
+        hidden.detach(), weight.detach(), bias.detach(), target, scale, -100, 0.1, 1e-3,
+        True, True, True, config=cfg)
+    ref = naive_loss(hidden, weight, target, bias, label_smoothing=0.1, z_loss=1e-3,
+                     token_weights=scale, reduction="sum")
+    torch.testing.assert_close(total, ref.detach(), atol=2e-5, rtol=2e-5)
+    for ours, e in zip((gh, gw, gb), torch.autograd.grad(ref, (hidden, weight, bias))):
+        torch.testing.assert_close(ours, e, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="unknown Triton config keys"):
+        flce._triton_config({"BLOCK_K": 32})
+
+
 def test_module_matches_functional():
     hidden, weight, bias, target = make_inputs(13, 8, 30, torch.float64)
     module = FusedLinearCrossEntropyLoss(label_smoothing=0.1, backend="torch")
@@ -367,40 +433,6 @@ def test_cuda_triton_matches_reference(dtype):
         assert err(o, e) <= 2 * err(s, e) + 1e-6
 
 
-_SM90_COMPILE = r"""
-import importlib, sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-m = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
-dtype = sys.argv[1]
-torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-block_n, block_v, block_d = m._triton_tiles()
-pointer_types = {"target_ptr": "*i64", "order_ptr": "*i32", "n_valid_ptr": "*i32",
-                 "part_arg_ptr": "*i32", "h_ptr": "*" + dtype, "w_ptr": "*" + dtype,
-                 "b_ptr": "*" + dtype, "dz_ptr": "*" + dtype}
-for kernel, extra in ((m._flce_forward_kernel, {"SMOOTHING": True}), (m._flce_logit_grad_kernel, {})):
-    consts = dict(HAS_BIAS=True, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-                  DOT_PRECISION=m._dot_precision(torch_dtype), UPCAST_DOT=False, **extra)
-    signature = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = pointer_types.get(name, "*fp32")
-        elif name in ("label_smoothing", "z_loss"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    assert compiled.asm.get("cubin"), kernel
-print("compiled for sm_90")
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -409,4 +441,4 @@ def test_kernels_compile_for_sm90(dtype, tmp_path, run_sm90_compile):
     """The interpreter runs Python and forgives what the GPU compiler rejects: compile both
     kernels with the launcher's GPU tiles down to an sm_90 cubin (Triton's bundled ptxas, no GPU
     needed). A subprocess, because TRITON_INTERPRET=1 replaces @triton.jit in this one."""
-    run_sm90_compile(_SM90_COMPILE, [dtype], tmp_path)
+    run_sm90_compile(["cross_entropy", dtype], tmp_path)

@@ -1,0 +1,142 @@
+"""Compile our Triton kernels for an H100/H200 (sm_90) without a GPU, with the launchers' tiles.
+
+The interpreter (TRITON_INTERPRET=1) runs kernels as Python and forgives what the GPU compiler
+rejects; this pushes every kernel through Triton's real NVIDIA pipeline down to a cubin (with the
+ptxas bundled in the triton wheel) and checks that its shared memory fits an sm_90 block. It
+prints one line per kernel with the shared memory, registers and spills ptxas reports, which is
+also what to look at when tuning tiles before a GPU session:
+
+    python tests/kernels/gpu_compile_check.py attention bf16 64
+    python tests/kernels/gpu_compile_check.py cross_entropy bf16
+    python tests/kernels/gpu_compile_check.py contrastive bf16 256
+
+The tests run it in a subprocess (``run_sm90_compile`` in conftest.py) because TRITON_INTERPRET=1
+replaces ``@triton.jit`` in the test process. It ends with "compiled for sm_90" on success.
+"""
+
+import contextlib
+import importlib
+import io
+import os
+import re
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, whatever the caller's environment
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+# Largest dynamic shared memory one block may use on sm_90 (227 KiB): a kernel above it
+# compiles but fails to launch with OutOfResources.
+SM90_MAX_SHARED_BYTES = 227 * 1024
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compile_sm90(kernel, arg_type, constexprs: dict, num_warps: int, num_stages: int):
+    """Compile ``kernel`` for sm_90. ``arg_type(name)`` gives each runtime argument's Triton type
+    ("*bf16", "i32", "fp32", ...). Returns (compiled kernel, ptxas resource line)."""
+    signature = {name: ("constexpr" if name in constexprs else arg_type(name))
+                 for name in kernel.arg_names}
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    log = io.StringIO()
+    triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed by the compiler
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+    regs = re.findall(r"Used (\d+) registers", log.getvalue())
+    spills = re.findall(r"(\d+) bytes spill stores", log.getvalue())
+    usage = f"registers {regs[-1] if regs else '?'}, spill stores {spills[-1] if spills else '?'} B"
+    return compiled, usage
+
+
+# ------------------------------------------------------------------ the kernels of each op
+
+
+def cross_entropy_kernels(dtype: str):
+    m = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    cfg = m._triton_config()
+    pointers = {"target_ptr": "*i64", "order_ptr": "*i32", "n_valid_ptr": "*i32",
+                "part_arg_ptr": "*i32", "h_ptr": "*" + dtype, "w_ptr": "*" + dtype,
+                "b_ptr": "*" + dtype, "dz_ptr": "*" + dtype}
+
+    def arg_type(name):
+        if name.endswith("_ptr"):
+            return pointers.get(name, "*fp32")
+        return "fp32" if name in ("label_smoothing", "z_loss") else "i32"
+
+    common = dict(HAS_BIAS=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
+                  BLOCK_D=cfg["BLOCK_D"], DOT_PRECISION=m._dot_precision(TORCH_DTYPES[dtype]),
+                  UPCAST_DOT=False, WIDE_INDEX=False)
+    for kernel, extra in ((m._flce_forward_kernel, {"SMOOTHING": True}),
+                          (m._flce_logit_grad_kernel, {})):
+        yield kernel, arg_type, {**common, **extra}, cfg["num_warps"], cfg["num_stages"]
+
+
+def contrastive_kernels(dtype: str, dim: str):
+    cl = importlib.import_module("unigen.kernels.contrastive_loss")
+    block_m, block_n, block_d, num_warps = cl._launch_config(int(dim), TORCH_DTYPES[dtype])
+
+    def arg_type(name):
+        if name in ("img_ptr", "txt_ptr"):
+            return "*" + dtype
+        if name in ("ids_ptr", "seed_ptr", "part_idx_ptr"):
+            return "*i64"
+        if name.endswith("_ptr"):
+            return "*fp32"
+        return "fp32" if name in ("keep", "smooth") else "i32"
+
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_IEEE=dtype == "fp32",
+                  ACC=tl.float32)
+    for kernel, extra in ((cl._fwd_kernel, {"MODE": 1}), (cl._fwd_kernel, {"MODE": 2}),
+                          (cl._rows_bwd_kernel, {}), (cl._cols_bwd_kernel, {})):
+        yield kernel, arg_type, {**common, **extra}, num_warps, 3  # the launcher's default stages
+
+
+def attention_kernels(dtype: str, head_dim: str):
+    a = importlib.import_module("unigen.kernels.prefix_lm_attention")
+    head_dim = int(head_dim)
+    cfg = a._triton_config(head_dim)
+
+    def arg_type(name):
+        if name in ("SEQ_ID", "CU", "PLEN"):
+            return "*i32"
+        if name in ("LSE", "DELTA"):
+            return "*fp32"
+        if name in ("qk_scale", "sm_scale"):
+            return "fp32"
+        if name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            return "*" + dtype
+        return "i32"
+
+    tiles = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"])
+    yield a._bwd_preprocess_kernel, arg_type, tiles, 4, 3  # launched with Triton's defaults
+    attend = dict(tiles, BLOCK_N=cfg["BLOCK_N"], DOT=a._dot_mode(TORCH_DTYPES[dtype]))
+    for kernel in (a._fwd_kernel, a._bwd_dkdv_kernel, a._bwd_dq_kernel):
+        yield kernel, arg_type, attend, cfg["num_warps"], cfg["num_stages"]
+
+
+OPS = {"cross_entropy": cross_entropy_kernels, "contrastive": contrastive_kernels,
+       "attention": attention_kernels}
+
+
+def main(argv):
+    if not argv or argv[0] not in OPS:
+        sys.exit(f"usage: gpu_compile_check.py {{{','.join(OPS)}}} DTYPE [DIM]")
+    for kernel, arg_type, constexprs, num_warps, num_stages in OPS[argv[0]](*argv[1:]):
+        compiled, usage = compile_sm90(kernel, arg_type, constexprs, num_warps, num_stages)
+        name = kernel.fn.__name__
+        shared = compiled.metadata.shared
+        print(f"{name}: warps {num_warps}, stages {num_stages}, shared {shared} B, {usage}")
+        assert compiled.asm.get("cubin"), f"{name}: no cubin"
+        assert shared <= SM90_MAX_SHARED_BYTES, (
+            f"{name}: {shared} B of shared memory, over the {SM90_MAX_SHARED_BYTES} B an sm_90 "
+            f"block may use: it would fail to launch")
+    print("compiled for sm_90")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
