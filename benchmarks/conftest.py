@@ -44,8 +44,28 @@ def _results_dir():
     return Path(out) if out else Path(__file__).parent / "results"
 
 
+def pytest_runtest_logreport(report):
+    # Rewrite the tables after every benchmark, so that a run stopped at a time limit (the GPU
+    # check gives each file one) keeps the rows it measured.
+    if report.when == "teardown" and _CONFIG is not None:
+        write_tables(_CONFIG)
+
+
+_CONFIG = None
+
+
+def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
+
+
 def pytest_sessionfinish(session, exitstatus):
-    bs = getattr(session.config, "_benchmarksession", None)
+    write_tables(session.config)
+
+
+def write_tables(config):
+    """benchmarks_<cpu|gpu>[_<UNIGEN_BENCH_NAME>].{json,md} from the benchmarks run so far."""
+    bs = getattr(config, "_benchmarksession", None)
     if bs is None or not bs.benchmarks:
         return
     dev = bench_device()

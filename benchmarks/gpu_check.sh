@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
 # The one script a GPU session runs (≤ 8 minutes on one H100/H200): the GPU tests, then every
-# benchmark. Results (logs, JSON, markdown tables) go to $OUT if set, else benchmarks/results/.
+# benchmark file under its own time limit.
+#
+# Results: logs, JSON and markdown tables. Without $OUT they are written to benchmarks/results/.
+# With $OUT (the device tool's return folder, which brings back at most 8 files) they are written
+# to a scratch folder and, after every stage, bundled as $OUT/gpu_results.tar.gz with all the
+# markdown tables concatenated in $OUT/summary.md, so that a stage killed at its limit still
+# leaves what the earlier ones measured.
 #
 # The GPU machine has torch and triton preinstalled but no network: pytest-benchmark and its
 # dependencies travel as wheels in .whl/ (see benchmarks/fetch_gpu_wheels.sh), installed here
 # into a private folder when missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RESULTS="${OUT:-benchmarks/results}"
+FINAL_OUT="${OUT:-}"
+if [ -n "$FINAL_OUT" ]; then
+  RESULTS="$(mktemp -d /tmp/unigen-gpu-results.XXXXXX)"
+else
+  RESULTS="benchmarks/results"
+fi
 mkdir -p "$RESULTS"
+export OUT="$RESULTS"  # where the benchmark files write their tables
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the real GPU kernels, not the interpreter
 PY="${PYTHON:-python3}"
+
+bundle() {
+  [ -n "$FINAL_OUT" ] || return 0
+  tar czf "$FINAL_OUT/gpu_results.tar.gz" -C "$RESULTS" .
+  cat "$RESULTS"/device.txt "$RESULTS"/*.md > "$FINAL_OUT/summary.md" 2>/dev/null
+  return 0
+}
 
 if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then
   if compgen -G ".whl/*.whl" > /dev/null; then
@@ -32,13 +51,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$RESULTS/device.txt"
+bundle
 
 echo "== GPU tests"
 timeout 150 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$RESULTS/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
+bundle
 
-# One pytest per benchmark file, each under its own limit, so that one slow file cannot lose
-# the others' tables: each writes benchmarks_gpu_<name>.{json,md} (benchmarks/conftest.py).
+# One pytest per benchmark file, each under its own limit; each writes benchmarks_gpu_<name>.*
+# (benchmarks/conftest.py rewrites them after every benchmark, so a killed run keeps its rows).
 bench_rc=0
 for spec in cross_entropy:110 contrastive:90 attention:110; do
   name=${spec%%:*}; limit=${spec##*:}
@@ -48,8 +69,9 @@ for spec in cross_entropy:110 contrastive:90 attention:110; do
     | tee "$RESULTS/benchmarks_$name.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || bench_rc=$rc
+  bundle
 done
 
 rm -f unigen/kernels
-echo "gpu tests rc=$tests_rc, benchmarks rc=$bench_rc; results in $RESULTS"
+echo "gpu tests rc=$tests_rc, benchmarks rc=$bench_rc; results in ${FINAL_OUT:-$RESULTS}"
 exit $(( tests_rc != 0 || bench_rc != 0 ))
