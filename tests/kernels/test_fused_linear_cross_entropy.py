@@ -304,6 +304,7 @@ def test_triton_other_tiles_and_chunked_backward(monkeypatch, wide_index):
     monkeypatch.setattr(flce, "_wide_index", lambda *tensors: wide_index)
     hidden, weight, bias, target = make_inputs(45, 24, 203, torch.float32, ignore_every=3)
     monkeypatch.setattr(flce, "DZ_BUDGET_BYTES", 45 * 4 * 40)  # 40 columns -> 32-wide chunks
+    monkeypatch.setattr(flce, "_ACCUMULATE_ROWS", 16)  # dH accumulated in row blocks
     cfg = dict(BLOCK_N=32, BLOCK_V=16, BLOCK_D=32)
     scale = torch.linspace(0.5, 1.5, 45, dtype=torch.float32)
     total, lse, _, gh, gw, gb = flce.triton_forward_reduced(
@@ -316,6 +317,43 @@ def test_triton_other_tiles_and_chunked_backward(monkeypatch, wide_index):
         torch.testing.assert_close(ours, e, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="unknown Triton config keys"):
         flce._triton_config({"BLOCK_K": 32})
+
+
+def test_accumulate_mm_in_row_blocks(monkeypatch):
+    """dH += dZ·W for bf16 chunks accumulates in fp32 without an [N, D] temporary (row blocks
+    off CUDA): the same values as one fp32 product of the bf16 operands."""
+    import importlib
+
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    monkeypatch.setattr(flce, "_ACCUMULATE_ROWS", 7)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 12, generator=g).bfloat16()
+    b = torch.randn(12, 9, generator=g).bfloat16()
+    acc = torch.randn(30, 9, generator=g)
+    expected = acc + a.float() @ b.float()
+    flce._accumulate_mm(acc, a, b)
+    torch.testing.assert_close(acc, expected, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_accumulate_mm_on_cuda():
+    """The CUDA path: cuBLAS accumulating into the fp32 buffer itself (addmm with out_dtype and
+    out aliasing the input), or the row-block fallback on an older torch: both exact to fp32."""
+    import importlib
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(5000, 512, device="cuda", generator=g).bfloat16()
+    b = torch.randn(512, 96, device="cuda", generator=g).bfloat16()
+    acc = torch.randn(5000, 96, device="cuda", generator=g)
+    expected = acc + a.float() @ b.float()
+    ptr = acc.data_ptr()
+    flce._accumulate_mm(acc, a, b)
+    assert acc.data_ptr() == ptr
+    print("fp32-output addmm used:", flce._ADDMM_FP32_OUT)
+    torch.testing.assert_close(acc, expected, atol=0.1, rtol=1e-2)
 
 
 def test_module_matches_functional():
