@@ -4,9 +4,9 @@
 #
 # Results: logs, JSON and markdown tables. Without $OUT they are written to benchmarks/results/.
 # With $OUT (the device tool's return folder, which brings back at most 8 files) they are written
-# to a scratch folder and, after every stage, bundled as $OUT/gpu_results.tar.gz with all the
-# markdown tables concatenated in $OUT/summary.md, so that a stage killed at its limit still
-# leaves what the earlier ones measured.
+# to a scratch folder and, after every stage, gathered into three files: $OUT/summary.md (every
+# markdown table), $OUT/results.json (every JSON) and $OUT/gpu_results.tar.gz (all of it, logs
+# included), so that a stage killed at its limit still leaves what the earlier ones measured.
 #
 # The GPU machine has torch and triton preinstalled but no network: pytest-benchmark and its
 # dependencies travel as wheels in .whl/ (see benchmarks/fetch_gpu_wheels.sh), installed here
@@ -29,6 +29,13 @@ bundle() {
   [ -n "$FINAL_OUT" ] || return 0
   tar czf "$FINAL_OUT/gpu_results.tar.gz" -C "$RESULTS" .
   cat "$RESULTS"/device.txt "$RESULTS"/*.md > "$FINAL_OUT/summary.md" 2>/dev/null
+  # every benchmark JSON of the run in one file: {"<file stem>": <its JSON>}
+  "$PY" - "$RESULTS" "$FINAL_OUT/results.json" <<'PYEOF'
+import json, pathlib, sys
+folder, target = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+merged = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+target.write_text(json.dumps(merged, indent=1))
+PYEOF
   return 0
 }
 
