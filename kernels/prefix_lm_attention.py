@@ -362,6 +362,15 @@ if triton_available():
         return x
 
     @triton.jit
+    def _offsets(idx, WIDE_INDEX: tl.constexpr):
+        # Token indices for addressing: 64-bit only when T·H·D reaches 2^31 elements; the 64-bit
+        # [rows, head_dim] address tiles cost registers (on sm_90 the forward needs 254 per
+        # thread with them, 186 without, and the dK/dV kernel stops spilling).
+        if WIDE_INDEX:
+            idx = idx.to(tl.int64)
+        return idx
+
+    @triton.jit
     def _row_key_range(SEQ_ID, CU, PLEN, offs_m, T):
         """Per query row: [lo, hi) of the keys it may attend (clamped: memory-safe on bad input)."""
         row_ok = offs_m < T
@@ -396,7 +405,7 @@ if triton_available():
         T, qk_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ):
         # grid = (query blocks over the packed tokens, heads). A block may straddle several short
         # samples: every row carries its own key range, and the block visits the union.
@@ -410,7 +419,7 @@ if triton_available():
         lo = tl.min(lo_m, axis=0)
         hi = tl.max(hi_m, axis=0)
 
-        rows = offs_m.to(tl.int64)
+        rows = _offsets(offs_m, WIDE_INDEX)
         q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -420,7 +429,7 @@ if triton_available():
         # one instruction and the stored LSE is in log2 units as well.
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            cols = offs_n.to(tl.int64)
+            cols = _offsets(offs_n, WIDE_INDEX)
             col_ok = offs_n < hi
             k = tl.load(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
@@ -448,6 +457,7 @@ if triton_available():
         O, DO, DELTA, T,
         stride_ot, stride_oh, stride_dot, stride_doh,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        WIDE_INDEX: tl.constexpr,
     ):
         # delta = rowsum(dO * O) in fp32: the softmax-backward term shared by dK/dV and dQ.
         pid_m = tl.program_id(0)
@@ -455,7 +465,7 @@ if triton_available():
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        rows = offs_m.to(tl.int64)
+        rows = _offsets(offs_m, WIDE_INDEX)
         o = tl.load(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask,
@@ -469,7 +479,7 @@ if triton_available():
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ):
         # grid = (key blocks, heads); each program owns dK, dV of its keys (no atomics) and
         # visits only the query blocks that attend them: the rest of the sample after a text
@@ -484,7 +494,7 @@ if triton_available():
         lo = tl.min(lo_n, axis=0)
         hi = tl.max(hi_n, axis=0)
 
-        cols = offs_n.to(tl.int64)
+        cols = _offsets(offs_n, WIDE_INDEX)
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask,
                     other=0.0)
@@ -494,7 +504,7 @@ if triton_available():
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            rows = offs_m.to(tl.int64)
+            rows = _offsets(offs_m, WIDE_INDEX)
             row_ok = offs_m < hi
             q_mask = row_ok[:, None] & d_ok[None, :]
             q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
@@ -524,7 +534,7 @@ if triton_available():
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_dot, stride_doh, stride_dqt, stride_dqh,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ):
         # grid = (query blocks, heads), the same key ranges as the forward; recomputes P from
         # the saved LSE instead of storing it.
@@ -538,7 +548,7 @@ if triton_available():
         lo = tl.min(lo_m, axis=0)
         hi = tl.max(hi_m, axis=0)
 
-        rows = offs_m.to(tl.int64)
+        rows = _offsets(offs_m, WIDE_INDEX)
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask,
                     other=0.0)
@@ -549,7 +559,7 @@ if triton_available():
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            cols = offs_n.to(tl.int64)
+            cols = _offsets(offs_n, WIDE_INDEX)
             col_ok = offs_n < hi
             kv_mask = col_ok[:, None] & d_ok[None, :]
             k = tl.load(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
@@ -572,7 +582,7 @@ _LOG2E = 1.4426950408889634
 _HAS_TRITON = triton_available()
 
 
-def _triton_config(head_dim: int, override: dict | None = None) -> dict:
+def _triton_config(head_dim: int, override: dict | None = None, dtype=None) -> dict:
     """Tile sizes for ~100-token samples.
 
     BLOCK_M = 64 query rows: a block spans at most two or three samples, so the keys it visits
@@ -583,10 +593,17 @@ def _triton_config(head_dim: int, override: dict | None = None) -> dict:
     bf16 = 16 KiB each fit the shared memory twice over for a 2-stage pipeline) with 8 warps to
     hold the 64 x 128 fp32 accumulator in registers. These were chosen by reasoning, not yet
     swept on a GPU; ``override`` lets the benchmarks and tests try others.
+
+    fp32 inputs take the full-precision FMA dot, whose operands are twice as wide: at 64 x 64
+    the sm_90 build spills 2.6 KB (forward) to 38 KB (dK/dV) per thread to local memory, at
+    32 x 32 none in the forward and dQ and 1 KB in dK/dV (``tests/kernels/gpu_compile_check.py
+    attention fp32 64``); at head_dim 128, 8 warps leave 0.6 KB in the forward only.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d,
                num_warps=4 if block_d <= 64 else 8, num_stages=3 if block_d <= 64 else 2)
+    if dtype == torch.float32:
+        cfg.update(BLOCK_M=32, BLOCK_N=32, num_warps=4 if block_d <= 64 else 8, num_stages=2)
     if override:
         cfg.update(override)
     return cfg
@@ -606,6 +623,13 @@ def _triton_meta(cu_seqlens, prefix_lens, T):
     return sample_ids(cu, T).contiguous(), cu, plen
 
 
+def _wide_index(*tensors):
+    """64-bit token offsets in the kernels only when some tensor's largest element offset (its
+    strides included: q may be a view into a packed qkv tensor) reaches 2^31."""
+    return any(sum((n - 1) * st for n, st in zip(x.shape, x.stride())) >= 2**31 - 1
+               for x in tensors if x.numel())
+
+
 def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -619,7 +643,7 @@ def triton_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale: float, confi
     if T == 0 or H == 0:
         return out, lse
     seq_id, cu, plen = _triton_meta(cu_seqlens, prefix_lens, T)
-    cfg = _triton_config(D, config)
+    cfg = _triton_config(D, config, q.dtype)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), H)
     _fwd_kernel[grid](
         q, k, v, out, lse, seq_id, cu, plen,
@@ -627,7 +651,8 @@ def triton_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale: float, confi
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        DOT=_dot_mode(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT=_dot_mode(q.dtype), WIDE_INDEX=_wide_index(q, k, v, out),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
 
@@ -641,12 +666,13 @@ def triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scal
     if T == 0 or H == 0:
         return dq, dk, dv
     seq_id, cu, plen = _triton_meta(cu_seqlens, prefix_lens, T)
-    cfg = _triton_config(D, config)
+    cfg = _triton_config(D, config, q.dtype)
     dot = _dot_mode(q.dtype)
+    wide = _wide_index(do, q, k, v, out)
     delta = torch.empty((H, T), device=q.device, dtype=torch.float32)
     _bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), H)](
         out, do, delta, T, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], WIDE_INDEX=wide,
     )
     qk_scale = softmax_scale * _LOG2E
     _bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), H)](
@@ -655,7 +681,7 @@ def triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scal
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        DOT=dot, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT=dot, WIDE_INDEX=wide, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), H)](
         q, k, v, do, dq, lse, delta, seq_id, cu, plen,
@@ -663,7 +689,7 @@ def triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scal
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        DOT=dot, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT=dot, WIDE_INDEX=wide, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dq, dk, dv
 

@@ -99,7 +99,7 @@ def contrastive_kernels(dtype: str, dim: str):
 def attention_kernels(dtype: str, head_dim: str):
     a = importlib.import_module("unigen.kernels.prefix_lm_attention")
     head_dim = int(head_dim)
-    cfg = a._triton_config(head_dim)
+    cfg = a._triton_config(head_dim, dtype=TORCH_DTYPES[dtype])
 
     def arg_type(name):
         if name in ("SEQ_ID", "CU", "PLEN"):
@@ -112,7 +112,7 @@ def attention_kernels(dtype: str, head_dim: str):
             return "*" + dtype
         return "i32"
 
-    tiles = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"])
+    tiles = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], WIDE_INDEX=False)
     yield a._bwd_preprocess_kernel, arg_type, tiles, 4, 3  # launched with Triton's defaults
     attend = dict(tiles, BLOCK_N=cfg["BLOCK_N"], DOT=a._dot_mode(TORCH_DTYPES[dtype]))
     for kernel in (a._fwd_kernel, a._bwd_dkdv_kernel, a._bwd_dq_kernel):

@@ -181,10 +181,16 @@ def test_auto_on_cpu_is_sdpa():
 
 
 @needs_triton
-@pytest.mark.parametrize("case", ["mixed", "bidirectional"])
-def test_triton_small_tiles(case):
+@pytest.mark.parametrize("case,wide_index", [("mixed", False), ("bidirectional", False),
+                                             ("mixed", True)])
+def test_triton_small_tiles(case, wide_index, monkeypatch):
     """16-token tiles: query blocks straddle samples, rows span several key tiles, and the
-    dK/dV programs loop over several query tiles."""
+    dK/dV programs loop over several query tiles; also with the 64-bit offsets that tensors
+    of 2^31+ elements switch on."""
+    import importlib
+
+    attention = importlib.import_module("unigen.kernels.prefix_lm_attention")
+    monkeypatch.setattr(attention, "_wide_index", lambda *tensors: wide_index)
     lengths, prefixes = CASES[case]
     q, k, v, cu, plen = _inputs(lengths, prefixes)
     do = torch.randn_like(q)
@@ -275,6 +281,19 @@ def test_triton_strided_qkv_and_int64_metadata():
     out = prefix_lm_attention(q, k, v, cu, plen, max_seqlen=8, backend="triton")
     torch.testing.assert_close(out, _loop_reference(q, k, v, lengths, prefixes, D ** -0.5).float(),
                                atol=2e-5, rtol=1e-4)
+
+
+def test_wide_index_follows_the_largest_offset():
+    import importlib
+
+    attention = importlib.import_module("unigen.kernels.prefix_lm_attention")
+    meta = lambda size, stride: torch.empty_strided(size, stride, device="meta")
+    assert not attention._wide_index(torch.empty(3, 2, 4), torch.empty(0, 2, 4))
+    # q as a view of a [T, 3, H, D] projection: its offsets reach 3·T·H·D, not T·H·D
+    T, H, D = 2**25, 16, 2
+    assert T * H * D < 2**31 <= 3 * T * H * D
+    assert attention._wide_index(meta((T, H, D), (3 * H * D, D, 1)))
+    assert not attention._wide_index(meta((T, H, D), (H * D, D, 1)))
 
 
 @needs_triton
