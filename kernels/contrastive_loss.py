@@ -22,8 +22,9 @@ Triton kernels and their launchers, a dense PyTorch implementation of the same o
 ``contrastive_loss`` and the module ``ContrastiveLoss``.
 
 The Triton path runs both directions (image rows × text columns and text rows × image columns)
-in the same launches, on a (row blocks, 2) grid. The forward is one sweep per row block that
-produces the row loss, the log-sum-exp and the mined negative (Gumbel-max on the fly, so mining
+in the same launches, on a (row blocks, 2, splits) grid. The forward is one sweep per row block
+(split over several programs when the row blocks alone would leave the GPU idle; see
+``_splits``) that produces the row loss, the log-sum-exp and the mined negative (Gumbel-max on the fly, so mining
 costs no extra pass and no B×B buffer); the backward is one sweep accumulating the row gradients
 (and the logit_scale gradient) and one accumulating the column gradients, both recomputing the
 similarity tiles from the saved log-sum-exp. The column direction recomputes the transposed tile
@@ -391,10 +392,11 @@ def _launch_config(dim: int, dtype: torch.dtype):
 
     BLOCK_D covers the whole (padded) feature dimension: a query block is loaded once and the
     gradient accumulator of a block stays on chip. Register pressure, not the grid, sets the tile.
-    Compiled for sm_90 (checked with cuobjdump's resource usage): bf16/fp16 at D = 256 with 32×32
-    tiles and 4 warps needs 165-236 registers/thread and no spills, while 64×64 spills in the
-    backward at 4, 8 and 16 warps. 32-row tiles also give 2·B/32 programs (both directions), 256
-    at B = 4096: two per H100 SM. D = 512 and 1024 need 16×16 tiles (8 warps at 1024). fp32 and
+    Compiled for sm_90 (``tests/kernels/gpu_compile_check.py contrastive bf16 256``): bf16/fp16
+    at D = 256 with 32×32 tiles and 4 warps needs 168-219 registers/thread and no spills, while
+    64×64 spills in the backward at 4, 8 and 16 warps. 32-row tiles give 2·B/32 row blocks (both
+    directions), 256 at B = 4096, which ``_splits`` multiplies to ~1024 programs. D = 512 and
+    1024 need 16×16 tiles (8 warps at 1024). fp32 and
     fp64 take the full-precision FMA path, whose operands are twice as wide: 16×16 keeps it
     spill-free.
     """

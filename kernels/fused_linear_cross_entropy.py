@@ -429,7 +429,7 @@ def _triton_config(override: dict | None = None) -> dict:
 
     On GPUs, 64-row × 128-column logit tiles with a 64-wide K step. 8 warps: compiled for sm_90
     (``tests/kernels/gpu_compile_check.py cross_entropy bf16``) both kernels spill 650-800 bytes
-    per thread at 4 warps and none (forward) or a few bytes (backward) at 8; larger tiles spill
+    per thread at 4 warps and none (forward) or 128 bytes (backward) at 8; larger tiles spill
     at 8 warps too. Not yet timed on a GPU: ``override`` lets the benchmarks try others
     (``benchmarks/test_bench_cross_entropy.py::test_ours_tile_sweep``). Under the CPU
     interpreter small tiles are faster.
