@@ -24,13 +24,17 @@ Triton kernels and their launchers, a dense PyTorch implementation of the same o
 The Triton path runs both directions (image rows × text columns and text rows × image columns)
 in the same launches, on a (row blocks, 2, splits) grid. The forward is one sweep per row block
 (split over several programs when the row blocks alone would leave the GPU idle; see
-``_splits``) that produces the row loss, the log-sum-exp and the mined negative (Gumbel-max on the fly, so mining
-costs no extra pass and no B×B buffer); the backward is one sweep accumulating the row gradients
-(and the logit_scale gradient) and one accumulating the column gradients, both recomputing the
-similarity tiles from the saved log-sum-exp. The column direction recomputes the transposed tile
-instead of sharing it with the row direction: sharing would need a cross-program reduction of the
-column statistics (atomics, or an O(B²/BLOCK) partial buffer), and recomputing a [32, D] × [D, 32]
-tile costs less than either. Nothing of size B×B is ever stored: extra memory is O(B·D).
+``_splits``) that produces the row loss, the log-sum-exp and the mined negative (Gumbel-max on
+the fly, so mining costs no extra pass and no B×B buffer). The backward recomputes the
+similarity tiles from the saved log-sum-exp. In one process it is one sweep over the rows of
+each direction: s_ij is the same logit in both losses, so each tile's gradient takes both terms
+and the image-row sweep yields the whole image gradient, the text-row sweep the whole text
+gradient, each with its direction's part of the logit_scale gradient (``_rows_bwd_kernel``). Distributed, a rank holds
+only its rows' statistics, so a column sweep per direction adds the gradient of the gathered
+columns; it recomputes the transposed tile instead of sharing it with the row sweep: sharing
+would need a cross-program reduction (atomics, or an O(B²/BLOCK) partial buffer), and
+recomputing a [32, D] × [D, 32] tile costs less than either. Nothing of size B×B is ever
+stored: extra memory is O(B·D).
 """
 
 from __future__ import annotations
@@ -272,13 +276,14 @@ if triton_available():
             tl.store(part_idx_ptr + out, best_idx, mask=row_mask)
 
     @triton.jit
-    def _grad_logits(s, lse, pos, pos_cnt, row_mask, col_mask, weight, keep, smooth):
-        """dL/ds for one tile: weight · (softmax_row(s) - target), target =
-        keep·[pos]/|P| + smooth (keep = 1-ε, smooth = ε/n_k). Invalid rows/columns give 0."""
-        p = tl.exp(s - lse[:, None])
-        target = tl.where(pos, keep / pos_cnt[:, None], 0.0) + smooth
-        g = weight * (p - target)
-        return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+    def _grad_logits(s, lse, pos, pos_cnt, valid, weight, keep, smooth):
+        """dL/ds for one tile of one direction's loss: weight · (softmax(s) - target), target =
+        keep·[pos]/|P| + smooth (keep = 1-ε, smooth = ε/N). ``lse`` and ``pos_cnt`` are that
+        direction's row statistics, broadcast along the tile ([M, 1] when its rows are the tile's
+        rows, [1, N] when they are its columns); entries outside ``valid`` give 0."""
+        p = tl.exp(s - lse)
+        target = tl.where(pos, keep / pos_cnt, 0.0) + smooth
+        return tl.where(valid, weight * (p - target), 0.0)
 
     @triton.jit
     def _rows_bwd_kernel(
@@ -286,13 +291,20 @@ if triton_available():
         lse_ptr, pos_cnt_ptr, dq_ptr, dscale_ptr,
         n_q, n_k, dim, row_start, stride, keep, smooth, cols_per_split,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_IEEE: tl.constexpr, ACC: tl.constexpr,
+        DOT_IEEE: tl.constexpr, ACC: tl.constexpr, SYMMETRIC: tl.constexpr,
     ):
         """Gradient w.r.t. the normalised local query rows of direction d, dq̂_i = scale Σ_j G_ij k̂_j,
         and the per-row part of dL/dscale = Σ_j G_ij cos_ij, over one split of the columns. One
         program owns BLOCK_M rows of one split, so its [BLOCK_M, D] accumulator needs no atomics:
         it writes dq [splits, 2, n_q, D] and the launcher sums the splits. The tile is recomputed
-        from the saved lse."""
+        from the saved lse.
+
+        SYMMETRIC (one process: every row is local, n_q = n_k): the tile's columns are the other
+        direction's rows, and s_ij is the same logit in both losses, so G gets the other loss's
+        term too, from the other direction's saved statistics at the columns. This sweep then
+        yields the whole gradient of each feature set and the column kernel is not run: the
+        backward costs two tile matmuls per (i, j) and direction instead of four.
+        """
         pid = tl.program_id(0)
         d = tl.program_id(1)
         split = tl.program_id(2)
@@ -320,8 +332,14 @@ if triton_available():
                                                 stride, dim, BLOCK_D, DOT_IEEE, ACC)
             ids_k = tl.load(ids_ptr + cols, mask=col_mask, other=0)
             pos = ids_q[:, None] == ids_k[None, :]
-            g = _grad_logits(s, lse, pos, pos_cnt, row_mask, col_mask, weight, keep, smooth)
-            dscale += tl.sum(g * cos, 1)
+            valid = row_mask[:, None] & col_mask[None, :]
+            g = _grad_logits(s, lse[:, None], pos, pos_cnt[:, None], valid, weight, keep, smooth)
+            dscale += tl.sum(g * cos, 1)  # this direction's loss only: each is counted once
+            if SYMMETRIC:
+                other = (1 - d) * n_q + cols
+                lse_k = tl.load(lse_ptr + other, mask=col_mask, other=0.0)
+                cnt_k = tl.load(pos_cnt_ptr + other, mask=col_mask, other=1.0)
+                g += _grad_logits(s, lse_k[None, :], pos, cnt_k[None, :], valid, weight, keep, smooth)
             # k̂ = k · inv_k: fold the column norm into G before the matmul (G is cast to the input
             # dtype for the tensor cores, as flash-attention does with P).
             gk = (g * inv_k[None, :]).to(k.dtype)
@@ -374,9 +392,8 @@ if triton_available():
             lse = tl.load(lse_ptr + d * n_q + rows, mask=row_mask, other=0.0)
             pos_cnt = tl.load(pos_cnt_ptr + d * n_q + rows, mask=row_mask, other=1.0)
             s_t = _mma(k, q_t, DOT_IEEE, ACC) * inv_k[:, None] * inv_q[None, :] * scale
-            p_t = tl.exp(s_t - lse[None, :])
-            target_t = tl.where(ids_k[:, None] == ids_q[None, :], keep / pos_cnt[None, :], 0.0) + smooth
-            g_t = tl.where(col_mask[:, None] & row_mask[None, :], weight * (p_t - target_t), 0.0)
+            g_t = _grad_logits(s_t, lse[None, :], ids_k[:, None] == ids_q[None, :], pos_cnt[None, :],
+                               col_mask[:, None] & row_mask[None, :], weight, keep, smooth)
             acc += _mma((g_t * inv_q[None, :]).to(q_t.dtype), tl.trans(q_t), DOT_IEEE, ACC)
         out = (split * 2 + d) * n_k + cols
         tl.store(dk_ptr + out[:, None] * dim + offs_d[None, :], acc * scale,
@@ -468,25 +485,29 @@ def _triton_fwd(image, text, inv_i, inv_t, ids, scale, seeds, row_start, n_local
 
 def _triton_bwd(image, text, inv_i, inv_t, ids, scale, weight, lse, pos_cnt, row_start, keep, smooth):
     """Returns dq [2, n_local, D] (local image rows, local text rows), dk [2, N, D] (all texts, all
-    images) w.r.t. the normalised features, and dscale [2, n_local]."""
+    images) w.r.t. the normalised features, and dscale [2, n_local]. In one process (every row
+    local) dq is already the whole gradient of (images, texts) and dk is None."""
     n, dim = image.shape
     n_local = lse.shape[1]
     acc = _acc_dtype(image.dtype)
     block_m, block_n, block_d, num_warps = _launch_config(dim, image.dtype)
+    symmetric = n_local == n and row_start == 0
     row_splits, row_width = _splits(n_local, block_m, n, block_n)  # rows kernel: column splits
-    col_splits, col_width = _splits(n, block_n, n_local, block_m)  # cols kernel: row splits
     dq = torch.empty(row_splits, 2, n_local, dim, dtype=acc, device=image.device)
-    dk = torch.empty(col_splits, 2, n, dim, dtype=acc, device=image.device)
     dscale = torch.empty(row_splits, 2, n_local, dtype=acc, device=image.device)
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_IEEE=_dot_ieee(image.dtype),
                 ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps)
     common = (image, text, inv_i, inv_t, ids, scale, weight, lse, pos_cnt)
     sizes = (n_local, n, dim, row_start, dim, keep, smooth)
     _rows_bwd_kernel[(triton.cdiv(n_local, block_m), 2, row_splits)](
-        *common, dq, dscale, *sizes, row_width, **meta)
-    _cols_bwd_kernel[(triton.cdiv(n, block_n), 2, col_splits)](*common, dk, *sizes, col_width, **meta)
+        *common, dq, dscale, *sizes, row_width, SYMMETRIC=symmetric, **meta)
     # one split: the [1, ...] buffers are the result as they are (no copy)
     merge = lambda x: x[0] if x.shape[0] == 1 else x.sum(0)
+    if symmetric:
+        return merge(dq), None, merge(dscale)
+    col_splits, col_width = _splits(n, block_n, n_local, block_m)  # cols kernel: row splits
+    dk = torch.empty(col_splits, 2, n, dim, dtype=acc, device=image.device)
+    _cols_bwd_kernel[(triton.cdiv(n, block_n), 2, col_splits)](*common, dk, *sizes, col_width, **meta)
     return merge(dq), merge(dk), merge(dscale)
 
 
@@ -621,10 +642,13 @@ def _contrastive_bwd_op(
             dq[d] = s * (g @ (k.to(acc) * inv_k[:, None]))
             dk[d] = s * (g.t() @ (q[rows].to(acc) * inv_q[rows, None]))
             d_scale = d_scale + (g * cos).sum()
-    # dk[0] is the text-column gradient of the image rows, dk[1] the image-column one.
-    d_hat_image, d_hat_text = dk[1], dk[0]
-    d_hat_image[rows] += dq[0]
-    d_hat_text[rows] += dq[1]
+    if dk is None:  # the Triton sweep of one process: dq holds both whole gradients
+        d_hat_image, d_hat_text = dq[0], dq[1]
+    else:
+        # dk[0] is the text-column gradient of the image rows, dk[1] the image-column one.
+        d_hat_image, d_hat_text = dk[1], dk[0]
+        d_hat_image[rows] += dq[0]
+        d_hat_text[rows] += dq[1]
     grads = []
     for x, inv, dh in ((image, inv_i, d_hat_image), (text, inv_t, d_hat_text)):
         # Backward of x̂ = x / ||x||: dx = (dx̂ - x̂ (x̂·dx̂)) / ||x||  (O(B·D), fp32).

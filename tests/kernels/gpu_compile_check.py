@@ -92,7 +92,8 @@ def contrastive_kernels(dtype: str, dim: str):
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_IEEE=dtype == "fp32",
                   ACC=tl.float32)
     for kernel, extra in ((cl._fwd_kernel, {"MODE": 1}), (cl._fwd_kernel, {"MODE": 2}),
-                          (cl._rows_bwd_kernel, {}), (cl._cols_bwd_kernel, {})):
+                          (cl._rows_bwd_kernel, {"SYMMETRIC": True}),
+                          (cl._rows_bwd_kernel, {"SYMMETRIC": False}), (cl._cols_bwd_kernel, {})):
         yield kernel, arg_type, {**common, **extra}, num_warps, 3  # the launcher's default stages
 
 
