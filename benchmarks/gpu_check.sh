@@ -8,9 +8,9 @@
 # markdown table), $OUT/results.json (every JSON) and $OUT/gpu_results.tar.gz (all of it, logs
 # included), so that a stage killed at its limit still leaves what the earlier ones measured.
 #
-# The GPU machine has torch and triton preinstalled but no network: pytest-benchmark and its
-# dependencies travel as wheels in .whl/ (see benchmarks/fetch_gpu_wheels.sh), installed here
-# into a private folder when missing.
+# The GPU machine has torch, triton and pytest-benchmark preinstalled but no network: the
+# public alternatives the benchmarks compare against (and pytest-benchmark where absent) travel
+# as wheels in .whl/ (benchmarks/fetch_gpu_wheels.sh), installed below where missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL_OUT="${OUT:-}"
@@ -39,14 +39,29 @@ PYEOF
   return 0
 }
 
-if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then
-  if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unigen-site .whl/*.whl
+# Wheels carried in .whl/ (benchmarks/fetch_gpu_wheels.sh): install, into a private folder put
+# first on the path, each one none of whose top-level modules this machine has; a package it has
+# already is left alone (no version of ours shadows it).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  missing=$("$PY" - .whl/*.whl <<'PYEOF'
+import importlib.util, sys, zipfile
+for wheel in sys.argv[1:]:
+    names = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    modules = {n[:-3] if n.endswith(".py") else n for n in names
+               if not n.endswith((".dist-info", ".data")) and (n.endswith(".py") or "." not in n)}
+    if modules and all(importlib.util.find_spec(m) is None for m in modules):
+        print(wheel)
+PYEOF
+)
+  if [ -n "$missing" ]; then
+    echo "installing carried wheels: $(echo $missing | xargs -n1 basename | tr '\n' ' ')"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unigen-site $missing
     export PYTHONPATH="/tmp/unigen-site${PYTHONPATH:+:$PYTHONPATH}"
-  else
-    echo "pytest-benchmark missing and no .whl/ folder: run benchmarks/fetch_gpu_wheels.sh first" >&2
-    exit 2
   fi
+fi
+if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+  echo "pytest-benchmark missing: run benchmarks/fetch_gpu_wheels.sh and carry .whl/" >&2
+  exit 2
 fi
 # The package from the source tree, without an install (the C++ op is a CPU op; skipping its
 # build saves minutes): `kernels/` is exposed as `unigen.kernels` through a link.

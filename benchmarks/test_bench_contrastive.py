@@ -152,9 +152,10 @@ def _step(provider, n):
         compiled = torch.compile(_vectorised_step, dynamic=False)
         return lambda: compiled(img, txt, log_scale)
     if provider == "open_clip":
-        if importlib.util.find_spec("open_clip") is None:
+        try:  # absent, or present without its own dependencies (torchvision, ftfy, timm)
+            from open_clip.loss import ClipLoss
+        except ImportError:
             return None
-        from open_clip.loss import ClipLoss
 
         clip_loss = ClipLoss()
 
@@ -165,15 +166,20 @@ def _step(provider, n):
 
         return run
     if provider == "inf_cl":
-        if not CUDA or importlib.util.find_spec("inf_cl") is None:
+        if not CUDA:
             return None
-        from inf_cl import cal_inf_loss
+        try:
+            from inf_cl import cal_inf_loss
+        except ImportError:
+            return None
 
         def run():
             a, b = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
             scale = log_scale.exp()
-            loss = 0.5 * (cal_inf_loss(a, b, scale=scale, head_dim=min(DIM, 256))
-                          + cal_inf_loss(b, a, scale=scale, head_dim=min(DIM, 256)))
+            # The scale multiplies the queries here rather than through cal_inf_loss(scale=...),
+            # whose backward all-reduces its gradient and so needs an initialised process group.
+            loss = 0.5 * (cal_inf_loss(scale * a, b, head_dim=min(DIM, 256))
+                          + cal_inf_loss(scale * b, a, head_dim=min(DIM, 256)))
             return torch.autograd.grad(loss, (img, txt, log_scale))
 
         return run
