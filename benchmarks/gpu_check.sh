@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (≤ 8 minutes on one H100/H200): the GPU tests, then every
-# benchmark file under its own time limit.
+# The one script a GPU session runs (≤ 8 minutes on one H100/H200): the GPU tests, then the
+# comparisons of every benchmark file, then our tile sweeps, each stage under its own limit.
 #
 # Results: logs, JSON and markdown tables. Without $OUT they are written to benchmarks/results/.
 # With $OUT (the device tool's return folder, which brings back at most 8 files) they are written
