@@ -1,4 +1,5 @@
-"""Argument validation helpers: every public op fails loudly with the argument's name."""
+"""Argument helpers shared by the ops: validation (every public op fails loudly with the
+argument's name) and the choice of 32- or 64-bit element offsets for the Triton kernels."""
 
 import torch
 
@@ -17,3 +18,12 @@ def check_tensor(x, name: str, *, op: str, ndim=None, dtypes=None, device=None):
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def needs_wide_index(*tensors) -> bool:
+    """Whether a kernel addressing these tensors needs 64-bit element offsets: some tensor's
+    largest offset (strides included: a view into a packed qkv tensor reaches past its own
+    numel) is 2^31 - 1 or more. Below that the kernels use 32-bit offsets, whose address tiles
+    cost half the registers (on sm_90 the 64-bit ones made kernels spill)."""
+    return any(sum((n - 1) * st for n, st in zip(x.shape, x.stride())) >= 2**31 - 1
+               for x in tensors if x.numel())
