@@ -304,7 +304,7 @@ def test_triton_other_tiles_and_chunked_backward(monkeypatch, wide_index):
     monkeypatch.setattr(flce, "_wide_index", lambda *tensors: wide_index)
     hidden, weight, bias, target = make_inputs(45, 24, 203, torch.float32, ignore_every=3)
     monkeypatch.setattr(flce, "DZ_BUDGET_BYTES", 45 * 4 * 40)  # 40 columns -> 32-wide chunks
-    monkeypatch.setattr(flce, "_ACCUMULATE_ROWS", 16)  # dH accumulated in row blocks
+    assert flce._backward_vocab_chunk(45, 203, 4, 16) == 32  # 7 chunks, the last one narrower
     cfg = dict(BLOCK_N=32, BLOCK_V=16, BLOCK_D=32)
     scale = torch.linspace(0.5, 1.5, 45, dtype=torch.float32)
     total, lse, _, gh, gw, gb = flce.triton_forward_reduced(
