@@ -44,19 +44,11 @@ def _results_dir():
     return Path(out) if out else Path(__file__).parent / "results"
 
 
-def pytest_runtest_logreport(report):
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
     # Rewrite the tables after every benchmark, so that a run stopped at a time limit (the GPU
-    # check gives each file one) keeps the rows it measured.
-    if report.when == "teardown" and _CONFIG is not None:
-        write_tables(_CONFIG)
-
-
-_CONFIG = None
-
-
-def pytest_configure(config):
-    global _CONFIG
-    _CONFIG = config
+    # check gives each stage one) keeps the rows it measured.
+    write_tables(item.config)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -140,8 +140,6 @@ TILE_CONFIGS = {
 def test_ours_tile_sweep(benchmark, provider):
     if not (ON_GPU and triton_available()):
         pytest.skip("the tile sweep runs on a GPU only")
-    import importlib
-
     flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
     cfg = TILE_CONFIGS[provider]
 
