@@ -81,20 +81,31 @@ def contrastive_kernels(dtype: str, dim: str):
     block_m, block_n, block_d, num_warps = cl._launch_config(int(dim), TORCH_DTYPES[dtype])
 
     def arg_type(name):
-        if name in ("img_ptr", "txt_ptr"):
+        if name in ("img_ptr", "txt_ptr", "d_img_ptr", "d_txt_ptr"):
             return "*" + dtype
-        if name in ("ids_ptr", "seed_ptr", "part_idx_ptr"):
+        if name in ("ids_ptr", "seed_ptr", "part_idx_ptr", "neg_ptr"):
             return "*i64"
+        if name == "ok_ptr":
+            return "*i32"
         if name.endswith("_ptr"):
             return "*fp32"
-        return "fp32" if name in ("keep", "smooth") else "i32"
+        return "fp32" if name in ("keep", "smooth", "weight_scale", "loss_scale", "eps") else "i32"
 
+    acc = dict(ACC=tl.float32)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_IEEE=dtype == "fp32",
-                  ACC=tl.float32)
-    for kernel, extra in ((cl._fwd_kernel, {"MODE": 1}), (cl._fwd_kernel, {"MODE": 2}),
-                          (cl._rows_bwd_kernel, {"SYMMETRIC": True}),
-                          (cl._rows_bwd_kernel, {"SYMMETRIC": False}), (cl._cols_bwd_kernel, {})):
-        yield kernel, arg_type, {**common, **extra}, num_warps, 3  # the launcher's default stages
+                  HAS_IDS=True, **acc)
+    rows = dict(BLOCK_M=cl._row_block(block_d), BLOCK_D=block_d, **acc)
+    for kernel, constexprs in ((cl._prep_kernel, rows),
+                               (cl._fwd_kernel, {**common, "MODE": 1}),
+                               (cl._fwd_kernel, {**common, "MODE": 2, "HAS_IDS": False}),
+                               (cl._fwd_finish_kernel, {"MODE": 1, "BLOCK": 1024, **acc}),
+                               (cl._rows_bwd_kernel, {**common, "SYMMETRIC": True}),
+                               (cl._rows_bwd_kernel, {**common, "SYMMETRIC": False}),
+                               (cl._cols_bwd_kernel, common),
+                               (cl._bwd_finish_kernel, rows)):
+        # the launchers' warps (the finish kernel of the forward runs with Triton's default 4)
+        warps = 4 if kernel is cl._fwd_finish_kernel else num_warps
+        yield kernel, arg_type, constexprs, warps, 3  # the launcher's default stages
 
 
 def attention_kernels(dtype: str, head_dim: str):

@@ -389,13 +389,40 @@ def test_torch_compile_fullgraph_triton_backend():
     assert torch.equal(out.neg_image_for_text, ref.neg_image_for_text)
 
 
-def test_opcheck_custom_ops():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_opcheck_custom_ops(backend, with_ids):
     img, txt, s = _inputs(9, 6, torch.float32)
-    ids = torch.arange(9)
-    noise = torch.zeros(9, 9)
+    ids = torch.arange(9) // 2 if with_ids else None
+    if backend == "torch":
+        noise, seeds = torch.zeros(9, 9), None
+    else:
+        noise, seeds = None, torch.tensor([1, 2])
     torch.library.opcheck(
         torch.ops.unigen.contrastive_loss_fwd.default,
-        (img, txt, s, ids, None, noise, noise, 0, 9, 0.1, 1, "torch"))
+        (img, txt, s, ids, seeds, noise, noise, 0, 9, 0.1, 1, backend))
+    with torch.no_grad():
+        img, txt, s = img.detach(), txt.detach(), s.detach()
+        _, _, lse, pos_cnt, inv = torch.ops.unigen.contrastive_loss_fwd(
+            img, txt, s, ids, seeds, noise, noise, 0, 9, 0.1, 1, backend)
+    torch.library.opcheck(
+        torch.ops.unigen.contrastive_loss_bwd.default,
+        (torch.tensor(1.0), img, txt, s, ids, inv, lse, pos_cnt, 0, 0.1, backend))
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_eager_function_equals_custom_op():
+    """Eager mode runs the op through an autograd.Function (no custom-op dispatch); the custom
+    op (what torch.compile traces) gives the same loss, negatives and gradients."""
+    img, txt, s = _inputs(37, 12, torch.float64)
+    ids = torch.arange(37) // 3
+    args = (ids, torch.tensor([5, 7]), None, None, 0, 37, 0.1, 1, "triton")
+    eager = cl_module._ContrastiveLossFunction.apply(img, txt, s, *args)
+    op = cl_module._contrastive_fwd_op(img, txt, s, *args)
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
+    for a, b in zip(torch.autograd.grad(eager[0], (img, txt, s)), torch.autograd.grad(op[0], (img, txt, s))):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------ bad input
@@ -436,15 +463,25 @@ def test_bad_input_raises_clear_error(overrides, exc, match):
         _call(**overrides)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["image_feats", "text_feats"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_features_raise(name, value):
-    img, txt, s = _inputs(8, 4, torch.float32)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_features_raise(name, value, backend):
+    # 37 rows: the bad one sits in the third 16-row block of the Triton check
+    img, txt, s = _inputs(37, 4, torch.float32)
     bad = (img if name == "image_feats" else txt).detach().clone()
-    bad[3, 1] = value
+    bad[35, 1] = value
     args = {"image_feats": img, "text_feats": txt, name: bad}
     with pytest.raises(ValueError, match=f"{name} contains non-finite"):
-        contrastive_loss(args["image_feats"], args["text_feats"], s)
+        contrastive_loss(args["image_feats"], args["text_feats"], s, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [0.0, -2.0, float("nan"), float("inf")])
+def test_bad_logit_scale_tensor_raises(scale, backend):
+    img, txt, _ = _inputs(20, 4, torch.float32)
+    with pytest.raises(ValueError, match="logit_scale must be positive and finite"):
+        contrastive_loss(img, txt, torch.tensor(scale), backend=backend)
 
 
 # ------------------------------------------------------------------ GPU (skipped without CUDA)
