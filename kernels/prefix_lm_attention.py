@@ -34,6 +34,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._backend import resolve_backend, triton_available, triton_interpreting
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, needs_wide_index
@@ -400,6 +401,22 @@ if triton_available():
         return lo, hi
 
     @triton.jit
+    def _sample_ids_kernel(CU, SEQ_ID, T, n_samples, steps, BLOCK: tl.constexpr):
+        """``sample_ids`` in one launch: per token t, the largest i with cu[i] <= t (a binary
+        search of ``steps`` = bit_length(B) + 1 halvings over cu[0..B]), clamped to [0, B - 1].
+        Every probe stays inside cu whatever its values, so invalid cu_seqlens give in-range
+        ids (wrong numbers, never a crash), as the clamp of the PyTorch version does."""
+        t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        lo = tl.zeros([BLOCK], dtype=tl.int32)
+        hi = tl.full([BLOCK], 1, dtype=tl.int32) * (n_samples + 1)
+        for _ in range(steps):
+            mid = (lo + hi) // 2  # lo <= mid < hi <= B + 1 while hi > lo + 1; lo once they meet
+            go = tl.load(CU + mid) <= t
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        tl.store(SEQ_ID + t, tl.minimum(lo, n_samples - 1), mask=t < T)
+
+    @triton.jit
     def _fwd_kernel(
         Q, K, V, O, LSE, SEQ_ID, CU, PLEN,
         T, qk_scale,
@@ -617,10 +634,24 @@ def _dot_mode(dtype) -> int:
     return 0
 
 
-def _triton_meta(cu_seqlens, prefix_lens, T):
+def triton_sample_ids(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """:func:`sample_ids` as one Triton launch (instead of five small PyTorch ops)."""
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    seq_id = torch.empty(total_tokens, dtype=torch.int32, device=cu.device)
+    n_samples = cu.numel() - 1
+    if total_tokens and n_samples > 0:
+        block = 1024
+        _sample_ids_kernel[(triton.cdiv(total_tokens, block),)](
+            cu, seq_id, total_tokens, n_samples, n_samples.bit_length() + 1, BLOCK=block)
+    return seq_id
+
+
+def _triton_meta(cu_seqlens, prefix_lens, T, seq_id=None):
     cu = cu_seqlens.to(torch.int32).contiguous()
     plen = prefix_lens.to(torch.int32).contiguous()
-    return sample_ids(cu, T).contiguous(), cu, plen
+    if seq_id is None:
+        seq_id = triton_sample_ids(cu, T)
+    return seq_id, cu, plen
 
 
 _wide_index = needs_wide_index  # a module name the tests can patch
@@ -630,15 +661,17 @@ def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def triton_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale: float, config=None):
-    """Launch the forward kernel. Returns (out [T, H, D], lse [H, T] fp32, log2 units)."""
+def triton_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale: float, config=None,
+                   seq_id=None):
+    """Launch the forward kernel. Returns (out [T, H, D], lse [H, T] fp32, log2 units).
+    ``seq_id``: the tokens' sample ids when the caller has them (``triton_sample_ids``)."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     T, H, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
     if T == 0 or H == 0:
         return out, lse
-    seq_id, cu, plen = _triton_meta(cu_seqlens, prefix_lens, T)
+    seq_id, cu, plen = _triton_meta(cu_seqlens, prefix_lens, T, seq_id)
     cfg = _triton_config(D, config, q.dtype)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), H)
     _fwd_kernel[grid](
@@ -654,14 +687,15 @@ def triton_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale: float, confi
 
 
 def triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scale: float,
-                    config=None):
-    """Launch preprocess, dK/dV and dQ kernels. Returns (dq, dk, dv)."""
+                    config=None, seq_id=None):
+    """Launch preprocess, dK/dV and dQ kernels. Returns (dq, dk, dv). ``seq_id`` as in
+    :func:`triton_forward` (the op passes the forward's, so the backward launches no more)."""
     do, q, k, v, out = (_last_dim_contiguous(x) for x in (do, q, k, v, out))
     T, H, D = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if T == 0 or H == 0:
         return dq, dk, dv
-    seq_id, cu, plen = _triton_meta(cu_seqlens, prefix_lens, T)
+    seq_id, cu, plen = _triton_meta(cu_seqlens, prefix_lens, T, seq_id)
     cfg = _triton_config(D, config, q.dtype)
     dot = _dot_mode(q.dtype)
     wide = _wide_index(do, q, k, v, out)
@@ -696,51 +730,85 @@ def triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scal
 # ---------------------------------------------------------------------------------------------
 
 
+def _forward_impl(q, k, v, cu_seqlens, prefix_lens, softmax_scale):
+    """(out, lse, seq_id): the sample ids are computed once here and saved for the backward."""
+    seq_id = triton_sample_ids(cu_seqlens, q.shape[0])
+    out, lse = triton_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale, seq_id=seq_id)
+    return out, lse, seq_id
+
+
 @torch.library.custom_op("unigen::prefix_lm_attention_fwd", mutates_args=())
 def _prefix_lm_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
                                 max_seqlen: int, softmax_scale: float
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    return triton_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale)
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, cu_seqlens, prefix_lens, softmax_scale)
 
 
 @_prefix_lm_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale):
     T, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty((H, T), dtype=torch.float32)
+    return (torch.empty_like(q), q.new_empty((H, T), dtype=torch.float32),
+            q.new_empty((T,), dtype=torch.int32))
 
 
 @torch.library.custom_op("unigen::prefix_lm_attention_bwd", mutates_args=())
 def _prefix_lm_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                 v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                 cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
-                                max_seqlen: int, softmax_scale: float
+                                seq_id: torch.Tensor, max_seqlen: int, softmax_scale: float
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scale)
+    return triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scale,
+                           seq_id=seq_id)
 
 
 @_prefix_lm_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, cu_seqlens, prefix_lens, max_seqlen, softmax_scale):
+def _(do, q, k, v, out, lse, cu_seqlens, prefix_lens, seq_id, max_seqlen, softmax_scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, prefix_lens)
+    out, lse, seq_id = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, prefix_lens, seq_id)
     ctx.max_seqlen = max_seqlen
     ctx.softmax_scale = softmax_scale
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, seq_id)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens, prefix_lens = ctx.saved_tensors
-    dq, dk, dv = _prefix_lm_attention_bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens,
-                                             prefix_lens, ctx.max_seqlen, ctx.softmax_scale)
+def _backward(ctx, grad_out, *unused_grads):
+    dq, dk, dv = _prefix_lm_attention_bwd_op(grad_out.contiguous(), *ctx.saved_tensors,
+                                             ctx.max_seqlen, ctx.softmax_scale)
     return dq, dk, dv, None, None, None, None
 
 
 _prefix_lm_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _PrefixLMAttentionFunction(torch.autograd.Function):
+    """The same forward and backward for eager mode, without the custom-op dispatcher.
+
+    At the decoder's sizes (~50k packed tokens, 12 heads, head_dim 64) the kernels of one
+    forward + backward take a few hundred microseconds on a GPU, so host time counts: the
+    custom-op path adds ~40 µs of dispatch per forward + backward (measured on CPU) and a
+    zero-filled gradient for ``lse``. ``prefix_lm_attention`` takes the custom op while
+    torch.compile traces and this Function otherwise; both run the same launchers."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale):
+        inputs = (q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale)
+        output = _forward_impl(q, k, v, cu_seqlens, prefix_lens, softmax_scale)
+        _setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for lse and seq_id
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, *unused_grads):
+        q, k, v, out, lse, cu_seqlens, prefix_lens, seq_id = ctx.saved_tensors
+        dq, dk, dv = triton_backward(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens,
+                                     prefix_lens, ctx.softmax_scale, seq_id=seq_id)
+        return dq, dk, dv, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,9 +900,10 @@ def prefix_lm_attention(q, k, v, cu_seqlens, prefix_lens, *, max_seqlen, softmax
 
     be = _resolve(backend, q)
     if be == "triton":
-        out, _ = _prefix_lm_attention_fwd_op(q, k, v, cu_seqlens, prefix_lens, max_seqlen,
-                                             softmax_scale)
-        return out
+        # torch.compile traces the custom op; eager mode skips its dispatcher
+        op = (_prefix_lm_attention_fwd_op if _is_compiling()
+              else _PrefixLMAttentionFunction.apply)
+        return op(q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale)[0]
     if be == "torch":
         return prefix_lm_attention_reference(q, k, v, cu_seqlens, prefix_lens, softmax_scale)
     if T == 0:

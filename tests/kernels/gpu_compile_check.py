@@ -125,7 +125,9 @@ def attention_kernels(dtype: str, head_dim: str):
         return "i32"
 
     tiles = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], WIDE_INDEX=False)
-    yield a._bwd_preprocess_kernel, arg_type, tiles, 4, 3  # launched with Triton's defaults
+    # both launched with Triton's default warps and stages
+    yield a._sample_ids_kernel, arg_type, dict(BLOCK=1024), 4, 3
+    yield a._bwd_preprocess_kernel, arg_type, tiles, 4, 3
     attend = dict(tiles, BLOCK_N=cfg["BLOCK_N"], DOT=a._dot_mode(TORCH_DTYPES[dtype]))
     for kernel in (a._fwd_kernel, a._bwd_dkdv_kernel, a._bwd_dq_kernel):
         yield kernel, arg_type, attend, cfg["num_warps"], cfg["num_stages"]

@@ -22,6 +22,7 @@ from unigen.kernels.prefix_lm_attention import (
     key_ranges,
     prefix_lm_attention_reference,
     prefix_lm_dense_mask,
+    sample_ids,
     triton_backward,
     triton_forward,
 )
@@ -314,6 +315,56 @@ def test_triton_bad_metadata_without_validation_stays_in_bounds():
     plen = torch.tensor([50, -7], dtype=torch.int32)
     out = prefix_lm_attention(q, k, v, cu, plen, max_seqlen=6, backend="triton", validate=False)
     assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@needs_triton
+def test_triton_sample_ids_match_searchsorted():
+    """The one-launch sample ids equal ``sample_ids`` (empty and 1-token samples included), and
+    invalid cu_seqlens still give ids inside [0, B)."""
+    g = torch.Generator().manual_seed(5)
+    for lengths in ([1], [3, 0, 1, 7, 0, 0, 2], torch.randint(0, 40, (77,), generator=g).tolist()):
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+        T = int(cu[-1])
+        assert torch.equal(M.triton_sample_ids(cu, T), sample_ids(cu, T))
+    bad = torch.tensor([5, 40, 3, 2], dtype=torch.int32)
+    ids = M.triton_sample_ids(bad, 30)
+    assert ids.shape == (30,) and int(ids.min()) >= 0 and int(ids.max()) <= 2
+
+
+@needs_triton
+def test_triton_step_adds_no_device_ops(host_ops):
+    """A forward + backward through the Triton backend launches its five kernels (sample ids,
+    forward, backward preprocess, dK/dV, dQ) and nothing else: at the decoder's sizes the
+    kernels take a few hundred microseconds, so host-side PyTorch ops would show."""
+    kernels = dict.fromkeys(("_sample_ids_kernel", "_fwd_kernel", "_bwd_preprocess_kernel",
+                             "_bwd_dkdv_kernel", "_bwd_dq_kernel"))
+    q, k, v, cu, plen = _inputs([5, 3, 9], [2, 0, 5])
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+
+    def step():
+        out = prefix_lm_attention(q, k, v, cu, plen, max_seqlen=9, backend="triton",
+                                  validate=False)
+        torch.autograd.grad(out, (q, k, v), do)
+
+    assert host_ops(M, kernels, step) == []
+
+
+@needs_triton
+@pytest.mark.parametrize("prefixes", [[2, 0, 5], [0, 0, 0]])
+def test_eager_function_equals_custom_op(prefixes):
+    """Eager mode runs through an autograd.Function (no custom-op dispatch); the custom op that
+    torch.compile traces gives the same output and gradients, bit for bit."""
+    q, k, v, cu, plen = _inputs([5, 3, 9], prefixes)
+    do = torch.randn_like(q)
+    results = []
+    for fn in (M._PrefixLMAttentionFunction.apply, M._prefix_lm_attention_fwd_op):
+        a, b, c = (x.detach().requires_grad_() for x in (q, k, v))
+        out = fn(a, b, c, cu, plen, 9, 0.3)
+        results.append((*out, *torch.autograd.grad(out[0], (a, b, c), do)))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
 
 
 @needs_triton
