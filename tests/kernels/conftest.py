@@ -1,9 +1,11 @@
 """Fixtures of the kernel tests. ``run_sm90_compile``: compile an op's Triton kernels down to an
 sm_90 cubin without a GPU (``gpu_compile_check.py`` beside this file, in a subprocess because
 TRITON_INTERPRET=1 replaces @triton.jit in the test process). ``host_ops``: the PyTorch ops
-that would launch device work around an op's kernels.
+that would launch device work around an op's kernels. ``no_host_sync``: a context in which any
+CUDA host-device synchronisation raises (GPU tests).
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -80,3 +82,23 @@ def _host_ops(monkeypatch, module, kernels, fn):
 @pytest.fixture
 def host_ops(monkeypatch):
     return lambda module, kernels, fn: _host_ops(monkeypatch, module, kernels, fn)
+
+
+@contextlib.contextmanager
+def _no_host_sync():
+    """Every CUDA call that synchronises the host with the device raises inside (``.item()``,
+    ``nonzero``, a blocking copy to the host, ...): the ops promise none on their GPU path."""
+    import torch
+
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.fixture
+def no_host_sync():
+    return _no_host_sync

@@ -510,6 +510,29 @@ def test_bad_logit_scale_tensor_raises(scale, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("negatives", [None, "sample", "hardest"])
+def test_gpu_no_host_sync(negatives, no_host_sync, monkeypatch):
+    """Loss, mining and gradients on CUDA never synchronise the host with the device."""
+    monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", None)
+    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", None)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    img = torch.randn(700, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    txt = torch.randn(700, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    log_scale = torch.tensor(2.659, device="cuda", requires_grad=True)
+    ids = torch.arange(700, device="cuda") // 2
+
+    def step():
+        out = contrastive_loss(img, txt, log_scale.exp(), ids=ids, negatives=negatives,
+                               generator=g, label_smoothing=0.1)
+        return torch.autograd.grad(out.loss, (img, txt, log_scale))
+
+    step()
+    with no_host_sync():
+        grads = step()
+    assert all(x.is_cuda for x in grads)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,d", [(1000, 256), (4097, 128)])
 def test_gpu_triton_matches_reference(dtype, n, d, monkeypatch):

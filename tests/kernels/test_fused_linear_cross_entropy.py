@@ -451,6 +451,29 @@ def test_triton_rejects_fp64_and_cpu_without_interpreter(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cuda_no_host_sync(reduction, no_host_sync):
+    """Forward and backward on CUDA, with ignored rows, token weights and every option, never
+    synchronise the host with the device (after a warm-up that compiles the kernels)."""
+    h = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 1000, (300,), device="cuda")
+    t[::4] = -100
+    tw = torch.rand(300, device="cuda")
+
+    def step():
+        loss = fused_linear_cross_entropy(h, w, t, b, label_smoothing=0.1, z_loss=1e-4,
+                                          token_weights=tw, reduction=reduction)
+        return torch.autograd.grad(loss.sum(), (h, w, b))
+
+    step()
+    with no_host_sync():
+        grads = step()
+    assert all(g.is_cuda for g in grads)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_triton_matches_reference(dtype):
     hidden, weight, bias, target = make_inputs(1000, 256, 5003, dtype, scale=2.0)

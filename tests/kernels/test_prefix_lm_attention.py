@@ -585,6 +585,24 @@ def test_gpu_triton_other_dtypes(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prefix_mode", ["causal", "prefix"])
+def test_gpu_no_host_sync(prefix_mode, no_host_sync):
+    """The Triton path (the CUDA default) never synchronises the host with the device."""
+    q, k, v, cu, plen, max_len = _gpu_batch(16, 64, torch.bfloat16, prefix_mode)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+
+    def step():
+        out = prefix_lm_attention(q, k, v, cu, plen, max_seqlen=max_len)
+        return torch.autograd.grad(out, (q, k, v), do)
+
+    step()
+    with no_host_sync():
+        grads = step()
+    assert all(g.is_cuda for g in grads)
+
+
+@pytest.mark.gpu
 def test_gpu_triton_compiles_without_graph_breaks():
     q, k, v, cu, plen, max_len = _gpu_batch(8, 64, torch.bfloat16, "prefix")
     q, k, v = (x.requires_grad_() for x in (q, k, v))
