@@ -193,6 +193,24 @@ if triton_available():
         return ids
 
     @triton.jit
+    def _philox_words(seed, start, rng_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Random 32-bit words for the tile of columns ``start + [0, BLOCK_N)`` (``start`` a
+        multiple of 4) and rows ``rng_row``: column c gets word c % 4 of Philox(seed, counter =
+        (c // 4, row, 0, 0)). One call yields four words, so a tile costs BLOCK_N / 4 calls per
+        row: at ~100 integer instructions a call, one call per logit outweighed the tile's
+        matmul on the GPU."""
+        quads = (start // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
+        c0 = quads[None, :] + 0 * rng_row[:, None]
+        c1 = rng_row[:, None] + 0 * c0
+        zero = 0 * c0
+        w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero)
+        word = tl.arange(0, 4)[None, None, :]
+        bits = tl.where(word == 0, w0[:, :, None],
+                        tl.where(word == 1, w1[:, :, None],
+                                 tl.where(word == 2, w2[:, :, None], w3[:, :, None])))
+        return tl.reshape(bits, (BLOCK_M, BLOCK_N))
+
+    @triton.jit
     def _inverse_norm(sq, eps, ACC: tl.constexpr):
         """1 / max(sqrt(sq), eps), rounded as torch rounds it (IEEE square root and division)."""
         if ACC == tl.float64:
@@ -265,8 +283,9 @@ if triton_available():
         scale = tl.load(scale_ptr).to(ACC)
         if MODE == 1:
             seed = tl.load(seed_ptr + d)
-            # Philox counter = (column, global row, 0, 0): draws are independent of the tiling and
-            # of the launch configuration, and no flattened row·B offset can wrap at 2^32.
+            # Philox counter = (column // 4, global row, 0, 0), and column c takes word c % 4 of
+            # the four the call returns: draws depend on (row, column) only, not on the tiling
+            # or the launch configuration, and no flattened row·B offset can wrap at 2^32.
             rng_row = grows.to(tl.uint32)
 
         m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
@@ -294,11 +313,8 @@ if triton_available():
             row_sum += tl.sum(tl.where(col_mask[None, :], s, 0.0), 1)
             if MODE != 0:
                 if MODE == 1:
-                    c_col = (cols[None, :] + 0 * rows[:, None]).to(tl.uint32)
-                    c_row = rng_row[:, None] + 0 * c_col
-                    zero = 0 * c_col
-                    r0, _, _, _ = tl.philox(seed, c_col, c_row, zero, zero)
-                    u = tl.uint_to_uniform_float(r0)
+                    u = tl.uint_to_uniform_float(
+                        _philox_words(seed, start, rng_row, BLOCK_M, BLOCK_N))
                     # u in [0, 1); clamping keeps the Gumbel noise finite so every candidate stays
                     # eligible (the clamp changes each probability by < 1e-30).
                     u = tl.maximum(u, 1e-30)
