@@ -76,7 +76,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 bundle
 
 echo "== GPU tests"
-timeout 130 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$RESULTS/gpu_tests.log"
+timeout 120 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$RESULTS/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 bundle
 
@@ -95,9 +95,10 @@ run_stage() {  # name, limit in seconds, pytest arguments...
   bundle
 }
 run_stage cross_entropy 100 benchmarks/test_bench_cross_entropy.py -k "not tile_sweep"
-run_stage contrastive 80 benchmarks/test_bench_contrastive.py
+run_stage contrastive 80 benchmarks/test_bench_contrastive.py -k "not tile_sweep"
 run_stage attention 80 benchmarks/test_bench_attention.py -k "not tile_sweep"
-run_stage tile_sweeps 70 benchmarks/test_bench_cross_entropy.py benchmarks/test_bench_attention.py -k tile_sweep
+run_stage tile_sweeps 80 benchmarks/test_bench_contrastive.py benchmarks/test_bench_cross_entropy.py \
+  benchmarks/test_bench_attention.py -k tile_sweep
 
 rm -f unigen/kernels
 echo "gpu tests rc=$tests_rc, benchmarks rc=$bench_rc; results in ${FINAL_OUT:-$RESULTS}"

@@ -56,11 +56,13 @@ _NORM_EPS = 1e-12
 # The Triton kernels keep a whole feature row in registers (the row block and its gradient
 # accumulator); beyond this width "auto" falls back to the PyTorch path.
 _TRITON_MAX_DIM = 1024
-# Test-only knob: (block_m, block_n) forced on the Triton launchers, so interpreter tests can use
-# small tiles and several blocks on tiny shapes. None = the launcher's GPU choice.
-_BLOCK_OVERRIDE: Optional[tuple[int, int]] = None
+# (block_m, block_n[, num_warps]) forced on the Triton launchers: interpreter tests use small tiles on tiny
+# shapes, the GPU benchmark sweeps other tiles (test_bench_contrastive.py::test_ours_tile_sweep).
+# None = the launcher's choice.
+_BLOCK_OVERRIDE: Optional[tuple[int, ...]] = None
 # Parallelism of the Triton sweeps (see _splits): ~8 programs per SM of an H100, and the fewest
-# tiles one split sweeps. _SPLIT_OVERRIDE (test-only) forces a number of splits.
+# tiles one split sweeps (the GPU benchmark sweeps the first too). _SPLIT_OVERRIDE (test-only)
+# forces a number of splits.
 _TARGET_PROGRAMS = 1024
 _MIN_TILES_PER_SPLIT = 4
 _SPLIT_OVERRIDE: Optional[int] = None
@@ -557,7 +559,8 @@ def _launch_config(dim: int, dtype: torch.dtype):
     gradient accumulator of a block stays on chip. Register pressure, not the grid, sets the tile.
     Compiled for sm_90 (``tests/kernels/gpu_compile_check.py contrastive bf16 256``): bf16/fp16
     at D = 256 with 32×32 tiles and 4 warps needs 168-219 registers/thread and no spills, while
-    64×64 spills in the backward at 4, 8 and 16 warps. 32-row tiles give 2·B/32 row blocks (both
+    64×64 spills in the backward at 4, 8 and 16 warps (the GPU benchmark sweeps 64×32, 32×64 and
+    64×64 at 8 warps against this default). 32-row tiles give 2·B/32 row blocks (both
     directions), 256 at B = 4096, which ``_splits`` multiplies to ~1024 programs. D = 512 and
     1024 need 16×16 tiles (8 warps at 1024). fp32 and
     fp64 take the full-precision FMA path, whose operands are twice as wide: 16×16 keeps it
@@ -566,9 +569,10 @@ def _launch_config(dim: int, dtype: torch.dtype):
     block_d = max(16, triton.next_power_of_2(dim))
     half = dtype in (torch.float16, torch.bfloat16)
     block_m = block_n = 32 if (half and block_d <= 256) else 16
-    if _BLOCK_OVERRIDE is not None:
-        block_m, block_n = _BLOCK_OVERRIDE
     num_warps = 8 if block_d >= 1024 else 4
+    if _BLOCK_OVERRIDE is not None:
+        block_m, block_n, *warps = _BLOCK_OVERRIDE
+        num_warps = warps[0] if warps else num_warps
     return block_m, block_n, block_d, num_warps
 
 

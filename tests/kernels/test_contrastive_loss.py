@@ -312,19 +312,25 @@ def test_triton_split_sweeps_equal_one_sweep(negatives, monkeypatch):
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 def test_triton_draws_do_not_depend_on_tiles(monkeypatch):
     """Each (row, column) has its own random word (Philox counter (column // 4, row), word
-    column % 4), so other tiles and splits draw the same negatives."""
+    column % 4), so other tiles and splits (square or not: the GPU benchmark sweeps them) draw
+    the same negatives and give the same loss and gradients."""
     img, txt, s = _inputs(45, 12, torch.float64, scale=2.0)
 
-    def draw(tiles, splits):
+    def run(tiles, splits):
         monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", tiles)
         monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", splits)
         out = contrastive_loss(img, txt, s, generator=torch.Generator().manual_seed(9),
                                backend="triton")
-        return torch.cat([out.neg_text_for_image, out.neg_image_for_text])
+        negatives = torch.cat([out.neg_text_for_image, out.neg_image_for_text])
+        return negatives, out.loss, torch.autograd.grad(out.loss, (img, txt, s))
 
-    first = draw((16, 16), 2)
-    assert torch.equal(first, draw((32, 32), 1))
-    assert torch.equal(first, draw((64, 64), 1))
+    first = run((16, 16), 2)
+    for tiles, splits in (((32, 32), 1), ((64, 32), 1), ((16, 64), 2)):
+        other = run(tiles, splits)
+        assert torch.equal(first[0], other[0]), tiles
+        torch.testing.assert_close(first[1], other[1], atol=1e-12, rtol=1e-12)
+        for a, b in zip(first[2], other[2]):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 def test_split_choice(monkeypatch):
