@@ -31,7 +31,7 @@ test-fast: bootstrap
 	$(TEST_ENV) $(VENV)/bin/pytest tests -q -x -m "not slow"
 
 bench: bootstrap
-	PYTHONPATH=$(CURDIR) $(VENV)/bin/pytest benchmarks --benchmark-only -q
+	OUT=$(CURDIR)/benchmarks/results PYTHONPATH=$(CURDIR) $(VENV)/bin/pytest benchmarks --benchmark-only -q
 
 ext: bootstrap
 	$(PY) setup.py build_ext --inplace

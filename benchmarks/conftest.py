@@ -3,7 +3,7 @@
 Every benchmark parametrises a ``provider`` and puts ``peak_mem_mb`` (extra memory above the
 inputs) into ``benchmark.extra_info``. At the end of the session the results of every group are
 written as JSON and as a markdown table of ratios against our provider ("ours") measured in the
-same run, into ``$OUT`` when set, else ``benchmarks/results/``.
+same run, into ``$OUT`` when set, else ``benchmarks/results/local/`` (see ``results_dir``).
 """
 
 import json
@@ -39,9 +39,12 @@ def device():
     return bench_device()
 
 
-def _results_dir():
+def results_dir() -> Path:
+    """``$OUT`` when set (``make bench`` and ``gpu_check.sh`` set it to the committed
+    ``benchmarks/results/``), else the ignored ``benchmarks/results/local/``: an ad-hoc run of a
+    few benchmarks must not overwrite the committed tables of a whole run."""
     out = os.environ.get("OUT")
-    return Path(out) if out else Path(__file__).parent / "results"
+    return Path(out) if out else Path(__file__).parent / "results" / "local"
 
 
 @pytest.hookimpl(trylast=True)
@@ -86,7 +89,7 @@ def write_tables(config):
         "triton": _version("triton"),
         "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    out = _results_dir()
+    out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if dev.type == "cuda" else "cpu"
     if os.environ.get("UNIGEN_BENCH_NAME"):  # one file per benchmark run (gpu_check.sh)

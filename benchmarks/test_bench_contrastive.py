@@ -25,14 +25,12 @@ vectorised PyTorch provider. On CPU only a tiny case runs (seconds) to keep this
 exercised; its timings mean nothing.
 
 Each benchmark records the device, versions and the peak memory of one step in ``extra_info``; on
-CUDA a summary with the ratios is written to ``$OUT`` (when set) or ``benchmarks/results/`` as
+CUDA a summary with the ratios is written to ``$OUT`` (when set) or ``benchmarks/results/local/`` as
 ``contrastive.json`` and ``contrastive.md``.
 """
 
 import importlib.util
 import json
-import os
-import pathlib
 import time
 
 import pytest
@@ -40,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from unigen.memory import PeakMemory
-from benchmarks.conftest import bench_device, device_name
+from benchmarks.conftest import bench_device, device_name, results_dir
 from unigen.kernels import contrastive_loss
 from unigen.kernels._backend import triton_available, triton_interpreting
 
@@ -256,7 +254,7 @@ def _write_summary():
     yield
     if not CUDA or not _RESULTS:
         return
-    folder = pathlib.Path(os.environ.get("OUT") or pathlib.Path(__file__).parent / "results")
+    folder = results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     summary = dict(
         device=_device_name(), torch=torch.__version__, triton=_triton_version(),

@@ -968,7 +968,7 @@ def _gather(image_feats, text_feats, ids, group):
     # deprecated); older releases (e.g. torch 2.11) only have *_tensor.
     gather_grad = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
     gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
     device = image_feats.device
     n_local = image_feats.shape[0]
     sizes = funcol.wait_tensor(gather(torch.tensor([n_local], device=device), 0, group)).tolist()
