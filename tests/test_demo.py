@@ -12,8 +12,14 @@ def test_pretrain_demo_smoke(tmp_path, capsys):
     from unigen.demos.pretrain import main
 
     out = tmp_path / "demo"
+    # what an earlier demo leaves: the trainer would refuse these run directories (they hold
+    # checkpoints), so a second `make demo` must replace them
+    stale = out / "unigen" / "checkpoints" / "step_00000005"
+    stale.mkdir(parents=True)
+    (stale / "marker").write_text("from an earlier run")
     assert main(["--out", str(out), "--steps", "12", "--images", "60", "--text-pairs", "40",
                  "--eval-images", "10", "--batch-size", "12"]) == 0
+    assert not stale.exists()
     printed = capsys.readouterr().out
     assert "ablation: no translation pairs" in printed and "| sw | **no** |" in printed
     results = json.loads((out / "results.json").read_text())

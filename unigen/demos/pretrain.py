@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,17 @@ def _train_config(name: str, world, tok, out: str, args):
                       precision="fp32"),
         checkpoint=CheckpointConfig(every=max(1, args.steps // 2), keep_last=1, resume="never"),
         logging=LoggingConfig(every=25, console=False, tensorboard=False, progress_bar=False))
+
+
+def _clear_previous_runs(configs: dict) -> None:
+    """A second ``make demo`` replaces the first: the trainer refuses a run directory that holds
+    checkpoints (``resume: never``), so the demo removes the run directories it wrote before —
+    only those (``<out>/unigen``, ``<out>/no_translation``), nothing else under ``--out``."""
+    for cfg in configs.values():
+        run_dir = cfg.run.output_dir
+        if os.path.isdir(run_dir):
+            print(f"[demo] replacing the previous run in {run_dir}")
+            shutil.rmtree(run_dir)
 
 
 def _last_step(run_dir: str) -> int:
@@ -233,6 +245,7 @@ def main(argv=None) -> int:
     print(f"[demo] languages with images: en {' '.join(world.image_languages)}; "
           f"only in translation pairs: {' '.join(world.text_only_languages)}")
     configs = {name: _train_config(name, world, tok, args.out, args) for name in RUNS}
+    _clear_previous_runs(configs)
     print(f"[demo] pre-training {len(configs)} tiny models for {args.steps} steps each "
           f"(logs: {args.out}/<run>.log)")
     _train_both(configs, args.out, args.steps)
