@@ -194,6 +194,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy_backwa
 // Reduced loss Σ_n row_scale[n]·loss[n] with its gradients from one pass over the logits: rows
 // are processed in chunks against the whole vocabulary, so every [chunk, V] block serves both
 // the loss and the gradient (three matmuls in all, no recomputation). Used for "mean"/"sum".
+//
+// Per chunk the logits go through three passes: max (value and index), a row-local softmax
+// (ATen's vectorised kernel: each row is read and written once while it sits in cache) and one
+// scaling pass; the log-sum-exp comes from the softmax at the argmax, lse = max − log p_max, where
+// p_max ≥ 1/V keeps the log well conditioned. The logits and probability blocks live in two
+// buffers allocated once (a fresh 16 MiB block per chunk costs its page faults every time).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 fused_linear_cross_entropy_reduced_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias,
@@ -204,6 +210,7 @@ fused_linear_cross_entropy_reduced_cpu(const at::Tensor& hidden, const at::Tenso
   TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == hidden.size(0),
               "fused_linear_cross_entropy_reduced (cpp): row_scale must be [N]");
   const bool need_h = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && bias.has_value();
+  const bool need_grad = need_h || need_w || need_b;
   const auto acc = math_type(hidden.scalar_type());
   const int64_t n = hidden.size(0), vocab = weight.size(0);
   at::Tensor total = at::zeros({}, hidden.options().dtype(acc));
@@ -222,31 +229,44 @@ fused_linear_cross_entropy_reduced_cpu(const at::Tensor& hidden, const at::Tenso
     const at::Tensor wt = w.t();
     c10::optional<at::Tensor> b;
     if (bias.has_value()) b = bias->to(acc);
-    const int64_t budget = int64_t(32) << 20;
-    const int64_t step = std::max<int64_t>(16, budget / std::max<int64_t>(1, vocab * int64_t(at::elementSize(acc))));
+    const int64_t budget = int64_t(16) << 20;  // per buffer
+    const int64_t step = std::min<int64_t>(
+        nv, std::max<int64_t>(16, budget / std::max<int64_t>(1, vocab * int64_t(at::elementSize(acc)))));
+    at::Tensor z_buf = at::empty({step, vocab}, hidden.options().dtype(acc));
+    at::Tensor p_buf = at::empty({step, vocab}, hidden.options().dtype(acc));
     for (int64_t start = 0; start < nv; start += step) {
-      at::Tensor r = rows.slice(0, start, std::min(start + step, nv));
+      const int64_t k = std::min(step, nv - start);
+      at::Tensor r = rows.slice(0, start, start + k);
       at::Tensor h = hidden.index_select(0, r).to(acc);
-      at::Tensor t = target.index_select(0, r).to(at::kLong);
+      at::Tensor t = target.index_select(0, r).to(at::kLong).unsqueeze(1);
       at::Tensor scale = row_scale.index_select(0, r).to(acc);
-      at::Tensor z = b.has_value() ? at::addmm(*b, h, wt) : at::mm(h, wt);
-      at::Tensor lse = at::logsumexp(z, {1});
-      at::Tensor loss = lse - (1.0 - label_smoothing) * z.gather(1, t.unsqueeze(1)).squeeze(1);
-      if (label_smoothing > 0) loss = loss - (label_smoothing / double(vocab)) * z.sum(1);
+      at::Tensor z = z_buf.narrow(0, 0, k);
+      if (b.has_value()) {
+        at::addmm_out(z, *b, h, wt);
+      } else {
+        at::mm_out(z, h, wt);
+      }
+      auto [z_max, arg_max] = at::max(z, 1, /*keepdim=*/true);
+      at::Tensor z_target = z.gather(1, t).squeeze(1);
+      at::Tensor z_sum = label_smoothing > 0 ? z.sum(1) : at::Tensor();
+      at::Tensor p = p_buf.narrow(0, 0, k);
+      at::_softmax_out(p, z, 1, /*half_to_float=*/false);
+      at::Tensor lse = (z_max - p.gather(1, arg_max).log()).squeeze(1);
+      at::Tensor loss = lse - (1.0 - label_smoothing) * z_target;
+      if (label_smoothing > 0) loss = loss - (label_smoothing / double(vocab)) * z_sum;
       if (z_loss > 0) loss = loss + z_loss * lse * lse;
       total.add_((scale * loss).sum());
       lse_out.index_copy_(0, r, lse);
-      correct.index_copy_(0, r, z.argmax(1).eq(t));
-      if (need_h || need_w || need_b) {
-        // dz = scale·(softmax·(1 + 2·z_loss·lse) − ε/V − (1−ε)·onehot), in place on z
-        z.sub_(lse.unsqueeze(1)).exp_();
-        if (z_loss > 0) z.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1));
-        if (label_smoothing > 0) z.sub_(label_smoothing / double(vocab));
-        z.scatter_add_(1, t.unsqueeze(1), at::full({t.size(0), 1}, -(1.0 - label_smoothing), z.options()));
-        z.mul_(scale.unsqueeze(1));
-        if (need_h) grad_h.index_copy_(0, r, at::mm(z, w));
-        if (need_w) grad_w.addmm_(z.t(), h);
-        if (need_b) grad_b.add_(z.sum(0));
+      correct.index_copy_(0, r, arg_max.squeeze(1).eq(t.squeeze(1)));
+      if (need_grad) {
+        // dz = scale·(softmax·(1 + 2·z_loss·lse) − ε/V − (1−ε)·onehot), in place on p
+        at::Tensor coef = z_loss > 0 ? scale * (1.0 + 2.0 * z_loss * lse) : scale;
+        p.mul_(coef.unsqueeze(1));
+        if (label_smoothing > 0) p.sub_((scale * (label_smoothing / double(vocab))).unsqueeze(1));
+        p.scatter_add_(1, t, (-(1.0 - label_smoothing) * scale).unsqueeze(1));
+        if (need_h) grad_h.index_copy_(0, r, at::mm(p, w));
+        if (need_w) grad_w.addmm_(p.t(), h);
+        if (need_b) grad_b.add_(p.sum(0));
       }
     }
   }
