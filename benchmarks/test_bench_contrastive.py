@@ -209,24 +209,30 @@ def test_contrastive_fwd_bwd_mining(benchmark, provider, size):
     if step is None:
         pytest.skip(f"{provider} is not available on {DEVICE}")
     run = _synced(step)
+    rounds = 2 if size == "memory" else SLOW_ROUNDS.get(provider, ROUNDS)
     try:
-        run()  # compile / autotune outside the timed rounds
-        with PeakMemory(bench_device()) as mem:
-            run()
+        peak_mb = _measure(benchmark, run, "contrastive_loss", rounds, size=size, batch=n,
+                           mining=provider not in ("open_clip", "inf_cl"))
     except torch.OutOfMemoryError:
         _RESULTS[(provider, size)] = dict(median_ms=None, peak_mem_mib="OOM")
         pytest.skip(f"{provider} ran out of memory at B = {n}")
-    benchmark.group = "contrastive_loss"
-    benchmark.extra_info.update(
-        size=size, batch=n, dim=DIM, dtype=str(DTYPE).replace("torch.", ""), device=_device_name(),
-        torch=torch.__version__, triton=_triton_version(), peak_mem_mb=mem.extra_mb,
-        mining=provider not in ("open_clip", "inf_cl"),
-    )
-    rounds = 2 if size == "memory" else SLOW_ROUNDS.get(provider, ROUNDS)
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=min(WARMUP, rounds - 1), iterations=1)
     stats = getattr(benchmark, "stats", None)
     median = stats.stats.median if stats is not None else _time_once(run)
-    _RESULTS[(provider, size)] = dict(median_ms=median * 1e3, peak_mem_mib=mem.extra_mb)
+    _RESULTS[(provider, size)] = dict(median_ms=median * 1e3, peak_mem_mib=peak_mb)
+
+
+def _measure(benchmark, run, group, rounds, **info):
+    """One step to compile / autotune outside the timed rounds, one for the peak memory, then the
+    timed rounds; records the device, versions and peak memory. Returns the peak (MB)."""
+    run()
+    with PeakMemory(bench_device()) as mem:
+        run()
+    benchmark.group = group
+    benchmark.extra_info.update(
+        dim=DIM, dtype=str(DTYPE).replace("torch.", ""), device=_device_name(),
+        torch=torch.__version__, triton=_triton_version(), peak_mem_mb=mem.extra_mb, **info)
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=min(WARMUP, rounds - 1), iterations=1)
+    return mem.extra_mb
 
 
 def _time_once(run):
@@ -300,12 +306,6 @@ def test_ours_tile_sweep(benchmark, provider, monkeypatch):
     cfg = TILE_CONFIGS[provider]
     monkeypatch.setattr(module, "_BLOCK_OVERRIDE", cfg["tiles"])
     monkeypatch.setattr(module, "_TARGET_PROGRAMS", cfg["target_programs"])
-    run = _synced(_step("ours", SIZES["B4096"]))
-    run()  # compile outside the timed rounds
-    with PeakMemory(bench_device()) as mem:
-        run()
-    benchmark.group = "contrastive_loss_tile_sweep"
-    benchmark.extra_info.update(batch=SIZES["B4096"], dim=DIM, dtype=str(DTYPE).replace("torch.", ""),
-                                device=_device_name(), peak_mem_mb=mem.extra_mb,
-                                tiles=str(cfg["tiles"]), target_programs=cfg["target_programs"])
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    _measure(benchmark, _synced(_step("ours", SIZES["B4096"])), "contrastive_loss_tile_sweep",
+             ROUNDS, batch=SIZES["B4096"], tiles=str(cfg["tiles"]),
+             target_programs=cfg["target_programs"])
