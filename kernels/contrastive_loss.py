@@ -721,7 +721,8 @@ def _check_prep_flags(ok, blocks, logit_scale):
         return
     for name, flags in (("image_feats", ok[:blocks]), ("text_feats", ok[blocks:2 * blocks])):
         if not bool(flags.all()):
-            raise ValueError(f"{_OP}: {name} contains non-finite values (nan or inf)")
+            raise ValueError(f"{_OP}: {name} contains non-finite values (nan or inf) or a row "
+                             f"too large to normalise (its squared norm overflows)")
     raise ValueError(f"{_OP}: logit_scale must be positive and finite, got {logit_scale.item()}")
 
 
