@@ -27,6 +27,25 @@ def _groups(texts):
     return torch.tensor([ids.setdefault(t, len(ids)) for t in texts])
 
 
+def recall_at_1(result, correct: torch.Tensor) -> RetrievalScores:
+    """Recall@1 of a :class:`~unigen.model.unigen_model.RetrievalResult` over ``N_img`` images
+    and ``N_txt`` texts; ``correct[i, j]`` says that text j describes image i. The contrastive
+    top-1 is the candidate of highest similarity, the re-ranked one the first of the list."""
+    correct = correct.bool().cpu()
+
+    def hits(top, sim, truth):
+        by_sim = top.gather(1, sim.argmax(dim=1, keepdim=True)).squeeze(1).cpu()
+        rows = torch.arange(truth.shape[0])
+        return (truth[rows, by_sim].float().mean().item(),
+                truth[rows, top[:, 0].cpu()].float().mean().item())
+
+    i2t_c, i2t_r = hits(result.image_to_text, result.image_to_text_similarity, correct)
+    t2i_c, t2i_r = hits(result.text_to_image, result.text_to_image_similarity, correct.t())
+    return RetrievalScores(i2t_contrastive=i2t_c, t2i_contrastive=t2i_c, i2t_rerank=i2t_r,
+                           t2i_rerank=t2i_r, i2t_chance=correct.float().mean(1).mean().item(),
+                           t2i_chance=correct.float().mean(0).mean().item())
+
+
 @torch.no_grad()
 def retrieval_recall_at_1(model, images: torch.Tensor, texts: list[str], *, k: int = 8,
                           batch_size: int = 256) -> RetrievalScores:
@@ -37,19 +56,6 @@ def retrieval_recall_at_1(model, images: torch.Tensor, texts: list[str], *, k: i
         raise ValueError(f"retrieval_recall_at_1: {images.shape[0]} images but {len(texts)} texts")
     if len(texts) < 2:
         raise ValueError("retrieval_recall_at_1: needs at least 2 image-text pairs")
-    n = len(texts)
     group = _groups(texts)
     same = group[:, None] == group[None, :]  # same[i, j]: text j is a correct answer for image i
-    result = model.retrieve(images, texts, k=min(k, n))
-    sim_top1_i2t = result.image_to_text_similarity.argmax(dim=1)
-    i2t_c = result.image_to_text.gather(1, sim_top1_i2t[:, None]).squeeze(1)
-    i2t_r = result.image_to_text[:, 0]
-    sim_top1_t2i = result.text_to_image_similarity.argmax(dim=1)
-    t2i_c = result.text_to_image.gather(1, sim_top1_t2i[:, None]).squeeze(1)
-    t2i_r = result.text_to_image[:, 0]
-    rows = torch.arange(n)
-    hit = lambda top: same[rows, top.cpu()].float().mean().item()
-    chance = same.float().sum(1).div(n).mean().item()  # symmetric: same is symmetric
-    return RetrievalScores(i2t_contrastive=hit(i2t_c), t2i_contrastive=hit(t2i_c),
-                           i2t_rerank=hit(i2t_r), t2i_rerank=hit(t2i_r),
-                           i2t_chance=chance, t2i_chance=chance)
+    return recall_at_1(model.retrieve(images, texts, k=min(k, len(texts))), same)

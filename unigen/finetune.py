@@ -1,0 +1,274 @@
+"""Fine-tuning a pre-trained UniGen on an IGLUE task (paper §4.2 "fine-tuning phase", §4.3).
+
+    python -m unigen.finetune --task xvnli --model ckpt/ --train XVNLI/annotations/en/train.jsonl \\
+        --images flickr30k-images/ --out runs/xvnli-en [--dev .../en/dev.jsonl] [--epochs 10]
+
+The tasks keep UniGen's single generative objective: XVNLI, xGQA and MaRVL/NLVR2 are [qus]
+samples (image ⊕ encoder text ⊕ [qus] → the keyword or the answer, the same fused
+cross-entropy as pre-training); xFlickr&CO trains the retrieval heads, L_CL with mined
+hard negatives and the [match] task built from them (file formats: :mod:`unigen.data.iglue`).
+The paper's settings are the defaults: AdamW (β = 0.9, 0.98), learning rate 3e-5 without
+warm-up (held constant), 10 epochs, bf16 autocast on GPUs. Zero-shot transfer fine-tunes on the
+English files and evaluates on the others (``python -m unigen.evaluate``); few-shot continues
+from that model on a target language's ``train_<n>`` file.
+
+With ``--dev`` files the model is scored after every epoch and ``<out>/model`` keeps the best
+epoch (mean of the dev files' headline metric); without, it is the last epoch's. ``<out>``
+also gets ``log.jsonl`` (loss every ``--log-every`` steps, dev scores per epoch) and
+``finetune_config.json``. One process, one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from unigen.data.iglue import IGLUE_TASKS, IGLUERecord, ImageResolver, check_task, read_iglue
+from unigen.model.batch import Example, collate_examples
+
+HISTORY_FIELDS = ("step", "epoch", "loss", "lr", "examples_per_s")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything one fine-tuning run needs (the command line's flags, same names)."""
+
+    task: str
+    model: str                       # a directory written by UniGen.save_pretrained
+    train: list[str]                 # IGLUE files of the task
+    images: str                      # image root of the train (and dev) files
+    out: str                         # run directory (created; must not hold a model yet)
+    dev: list[str] = field(default_factory=list)
+    epochs: int = 10
+    lr: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0           # max gradient norm; 0 = no clipping
+    batch_size: int = 32
+    workers: int = 2                 # DataLoader processes decoding images
+    device: str = "auto"             # "auto" = cuda when available
+    precision: str = "auto"          # "auto" = bf16 autocast on cuda, fp32 elsewhere; or bf16/fp32
+    seed: int = 0
+    log_every: int = 50
+    max_new_tokens: int = 8          # dev scoring: answer length
+    num_beams: int = 1
+    k: int = 16                      # dev scoring (retrieval): candidates re-ranked by [match]
+
+    def check(self) -> None:
+        check_task(self.task, "finetune")
+        for name in ("epochs", "batch_size", "log_every", "max_new_tokens", "num_beams", "k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"finetune: {name} must be a positive int, got {v!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"finetune: workers must be an int >= 0, got {self.workers!r}")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                raise ValueError(f"finetune: {name} must be a finite number "
+                                 f"{'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"finetune: precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if not self.train:
+            raise ValueError("finetune: train names no file")
+        if os.path.exists(os.path.join(self.out, "model", "config.json")):
+            raise FileExistsError(f"finetune: {self.out!r} already holds a fine-tuned model; "
+                                  f"choose another --out")
+
+
+@dataclass
+class FinetuneResult:
+    model: object                    # the UniGen of <out>/model (best dev epoch, or last)
+    out: str
+    history: list[dict]              # logged steps
+    dev: list[dict]                  # per epoch: {"epoch", "score", "files": {path: metrics}}
+    best_epoch: int | None
+
+
+class _Examples(torch.utils.data.Dataset):
+    """Records as collate-ready :class:`Example` s: one per record, or one per caption for
+    retrieval (each caption pairs with its image; an image's captions are positives)."""
+
+    def __init__(self, task: str, records: list[IGLUERecord], resolver: ImageResolver, size: int):
+        self.task, self.records, self.resolver, self.size = task, records, resolver, size
+        self.items = [(r, t) for r, rec in enumerate(records)
+                      for t in range(len(rec.texts) if task == "xflickrco" else 1)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Example:
+        r, t = self.items[i]
+        rec = self.records[r]
+        image = self.resolver.tensor(rec.images, self.size)
+        if self.task == "xflickrco":
+            return Example(None, image=image, image_id=rec.images, pair_text=rec.texts[t])
+        return Example("qus", target=rec.answer, image=image, text=rec.texts[0],
+                       image_id=rec.images)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _read_files(task: str, paths: list[str], what: str, log) -> list:
+    files = []
+    for p in paths:
+        f = read_iglue(task, p)
+        log(f"{what} {p}: {len(f.records)} records"
+            + (f" ({f.skipped} skipped: no usable label)" if f.skipped else ""))
+        files.append(f)
+    return files
+
+
+def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
+    """Fine-tune ``cfg.model`` on ``cfg.train``; write ``cfg.out`` (module docstring)."""
+    from unigen.eval.iglue import evaluate_file, headline
+    from unigen.model.unigen_model import UniGen
+    from unigen.train import _param_groups
+
+    cfg.check()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    resolver = ImageResolver(cfg.images)
+    train_files = _read_files(cfg.task, cfg.train, "train", log)
+    dev_files = _read_files(cfg.task, cfg.dev, "dev", log)
+
+    model = UniGen.from_pretrained(cfg.model).to(device)
+    if model.text_tokenizer is None or model.decoder_tokenizer is None:
+        raise ValueError(f"finetune: {cfg.model!r} holds no tokenizers (save the model with "
+                         f"them attached)")
+    mc = model.config
+    records = [r for f in train_files for r in f.records]
+    data = _Examples(cfg.task, records, resolver, mc.vision.image_size)
+    retrieval = cfg.task == "xflickrco"
+    if retrieval and len(data) < 2:
+        raise ValueError("finetune: retrieval needs at least 2 image-caption pairs")
+    batch_size = min(cfg.batch_size, len(data))
+    collate = functools.partial(collate_examples, text_tokenizer=model.text_tokenizer,
+                                decoder_tokenizer=model.decoder_tokenizer,
+                                image_size=mc.vision.image_size, image_mean=mc.vision.image_mean,
+                                image_std=mc.vision.image_std, max_text_length=mc.text.max_length)
+    if cfg.workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers fork-safety
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=True, collate_fn=collate, num_workers=cfg.workers,
+        # a retrieval batch of one pair has no in-batch negative
+        drop_last=retrieval, generator=torch.Generator().manual_seed(cfg.seed),
+        pin_memory=device.type == "cuda")
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=tuple(cfg.betas), **kwargs)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    mining = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "finetune_config.json"), "w", encoding="utf-8") as f:
+        json.dump(asdict(cfg), f, indent=2)
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    model_dir = os.path.join(cfg.out, "model")
+    log(f"fine-tuning {cfg.task} on {len(data)} examples ({len(records)} records), "
+        f"{len(loader)} steps/epoch × {cfg.epochs} epochs, batch {batch_size}, lr {cfg.lr}, "
+        f"{device.type}{' bf16' if amp else ''}")
+
+    history, dev_scores, best, best_epoch, step = [], [], -1.0, None, 0
+    with open(log_path, "w", encoding="utf-8") as logf:
+        def record(entry):
+            logf.write(json.dumps(entry) + "\n")
+            logf.flush()
+
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            for i, batch in enumerate(loader, 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(batch, generator=mining, validate=step == 0)
+                out.loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                seen += batch.num_samples or batch.num_pairs
+                loss_sum += out.loss.detach().float()
+                loss_n += 1
+                if step % cfg.log_every == 0 or i == len(loader):
+                    entry = {"step": step, "epoch": epoch, "loss": (loss_sum / loss_n).item(),
+                             "lr": cfg.lr, "examples_per_s": seen / (time.perf_counter() - t0)}
+                    history.append(entry)
+                    record(entry)
+                    log(f"epoch {epoch} step {step}: loss {entry['loss']:.4f}, "
+                        f"{entry['examples_per_s']:.1f} examples/s")
+                    loss_sum, loss_n = 0.0, 0
+                    t0, seen = time.perf_counter(), 0
+            if dev_files:
+                scores = {}
+                for f in dev_files:
+                    metrics, _ = evaluate_file(model, f, resolver, batch_size=cfg.batch_size,
+                                               max_new_tokens=cfg.max_new_tokens,
+                                               num_beams=cfg.num_beams, k=cfg.k)
+                    scores[f.path] = metrics
+                score = sum(headline(cfg.task, m) for m in scores.values()) / len(scores)
+                entry = {"epoch": epoch, "score": score, "files": scores}
+                dev_scores.append(entry)
+                record({"dev": entry})
+                improved = score > best
+                log(f"epoch {epoch} dev: {score:.2%}" + (" (best so far, saved)" if improved else ""))
+                if improved:
+                    best, best_epoch = score, epoch
+                    model.save_pretrained(model_dir)
+        if not dev_files:
+            model.save_pretrained(model_dir)
+    log(f"saved {model_dir}" + (f" (epoch {best_epoch}, dev {best:.2%})" if dev_files else ""))
+    if dev_files and best_epoch != cfg.epochs:
+        model = UniGen.from_pretrained(model_dir).to(device)
+    return FinetuneResult(model, cfg.out, history, dev_scores, best_epoch)
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
+    d = FinetuneConfig(task="", model="", train=[], images="", out="")
+    p = argparse.ArgumentParser(prog="python -m unigen.finetune",
+                                description="Fine-tune UniGen on an IGLUE task.")
+    p.add_argument("--task", required=True, choices=IGLUE_TASKS)
+    p.add_argument("--model", required=True, help="pre-trained model directory (save_pretrained)")
+    p.add_argument("--train", required=True, nargs="+", help="IGLUE training file(s)")
+    p.add_argument("--images", required=True, help="image root of the train and dev files")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--dev", nargs="+", default=[], help="dev file(s): score every epoch, keep the best")
+    for name in ("epochs", "batch_size", "workers", "seed", "log_every", "max_new_tokens",
+                 "num_beams", "k"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "weight_decay", "grad_clip"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--betas", type=float, nargs=2, default=list(d.betas))
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--precision", default=d.precision, choices=("auto", "bf16", "fp32"))
+    a = p.parse_args(argv)
+    return FinetuneConfig(**{k: (tuple(v) if k == "betas" else v) for k, v in vars(a).items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        finetune(parse_args(argv))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
