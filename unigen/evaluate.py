@@ -32,8 +32,12 @@ def _named(spec: str) -> tuple[str, str]:
 
 def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_size: int = 64,
              max_new_tokens: int = 8, num_beams: int = 1, k: int = 16, workers: int = 2,
-             device: str = "auto", predictions_dir: str | None = None, log=print) -> dict:
-    """{name: metrics} for every test file, plus "mean" (of the task's headline metric)."""
+             device: str = "auto", precision: str = "auto", predictions_dir: str | None = None,
+             log=print) -> dict:
+    """{name: metrics} for every test file, plus "mean" (of the task's headline metric).
+
+    precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" or "fp32".
+    """
     from unigen.eval.iglue import evaluate_file, headline
     from unigen.model.unigen_model import UniGen
 
@@ -45,6 +49,8 @@ def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_
                          ("num_beams", num_beams, 1), ("k", k, 1), ("workers", workers, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise ValueError(f"evaluate: {name} must be an int >= {low}, got {v!r}")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"evaluate: precision must be auto, bf16 or fp32, got {precision!r}")
     named = [_named(t) for t in tests]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
@@ -53,6 +59,7 @@ def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_
     resolver = ImageResolver(images)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model = UniGen.from_pretrained(model_dir).to(dev).eval()
+    amp = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
     if predictions_dir:
         os.makedirs(predictions_dir, exist_ok=True)
     results = {}
@@ -60,9 +67,10 @@ def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_
         log(f"{task} {name}: {len(f.records)} records"
             + (f" ({f.skipped} skipped: no usable label)" if f.skipped else ""))
         t0 = time.perf_counter()
-        metrics, preds = evaluate_file(model, f, resolver, batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens, num_beams=num_beams, k=k,
-                                       workers=workers, log=log)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            metrics, preds = evaluate_file(model, f, resolver, batch_size=batch_size,
+                                           max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                           k=k, workers=workers, log=log)
         metrics["seconds"] = time.perf_counter() - t0
         results[name] = metrics
         log(f"{task} {name}: {headline(task, metrics):.2%} "
@@ -92,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=16, help="retrieval: candidates re-ranked by [match]")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     a = p.parse_args(argv)
     try:
         results = evaluate(a.task, a.model, a.test, a.images, batch_size=a.batch_size,
                            max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, k=a.k,
-                           workers=a.workers, device=a.device, predictions_dir=a.predictions)
+                           workers=a.workers, device=a.device, precision=a.precision,
+                           predictions_dir=a.predictions)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -218,9 +218,10 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
             if dev_files:
                 scores = {}
                 for f in dev_files:
-                    metrics, _ = evaluate_file(model, f, resolver, batch_size=cfg.batch_size,
-                                               max_new_tokens=cfg.max_new_tokens,
-                                               num_beams=cfg.num_beams, k=cfg.k)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        metrics, _ = evaluate_file(model, f, resolver, batch_size=cfg.batch_size,
+                                                   max_new_tokens=cfg.max_new_tokens,
+                                                   num_beams=cfg.num_beams, k=cfg.k)
                     scores[f.path] = metrics
                 score = sum(headline(cfg.task, m) for m in scores.values()) / len(scores)
                 entry = {"epoch": epoch, "score": score, "files": scores}
