@@ -266,3 +266,12 @@ def test_bad_arguments_are_named(world, capsys):
         evaluate("xgqa", str(root / "pre"), [str(files["dev"])], str(images), precision="fp16")
     with pytest.raises(ValueError, match="test names must differ"):
         evaluate("xgqa", str(root / "pre"), [f"a={files['dev']}", f"a={files['train']}"], str(images))
+
+
+def test_a_diverging_run_stops_with_a_clear_error(world):
+    root, images, files = world
+    with pytest.raises(FloatingPointError, match=r"the loss is (nan|inf) at step 2; try a lower --lr"):
+        finetune(FinetuneConfig(task="xgqa", model=str(root / "pre"), train=[str(files["dev"])],
+                                images=str(images), out=str(root / "nan"), lr=1e30,
+                                epochs=2, batch_size=6, workers=0, log_every=1),
+                 log=lambda _: None)

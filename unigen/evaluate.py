@@ -1,7 +1,8 @@
 """Scoring a UniGen model on IGLUE test files (metrics: :mod:`unigen.eval.iglue`).
 
     python -m unigen.evaluate --task xvnli --model runs/xvnli-en/model --images flickr30k-images/ \\
-        --test ar=XVNLI/annotations/ar/test.jsonl es=XVNLI/annotations/es/test.jsonl [--out scores.json]
+        --test ar=XVNLI/annotations/ar/test.jsonl es=XVNLI/annotations/es/test.jsonl \\
+        [--out scores.json]
 
 Each ``--test`` is ``NAME=FILE`` (or a bare file, named by its path). Prints one line per file
 and the mean; ``--out`` writes every metric as JSON and ``--predictions DIR`` one
@@ -19,6 +20,7 @@ import time
 import torch
 
 from unigen.data.iglue import IGLUE_TASKS, ImageResolver, read_iglue
+from unigen.finetune import resolve_device
 
 
 def _named(spec: str) -> tuple[str, str]:
@@ -57,7 +59,7 @@ def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_
         raise ValueError(f"evaluate: test names must differ, got {names}")
     files = [(n, read_iglue(task, p)) for n, p in named]  # all formats checked before any work
     resolver = ImageResolver(images)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     model = UniGen.from_pretrained(model_dir).to(dev).eval()
     amp = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
     if predictions_dir:

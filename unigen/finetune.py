@@ -73,11 +73,13 @@ class FinetuneConfig:
             raise ValueError(f"finetune: workers must be an int >= 0, got {self.workers!r}")
         for name in ("lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+            bad = not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0
+            if bad or (name == "lr" and v == 0):
                 raise ValueError(f"finetune: {name} must be a finite number "
                                  f"{'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"finetune: precision must be auto, bf16 or fp32, got {self.precision!r}")
+            raise ValueError(f"finetune: precision must be auto, bf16 or fp32, got "
+                             f"{self.precision!r}")
         if not self.train:
             raise ValueError("finetune: train names no file")
         if os.path.exists(os.path.join(self.out, "model", "config.json")):
@@ -116,7 +118,8 @@ class _Examples(torch.utils.data.Dataset):
                        image_id=rec.images)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU; any other name as torch reads it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -136,13 +139,13 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.train``; write ``cfg.out`` (module docstring)."""
     from unigen.eval.iglue import evaluate_file, headline
     from unigen.model.unigen_model import UniGen
-    from unigen.train import _param_groups
+    from unigen.train import trainable_param_groups
 
     cfg.check()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     resolver = ImageResolver(cfg.images)
     train_files = _read_files(cfg.task, cfg.train, "train", log)
@@ -171,7 +174,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
         drop_last=retrieval, generator=torch.Generator().manual_seed(cfg.seed),
         pin_memory=device.type == "cuda")
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(trainable_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=tuple(cfg.betas), **kwargs)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     mining = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -211,6 +214,9 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
                              "lr": cfg.lr, "examples_per_s": seen / (time.perf_counter() - t0)}
                     history.append(entry)
                     record(entry)
+                    if not np.isfinite(entry["loss"]):
+                        raise FloatingPointError(f"finetune: the loss is {entry['loss']} at step "
+                                                 f"{step}; try a lower --lr")
                     log(f"epoch {epoch} step {step}: loss {entry['loss']:.4f}, "
                         f"{entry['examples_per_s']:.1f} examples/s")
                     loss_sum, loss_n = 0.0, 0
@@ -221,14 +227,16 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                         metrics, _ = evaluate_file(model, f, resolver, batch_size=cfg.batch_size,
                                                    max_new_tokens=cfg.max_new_tokens,
-                                                   num_beams=cfg.num_beams, k=cfg.k)
+                                                   num_beams=cfg.num_beams, k=cfg.k,
+                                                   workers=cfg.workers)
                     scores[f.path] = metrics
                 score = sum(headline(cfg.task, m) for m in scores.values()) / len(scores)
                 entry = {"epoch": epoch, "score": score, "files": scores}
                 dev_scores.append(entry)
                 record({"dev": entry})
                 improved = score > best
-                log(f"epoch {epoch} dev: {score:.2%}" + (" (best so far, saved)" if improved else ""))
+                log(f"epoch {epoch} dev: {score:.2%}"
+                    + (" (best so far, saved)" if improved else ""))
                 if improved:
                     best, best_epoch = score, epoch
                     model.save_pretrained(model_dir)
@@ -249,7 +257,8 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     p.add_argument("--train", required=True, nargs="+", help="IGLUE training file(s)")
     p.add_argument("--images", required=True, help="image root of the train and dev files")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--dev", nargs="+", default=[], help="dev file(s): score every epoch, keep the best")
+    p.add_argument("--dev", nargs="+", default=[],
+                   help="dev file(s): score every epoch, keep the best")
     for name in ("epochs", "batch_size", "workers", "seed", "log_every", "max_new_tokens",
                  "num_beams", "k"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
@@ -265,7 +274,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
 def main(argv: list[str] | None = None) -> int:
     try:
         finetune(parse_args(argv))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

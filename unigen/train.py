@@ -158,7 +158,7 @@ def _build_model(cfg: TrainConfig, text_tok, dec_tok):
     return model
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def trainable_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters only; weight decay on matrices, none on 1-D parameters (biases,
     norm scales, the temperature): the nanoGPT/CLIP rule."""
     decay, no_decay = [], []
@@ -178,7 +178,7 @@ def _build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.opt
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas,
+    return torch.optim.AdamW(trainable_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas,
                              eps=o.eps, **kwargs)
 
 

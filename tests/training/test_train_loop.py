@@ -9,7 +9,7 @@ import torch
 
 from unigen.configuration import load_config
 from unigen.model.unigen_model import UniGen
-from unigen.train import HISTORY_KEYS, TrainResult, _param_groups, train
+from unigen.train import HISTORY_KEYS, TrainResult, trainable_param_groups, train
 from unigen.training import checkpointing as ckpt
 from unigen.training.config import TrainConfig
 
@@ -64,7 +64,7 @@ def test_few_steps_write_checkpoints_config_and_metrics(make_config):
 def test_frozen_parameters_stay_out_of_the_optimizer_and_1d_are_not_decayed(make_config):
     cfg = make_config()
     model = UniGen(cfg.model)
-    groups = _param_groups(model, 0.05)
+    groups = trainable_param_groups(model, 0.05)
     ids = {id(p) for g in groups for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in ids) == p.requires_grad, name

@@ -140,7 +140,8 @@ def _read_marvl(path: str) -> IGLUEFile:
     out = IGLUEFile(path, "marvl", [])
     for n, row in _json_lines(path):
         label = _bool_label(_field(row, ("label",), path, n, kind=object), path, n)
-        if "identifier" in row and "left_img" not in row:  # NLVR2: dev-850-0-1 → dev-850-0-img0.png
+        if "identifier" in row and "left_img" not in row:
+            # NLVR2: sentence dev-850-0-1 is about images dev-850-0-img0.png and -img1.png
             ident = _field(row, ("identifier",), path, n)
             pair = ident.rsplit("-", 1)[0]
             images = (f"{pair}-img0.png", f"{pair}-img1.png")

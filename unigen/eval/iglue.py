@@ -67,7 +67,8 @@ def evaluate_generative(model, file: IGLUEFile, resolver: ImageResolver, *, batc
 @torch.no_grad()
 def evaluate_retrieval(model, file: IGLUEFile, resolver: ImageResolver, *, k: int = 16,
                        batch_size: int = 64, workers: int = 0) -> dict:
-    """Image→text and text→image Recall@1 over an xFlickr&CO file (all images × all captions)."""
+    """Image→text and text→image Recall@1 over an xFlickr&CO file (all its images × all its
+    captions)."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"evaluate_retrieval: k must be a positive int, got {k!r}")
     images = torch.cat([im for _, im in _image_batches(file, resolver,
