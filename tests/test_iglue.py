@@ -234,14 +234,18 @@ def test_finetune_and_score_every_task(world, task):
     assert result.history and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert os.path.isfile(out / "model" / "config.json")
     scores = evaluate(task, str(out / "model"), [str(files[task])], str(images), workers=0, k=3,
-                      precision=precision, log=lambda _: None)
+                      precision=precision, predictions_dir=str(out / "preds"), log=lambda _: None)
     metrics = scores[str(files[task])]
     if task == "xflickrco":
         assert metrics["images"] == 8 and metrics["texts"] == 12
         assert 0.0 <= metrics["r1"] <= 1.0 and metrics["i2t_chance"] == pytest.approx(
             sum(len(s) for s in [["a"], ["a", "b"]] * 4) / 8 / 12)
+        assert not os.path.exists(out / "preds") or not os.listdir(out / "preds")
     else:
         assert 0.0 <= metrics["accuracy"] <= 1.0 and "not_a_label" in metrics
+        # a bare path names the predictions file, its folders joined by "_"
+        (written,) = os.listdir(out / "preds")
+        assert written == str(files[task]).strip("/").replace("/", "_") + ".jsonl"
 
 
 def test_bad_arguments_are_named(world, capsys):

@@ -6,7 +6,7 @@
 
 Each ``--test`` is ``NAME=FILE`` (or a bare file, named by its path). Prints one line per file
 and the mean; ``--out`` writes every metric as JSON and ``--predictions DIR`` one
-``<NAME>.jsonl`` of generated answers per file.
+``<NAME>.jsonl`` of generated answers per file (a bare path's ``/`` become ``_``).
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_
         log(f"{task} {name}: {headline(task, metrics):.2%} "
             f"({'R@1, mean of both directions, re-ranked' if task == 'xflickrco' else 'accuracy'})")
         if predictions_dir and preds is not None:
-            with open(os.path.join(predictions_dir, f"{os.path.basename(name)}.jsonl"), "w",
+            # a bare path names the file: ar/test.jsonl → ar_test.jsonl.jsonl (IGLUE calls
+            # every language's file test.jsonl)
+            safe = name.replace("\\", "/").strip("/").replace("/", "_")
+            with open(os.path.join(predictions_dir, f"{safe}.jsonl"), "w",
                       encoding="utf-8") as out:
                 for p in preds:
                     out.write(json.dumps(p, ensure_ascii=False) + "\n")
@@ -89,20 +92,22 @@ def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m unigen.evaluate",
-                                description="Score UniGen on IGLUE test files.")
+                                description="Score UniGen on IGLUE test files.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", required=True, choices=IGLUE_TASKS)
     p.add_argument("--model", required=True, help="model directory (save_pretrained)")
     p.add_argument("--test", required=True, nargs="+", help="NAME=FILE or FILE")
     p.add_argument("--images", required=True, help="image root of the test files")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--predictions", help="directory for <NAME>.jsonl of generated answers")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64, help="examples per generation call")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = greedy)")
     p.add_argument("--k", type=int, default=16, help="retrieval: candidates re-ranked by [match]")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    p.add_argument("--device", default="auto", help="auto = cuda when available")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto = bf16 autocast on cuda, fp32 elsewhere")
     a = p.parse_args(argv)
     try:
         results = evaluate(a.task, a.model, a.test, a.images, batch_size=a.batch_size,

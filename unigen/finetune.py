@@ -251,7 +251,8 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     d = FinetuneConfig(task="", model="", train=[], images="", out="")
     p = argparse.ArgumentParser(prog="python -m unigen.finetune",
-                                description="Fine-tune UniGen on an IGLUE task.")
+                                description="Fine-tune UniGen on an IGLUE task.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", required=True, choices=IGLUE_TASKS)
     p.add_argument("--model", required=True, help="pre-trained model directory (save_pretrained)")
     p.add_argument("--train", required=True, nargs="+", help="IGLUE training file(s)")
@@ -259,14 +260,22 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--dev", nargs="+", default=[],
                    help="dev file(s): score every epoch, keep the best")
-    for name in ("epochs", "batch_size", "workers", "seed", "log_every", "max_new_tokens",
-                 "num_beams", "k"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "weight_decay", "grad_clip"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--betas", type=float, nargs=2, default=list(d.betas))
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--precision", default=d.precision, choices=("auto", "bf16", "fp32"))
+    helps = {"epochs": "passes over the training files", "batch_size": "examples per step",
+             "workers": "DataLoader processes decoding images", "seed": "shuffling, mining",
+             "log_every": "steps between loss lines", "max_new_tokens": "dev: answer length",
+             "num_beams": "dev: beam search width (1 = greedy)",
+             "k": "dev (retrieval): contrastive candidates re-ranked by [match]",
+             "lr": "AdamW learning rate (constant)", "weight_decay": "on matrices only",
+             "grad_clip": "max gradient norm (0: none)"}
+    for name, kind in [(n, int) for n in ("epochs", "batch_size", "workers", "seed", "log_every",
+                                          "max_new_tokens", "num_beams", "k")] + \
+                      [(n, float) for n in ("lr", "weight_decay", "grad_clip")]:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=helps[name])
+    p.add_argument("--betas", type=float, nargs=2, default=list(d.betas), help="AdamW betas")
+    p.add_argument("--device", default=d.device, help="auto = cuda when available")
+    p.add_argument("--precision", default=d.precision, choices=("auto", "bf16", "fp32"),
+                   help="auto = bf16 autocast on cuda, fp32 elsewhere")
     a = p.parse_args(argv)
     return FinetuneConfig(**{k: (tuple(v) if k == "betas" else v) for k, v in vars(a).items()})
 
