@@ -190,11 +190,11 @@ def world(tmp_path_factory):
 def test_finetune_learns_a_task_and_evaluate_scores_it(world):
     root, images, files = world
     before = evaluate("xgqa", str(root / "pre"), [f"fr={files['test_fr']}"], str(images),
-                      workers=0, log=lambda _: None)
+                      workers=0, device="cpu", log=lambda _: None)
     lines = []
     result = finetune(FinetuneConfig(task="xgqa", model=str(root / "pre"), train=[str(files["train"])],
                                      images=str(images), out=str(root / "run"), dev=[str(files["dev"])],
-                                     epochs=20, lr=1e-3, batch_size=16, workers=0, log_every=6),
+                                     epochs=20, lr=1e-3, batch_size=16, workers=0, device="cpu", log_every=6),
                       log=lines.append)
     assert any("fine-tuning xgqa on 96 examples" in line for line in lines)
     losses = [h["loss"] for h in result.history]
@@ -209,7 +209,7 @@ def test_finetune_learns_a_task_and_evaluate_scores_it(world):
     out = root / "scores.json"
     assert evaluate_main(["--task", "xgqa", "--model", str(root / "run" / "model"),
                           "--test", f"fr={files['test_fr']}", "--images", str(images),
-                          "--workers", "0", "--out", str(out),
+                          "--workers", "0", "--device", "cpu", "--out", str(out),
                           "--predictions", str(root / "preds")]) == 0
     after = json.load(open(out))["results"]
     # The questions of the test file are French, those of training English (zero-shot transfer).
@@ -220,7 +220,7 @@ def test_finetune_learns_a_task_and_evaluate_scores_it(world):
     # the fine-tuned model is there to stay: a second run into the same directory is refused
     with pytest.raises(FileExistsError, match="already holds a fine-tuned model"):
         finetune(FinetuneConfig(task="xgqa", model=str(root / "pre"), train=[str(files["train"])],
-                                images=str(images), out=str(root / "run"), workers=0))
+                                images=str(images), out=str(root / "run"), workers=0, device="cpu"))
 
 
 @pytest.mark.parametrize("task", ["xvnli", "marvl", "xflickrco"])
@@ -230,10 +230,10 @@ def test_finetune_and_score_every_task(world, task):
     precision = "bf16" if task == "xvnli" else "fp32"  # bf16 autocast runs on CPU too
     result = finetune(FinetuneConfig(task=task, model=str(root / "pre"), train=[str(files[task])],
                                      images=str(images), out=str(out), epochs=1, batch_size=4,
-                                     workers=0, precision=precision), log=lambda _: None)
+                                     workers=0, device="cpu", precision=precision), log=lambda _: None)
     assert result.history and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert os.path.isfile(out / "model" / "config.json")
-    scores = evaluate(task, str(out / "model"), [str(files[task])], str(images), workers=0, k=3,
+    scores = evaluate(task, str(out / "model"), [str(files[task])], str(images), workers=0, device="cpu", k=3,
                       precision=precision, predictions_dir=str(out / "preds"), log=lambda _: None)
     metrics = scores[str(files[task])]
     if task == "xflickrco":
@@ -251,7 +251,7 @@ def test_finetune_and_score_every_task(world, task):
 def test_bad_arguments_are_named(world, capsys):
     root, images, files = world
     base = dict(task="xgqa", model=str(root / "pre"), train=[str(files["train"])],
-                images=str(images), out=str(root / "bad"), workers=0)
+                images=str(images), out=str(root / "bad"), workers=0, device="cpu")
     for key, value, message in [("epochs", 0, "epochs must be a positive int"),
                                 ("lr", 0.0, "lr must be a finite number > 0"),
                                 ("task", "vqa", "task must be one of"),
@@ -277,5 +277,5 @@ def test_a_diverging_run_stops_with_a_clear_error(world):
     with pytest.raises(FloatingPointError, match=r"the loss is (nan|inf) at step 2; try a lower --lr"):
         finetune(FinetuneConfig(task="xgqa", model=str(root / "pre"), train=[str(files["dev"])],
                                 images=str(images), out=str(root / "nan"), lr=1e30,
-                                epochs=2, batch_size=6, workers=0, log_every=1),
+                                epochs=2, batch_size=6, workers=0, device="cpu", log_every=1),
                  log=lambda _: None)
