@@ -16,6 +16,12 @@ With ``--dev`` files the model is scored after every epoch and ``<out>/model`` k
 epoch (mean of the dev files' headline metric); without, it is the last epoch's. ``<out>``
 also gets ``log.jsonl`` (loss every ``--log-every`` steps, dev scores per epoch) and
 ``finetune_config.json``. One process, one device.
+
+``<out>/checkpoint.pt`` (the trainable weights, AdamW's state, the random generators and the
+position in the epoch) is rewritten every ``--save-every`` steps and after every epoch;
+``--resume`` continues an interrupted run from it, on the same batches in the same order (each
+epoch's order is drawn from the seed and the epoch alone), and a larger ``--epochs`` extends a
+finished one.
 """
 
 from __future__ import annotations
@@ -62,10 +68,13 @@ class FinetuneConfig:
     max_new_tokens: int = 8          # dev scoring: answer length
     num_beams: int = 1
     k: int = 16                      # dev scoring (retrieval): candidates re-ranked by [match]
+    save_every: int = 1000           # steps between checkpoints (also one after every epoch)
+    resume: bool = False             # continue from <out>/checkpoint.pt
 
     def check(self) -> None:
         check_task(self.task, "finetune")
-        for name in ("epochs", "batch_size", "log_every", "max_new_tokens", "num_beams", "k"):
+        for name in ("epochs", "batch_size", "log_every", "max_new_tokens", "num_beams", "k",
+                     "save_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"finetune: {name} must be a positive int, got {v!r}")
@@ -82,9 +91,9 @@ class FinetuneConfig:
                              f"{self.precision!r}")
         if not self.train:
             raise ValueError("finetune: train names no file")
-        if os.path.exists(os.path.join(self.out, "model", "config.json")):
+        if not self.resume and os.path.exists(os.path.join(self.out, "model", "config.json")):
             raise FileExistsError(f"finetune: {self.out!r} already holds a fine-tuned model; "
-                                  f"choose another --out")
+                                  f"choose another --out (or --resume an interrupted run)")
 
 
 @dataclass
@@ -116,6 +125,38 @@ class _Examples(torch.utils.data.Dataset):
             return Example(None, image=image, image_id=rec.images, pair_text=rec.texts[t])
         return Example("qus", target=rec.answer, image=image, text=rec.texts[0],
                        image_id=rec.images)
+
+
+class _BatchOrder(torch.utils.data.Sampler):
+    """Batches of a fresh permutation per epoch, drawn from (seed, epoch) alone, so that a
+    resumed run sees the same batches in the same order and can skip the ones already done."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int):
+        self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, seed
+        self.epoch, self.skip = 1, 0
+
+    def start(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:  # batches of a whole epoch
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+            self.seed * 100_003 + self.epoch)).tolist()
+        for b in range(self.skip, len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def _trainable_state(model) -> dict:
+    # The frozen parts (the ViT, the frozen decoder blocks) come back from --model on resume.
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash while writing leaves the previous checkpoint intact
 
 
 def resolve_device(name: str) -> torch.device:
@@ -168,11 +209,11 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
                                 image_std=mc.vision.image_std, max_text_length=mc.text.max_length)
     if cfg.workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers fork-safety
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=batch_size, shuffle=True, collate_fn=collate, num_workers=cfg.workers,
-        # a retrieval batch of one pair has no in-batch negative
-        drop_last=retrieval, generator=torch.Generator().manual_seed(cfg.seed),
-        pin_memory=device.type == "cuda")
+    # a retrieval batch of one pair has no in-batch negative: drop a last batch that small
+    order = _BatchOrder(len(data), batch_size, drop_last=retrieval, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate,
+                                         num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda")
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(trainable_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=tuple(cfg.betas), **kwargs)
@@ -180,36 +221,70 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
     mining = torch.Generator(device=device).manual_seed(cfg.seed)
 
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "finetune_config.json"), "w", encoding="utf-8") as f:
-        json.dump(asdict(cfg), f, indent=2)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     log_path = os.path.join(cfg.out, "log.jsonl")
     model_dir = os.path.join(cfg.out, "model")
+    run = {"history": [], "dev": [], "best": -1.0, "best_epoch": None, "step": 0,
+           "epoch": 1, "batches_done": 0}
+    if cfg.resume and os.path.isfile(ckpt_path):
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        changed = [k for k in ("task", "model", "train", "dev", "images", "batch_size", "seed")
+                   if state["config"][k] != asdict(cfg)[k]]
+        if changed:
+            raise ValueError(f"finetune: --resume with other {', '.join(changed)} than the "
+                             f"checkpoint's run; start a new --out instead")
+        missing = set(model.load_state_dict(state["model"], strict=False).missing_keys)
+        if any(p.requires_grad for n, p in model.named_parameters() if n in missing):
+            raise ValueError(f"finetune: {ckpt_path} lacks trainable parameters of this model")
+        optimizer.load_state_dict(state["optimizer"])
+        mining.set_state(state["mining"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        run = state["run"]
+        log(f"resumed from {ckpt_path}: epoch {run['epoch']}, {run['batches_done']} of "
+            f"{len(order)} batches done, step {run['step']}")
+    elif cfg.resume:
+        log(f"--resume: no {ckpt_path} yet, starting from {cfg.model}")
+    with open(os.path.join(cfg.out, "finetune_config.json"), "w", encoding="utf-8") as f:
+        json.dump(asdict(cfg), f, indent=2)
     log(f"fine-tuning {cfg.task} on {len(data)} examples ({len(records)} records), "
-        f"{len(loader)} steps/epoch × {cfg.epochs} epochs, batch {batch_size}, lr {cfg.lr}, "
+        f"{len(order)} steps/epoch × {cfg.epochs} epochs, batch {batch_size}, lr {cfg.lr}, "
         f"{device.type}{' bf16' if amp else ''}")
 
-    history, dev_scores, best, best_epoch, step = [], [], -1.0, None, 0
-    with open(log_path, "w", encoding="utf-8") as logf:
+    def checkpoint(epoch, batches_done):
+        run.update(epoch=epoch, batches_done=batches_done)
+        _save_checkpoint(ckpt_path, {
+            "config": asdict(cfg), "model": _trainable_state(model),
+            "optimizer": optimizer.state_dict(), "mining": mining.get_state(),
+            "torch_rng": torch.get_rng_state(), "run": run,
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+
+    history, dev_scores, validated = run["history"], run["dev"], False
+    with open(log_path, "a" if cfg.resume else "w", encoding="utf-8") as logf:
         def record(entry):
             logf.write(json.dumps(entry) + "\n")
             logf.flush()
 
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(run["epoch"], cfg.epochs + 1):
             model.train()
+            order.start(epoch, skip=run["batches_done"] if epoch == run["epoch"] else 0)
             t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-            for i, batch in enumerate(loader, 1):
+            for i, batch in enumerate(loader, order.skip + 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = model(batch, generator=mining, validate=step == 0)
+                    out = model(batch, generator=mining, validate=not validated)
+                validated = True
                 out.loss.backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
+                run["step"] += 1
+                step = run["step"]
                 seen += batch.num_samples or batch.num_pairs
                 loss_sum += out.loss.detach().float()
                 loss_n += 1
-                if step % cfg.log_every == 0 or i == len(loader):
+                if step % cfg.log_every == 0 or i == len(order):
                     entry = {"step": step, "epoch": epoch, "loss": (loss_sum / loss_n).item(),
                              "lr": cfg.lr, "examples_per_s": seen / (time.perf_counter() - t0)}
                     history.append(entry)
@@ -221,6 +296,8 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
                         f"{entry['examples_per_s']:.1f} examples/s")
                     loss_sum, loss_n = 0.0, 0
                     t0, seen = time.perf_counter(), 0
+                if step % cfg.save_every == 0 and i < len(order):
+                    checkpoint(epoch, i)
             if dev_files:
                 scores = {}
                 for f in dev_files:
@@ -234,14 +311,16 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
                 entry = {"epoch": epoch, "score": score, "files": scores}
                 dev_scores.append(entry)
                 record({"dev": entry})
-                improved = score > best
+                improved = score > run["best"]
                 log(f"epoch {epoch} dev: {score:.2%}"
                     + (" (best so far, saved)" if improved else ""))
                 if improved:
-                    best, best_epoch = score, epoch
+                    run.update(best=score, best_epoch=epoch)
                     model.save_pretrained(model_dir)
+            checkpoint(epoch + 1, 0)
         if not dev_files:
             model.save_pretrained(model_dir)
+    best, best_epoch = run["best"], run["best_epoch"]
     log(f"saved {model_dir}" + (f" (epoch {best_epoch}, dev {best:.2%})" if dev_files else ""))
     if dev_files and best_epoch != cfg.epochs:
         model = UniGen.from_pretrained(model_dir).to(device)
@@ -260,7 +339,9 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--dev", nargs="+", default=[],
                    help="dev file(s): score every epoch, keep the best")
-    helps = {"epochs": "passes over the training files", "batch_size": "examples per step",
+    helps = {"epochs": "passes over the training files (with --resume: the total, may grow)",
+             "batch_size": "examples per step",
+             "save_every": "steps between checkpoints (<out>/checkpoint.pt; also after each epoch)",
              "workers": "DataLoader processes decoding images", "seed": "shuffling, mining",
              "log_every": "steps between loss lines", "max_new_tokens": "dev: answer length",
              "num_beams": "dev: beam search width (1 = greedy)",
@@ -268,7 +349,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
              "lr": "AdamW learning rate (constant)", "weight_decay": "on matrices only",
              "grad_clip": "max gradient norm (0: none)"}
     for name, kind in [(n, int) for n in ("epochs", "batch_size", "workers", "seed", "log_every",
-                                          "max_new_tokens", "num_beams", "k")] + \
+                                          "max_new_tokens", "num_beams", "k", "save_every")] + \
                       [(n, float) for n in ("lr", "weight_decay", "grad_clip")]:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                        help=helps[name])
@@ -276,6 +357,9 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     p.add_argument("--device", default=d.device, help="auto = cuda when available")
     p.add_argument("--precision", default=d.precision, choices=("auto", "bf16", "fp32"),
                    help="auto = bf16 autocast on cuda, fp32 elsewhere")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <out>/checkpoint.pt (same data, batch "
+                        "size and seed: the same batches in the same order)")
     a = p.parse_args(argv)
     return FinetuneConfig(**{k: (tuple(v) if k == "betas" else v) for k, v in vars(a).items()})
 
