@@ -14,7 +14,7 @@ class FakeRetriever:
     def __init__(self, sim, match):
         self.sim, self.match = sim, match
 
-    def retrieve(self, images, texts, k):
+    def retrieve(self, images, texts, k, batch_size=256):
         def rank(sim, match):
             top_sim, top = sim.topk(k, dim=1)
             score = match.gather(1, top)

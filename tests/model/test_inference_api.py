@@ -108,6 +108,10 @@ def test_embeddings_and_retrieval(model):
         torch.testing.assert_close(r.image_to_text_scores[i], expected, rtol=1e-4, atol=1e-5)
     for j in range(5):
         assert set(r.text_to_image[j].tolist()) == set(sim[:, j].topk(3).indices.tolist())
+    # Encoding and [match] scoring in chunks changes nothing.
+    small = model.retrieve(imgs, texts, k=3, batch_size=2)
+    for a, b in zip(small.__dict__.values(), r.__dict__.values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # k larger than the gallery is capped.
     assert model.retrieve(imgs[:2], texts, k=10).image_to_text.shape == (2, 5)
 
@@ -153,6 +157,8 @@ def test_bad_inputs(model, tokenizers):
         model.generate_ids("describe", images=[image(0)])
     with pytest.raises(ValueError, match="k must be a positive int"):
         model.retrieve([image(0)], ["a cat"], k=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        model.retrieve([image(0)], ["a cat"], batch_size=0)
     bare = UniGen.tiny()
     with pytest.raises(RuntimeError, match="no tokenizers attached"):
         bare.translate(["a cat"])

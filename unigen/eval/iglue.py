@@ -79,7 +79,8 @@ def evaluate_retrieval(model, file: IGLUEFile, resolver: ImageResolver, *, k: in
     if len(texts) < 2:
         raise ValueError(f"evaluate_retrieval: {file.path} has fewer than 2 captions")
     correct = torch.arange(len(file.records))[:, None] == owner[None, :]
-    s = recall_at_1(model.retrieve(images, texts, k=min(k, len(texts))), correct)
+    s = recall_at_1(model.retrieve(images, texts, k=min(k, len(texts)), batch_size=batch_size),
+                    correct)
     return {"images": len(file.records), "texts": len(texts),
             "i2t_contrastive": s.i2t_contrastive, "t2i_contrastive": s.t2i_contrastive,
             "i2t_rerank": s.i2t_rerank, "t2i_rerank": s.t2i_rerank,

@@ -58,4 +58,5 @@ def retrieval_recall_at_1(model, images: torch.Tensor, texts: list[str], *, k: i
         raise ValueError("retrieval_recall_at_1: needs at least 2 image-text pairs")
     group = _groups(texts)
     same = group[:, None] == group[None, :]  # same[i, j]: text j is a correct answer for image i
-    return recall_at_1(model.retrieve(images, texts, k=min(k, len(texts))), same)
+    return recall_at_1(model.retrieve(images, texts, k=min(k, len(texts)), batch_size=batch_size),
+                       same)

@@ -576,18 +576,32 @@ class UniGen(nn.Module):
         return F.normalize(self.text_proj(h[:, 0]).float(), dim=-1)
 
     @torch.no_grad()
-    def retrieve(self, images, texts, k: int = 16) -> RetrievalResult:
+    def retrieve(self, images, texts, k: int = 16, *, batch_size: int = 256) -> RetrievalResult:
         """Image→text and text→image retrieval: contrastive top-k, then re-ranking of those k by
-        the [match] probability (CCLM/BLIP's two-stage retrieval)."""
+        the [match] probability (CCLM/BLIP's two-stage retrieval).
+
+        batch_size: images, texts and [match] pairs per forward (bounds the memory of large
+        galleries: N × k pairs are scored per direction); the results do not depend on it.
+        """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"UniGen.retrieve: k must be a positive int, got {k!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"UniGen.retrieve: batch_size must be a positive int, got "
+                             f"{batch_size!r}")
+
+        def chunked(fn, n, *tensors):
+            outs = [fn(*(t[s:s + batch_size] for t in tensors)) for s in range(0, n, batch_size)]
+            if isinstance(outs[0], tuple):
+                return tuple(torch.cat(parts) for parts in zip(*outs))
+            return torch.cat(outs)
+
         was_training = self.training
         self.eval()
         try:
             x = self._images(images, "retrieve")
             ids, mask = self._texts(texts, "retrieve")
-            q, img_prefix = self.encode_images(x)
-            h, txt_prefix = self.encode_texts(ids, mask)
+            q, img_prefix = chunked(self.encode_images, x.shape[0], x)
+            h, txt_prefix = chunked(self.encode_texts, ids.shape[0], ids, mask)
             ie = F.normalize(self.image_proj(q[:, 0]).float(), dim=-1)
             te = F.normalize(self.text_proj(h[:, 0]).float(), dim=-1)
             sim = ie @ te.t()  # [N_img, N_txt]
@@ -597,7 +611,8 @@ class UniGen(nn.Module):
                 rows = torch.arange(sim_rows.shape[0], device=sim_rows.device).repeat_interleave(kk)
                 cols = top.reshape(-1)
                 ii, tt = pair(rows, cols)
-                prob = self._match_prob(img_prefix[ii], txt_prefix[tt], mask[tt]).view(-1, kk)
+                prob = chunked(lambda i, t: self._match_prob(img_prefix[i], txt_prefix[t], mask[t]),
+                               ii.shape[0], ii, tt).view(-1, kk)
                 order = prob.argsort(dim=1, descending=True)
                 return top.gather(1, order), prob.gather(1, order), top_sim.gather(1, order)
 
