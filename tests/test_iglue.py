@@ -5,6 +5,8 @@ and a tiny model."""
 import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -317,3 +319,36 @@ def test_an_interrupted_run_resumes_on_the_same_batches(world, task, batch_size,
     with pytest.raises(ValueError, match="--resume with other batch_size"):
         finetune(FinetuneConfig(**{**base, "batch_size": 2}, out=out, resume=True),
                  log=lambda _: None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_processes_take_the_steps_of_one_with_the_global_batch(world):
+    """torchrun, 2 processes (gloo) × 8 examples = one process × 16: the same global batches,
+    so (every target being as long) the same losses step by step and the same weights."""
+    root, images, files = world
+    rows = json.loads(open(files["train"]).read())
+    for q in rows.values():
+        q["answer"] = "red"  # equal target lengths: the mean of the two halves' means is the mean
+    train = root / "train_red.json"
+    train.write_text(json.dumps(rows))
+    common = ["--task", "xgqa", "--model", str(root / "pre"), "--train", str(train),
+              "--images", str(images), "--epochs", "2", "--lr", "1e-3", "--workers", "0",
+              "--device", "cpu", "--log-every", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "unigen.finetune", *common, "--batch-size", "8", "--out", str(root / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "batch 8 per process × 2 processes" in proc.stdout
+    assert finetune_main([*common, "--batch-size", "16", "--out", str(root / "single")]) == 0
+    ddp = [json.loads(line) for line in open(root / "ddp" / "log.jsonl")]
+    single = [json.loads(line) for line in open(root / "single" / "log.jsonl")]
+    assert [e["step"] for e in ddp] == [e["step"] for e in single] == list(range(1, 13))
+    for a, b in zip(ddp, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    a = torch.load(root / "ddp" / "checkpoint.pt", weights_only=False)
+    b = torch.load(root / "single" / "checkpoint.pt", weights_only=False)
+    assert a["world"] == 2 and len(a["mining"]) == 2
+    for name in b["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-3, atol=1e-4)

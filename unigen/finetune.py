@@ -15,7 +15,12 @@ from that model on a target language's ``train_<n>`` file.
 With ``--dev`` files the model is scored after every epoch and ``<out>/model`` keeps the best
 epoch (mean of the dev files' headline metric); without, it is the last epoch's. ``<out>``
 also gets ``log.jsonl`` (loss every ``--log-every`` steps, dev scores per epoch) and
-``finetune_config.json``. One process, one device.
+``finetune_config.json``.
+
+Under ``torchrun --nproc_per_node N -m unigen.finetune ...`` (the paper fine-tuned retrieval on
+8 GPUs) each process takes one GPU and ``--batch-size`` examples of every global batch of
+``batch_size × N``; DDP averages the gradients, L_CL's features are gathered over all
+processes (negatives from the global batch), and rank 0 logs, scores the dev files and writes.
 
 ``<out>/checkpoint.pt`` (the trainable weights, AdamW's state, the random generators and the
 position in the epoch) is rewritten every ``--save-every`` steps and after every epoch;
@@ -59,7 +64,7 @@ class FinetuneConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
     grad_clip: float = 1.0           # max gradient norm; 0 = no clipping
-    batch_size: int = 32
+    batch_size: int = 32             # per process under torchrun
     workers: int = 2                 # DataLoader processes decoding images
     device: str = "auto"             # "auto" = cuda when available
     precision: str = "auto"          # "auto" = bf16 autocast on cuda, fp32 elsewhere; or bf16/fp32
@@ -128,24 +133,31 @@ class _Examples(torch.utils.data.Dataset):
 
 
 class _BatchOrder(torch.utils.data.Sampler):
-    """Batches of a fresh permutation per epoch, drawn from (seed, epoch) alone, so that a
-    resumed run sees the same batches in the same order and can skip the ones already done."""
+    """This process's share of the global batches of a fresh permutation per epoch, drawn from
+    (seed, epoch) alone: a resumed run sees the same batches in the same order and skips the
+    ones already done, and the ``world`` processes split each global batch of
+    ``batch_size × world`` examples into equal parts (rank r takes part r)."""
 
-    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int):
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, rank: int = 0,
+                 world: int = 1):
         self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, seed
+        self.rank, self.world = rank, world
         self.epoch, self.skip = 1, 0
 
     def start(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:  # batches of a whole epoch
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        g = self.batch_size * self.world
+        return self.n // g if self.drop_last else -(-self.n // g)
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
             self.seed * 100_003 + self.epoch)).tolist()
+        g = self.batch_size * self.world
         for b in range(self.skip, len(self)):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            start = b * g + self.rank * self.batch_size
+            yield order[start:start + self.batch_size]
 
 
 def _trainable_state(model) -> dict:
@@ -176,21 +188,54 @@ def _read_files(task: str, paths: list[str], what: str, log) -> list:
     return files
 
 
+def _start_processes(cfg: FinetuneConfig):
+    """(device, DistEnv): under torchrun (WORLD_SIZE > 1) one process per device, the process
+    group up (NCCL on GPUs, gloo on CPUs); else this one process on ``cfg.device``."""
+    from unigen.training.config import DistributedConfig, RunConfig
+    from unigen.training.distributed import DistEnv, init_distributed
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world in ("", "1"):
+        device = resolve_device(cfg.device)
+        return device, DistEnv(rank=0, local_rank=0, world_size=1, device=device)
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"finetune: under torchrun the device must be auto, cuda or cpu (each "
+                         f"process takes its LOCAL_RANK's GPU), got {cfg.device!r}")
+    env = init_distributed(DistributedConfig(), RunConfig(device=cfg.device))
+    return env.device, env
+
+
 def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
-    """Fine-tune ``cfg.model`` on ``cfg.train``; write ``cfg.out`` (module docstring)."""
+    """Fine-tune ``cfg.model`` on ``cfg.train``; write ``cfg.out`` (module docstring). Under
+    torchrun every process runs this; rank 0 logs, scores the dev files and writes."""
+    from unigen.training.distributed import teardown_distributed
+
+    cfg.check()
+    device, env = _start_processes(cfg)
+    try:
+        return _finetune(cfg, device, env, log)
+    finally:
+        teardown_distributed(env)
+
+
+def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneResult:
     from unigen.eval.iglue import evaluate_file, headline
     from unigen.model.unigen_model import UniGen
     from unigen.train import trainable_param_groups
+    from unigen.training.config import DistributedConfig
+    from unigen.training.distributed import (all_reduce_sum, barrier, gather_objects,
+                                             parallelize)
 
-    cfg.check()
+    rank, world = env.rank, env.world_size
+    main = rank == 0
+    say = log if main else (lambda _: None)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
     amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     resolver = ImageResolver(cfg.images)
-    train_files = _read_files(cfg.task, cfg.train, "train", log)
-    dev_files = _read_files(cfg.task, cfg.dev, "dev", log)
+    train_files = _read_files(cfg.task, cfg.train, "train", say)
+    dev_files = _read_files(cfg.task, cfg.dev, "dev", say)
 
     model = UniGen.from_pretrained(cfg.model).to(device)
     if model.text_tokenizer is None or model.decoder_tokenizer is None:
@@ -200,27 +245,36 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
     records = [r for f in train_files for r in f.records]
     data = _Examples(cfg.task, records, resolver, mc.vision.image_size)
     retrieval = cfg.task == "xflickrco"
-    if retrieval and len(data) < 2:
-        raise ValueError("finetune: retrieval needs at least 2 image-caption pairs")
-    batch_size = min(cfg.batch_size, len(data))
+    if len(data) < max(world, 2 if retrieval else 1):
+        raise ValueError(f"finetune: {len(data)} training examples are too few"
+                         + (" for retrieval (at least 2 image-caption pairs)" if retrieval
+                            else f" for {world} processes"))
+    batch_size = min(cfg.batch_size, len(data) // world)
     collate = functools.partial(collate_examples, text_tokenizer=model.text_tokenizer,
                                 decoder_tokenizer=model.decoder_tokenizer,
                                 image_size=mc.vision.image_size, image_mean=mc.vision.image_mean,
                                 image_std=mc.vision.image_std, max_text_length=mc.text.max_length)
     if cfg.workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers fork-safety
-    # a retrieval batch of one pair has no in-batch negative: drop a last batch that small
-    order = _BatchOrder(len(data), batch_size, drop_last=retrieval, seed=cfg.seed)
+    # A retrieval batch of one pair has no in-batch negative, and the processes must all take
+    # the same number of steps: the last batch is dropped when it could be short.
+    order = _BatchOrder(len(data), batch_size, drop_last=retrieval or world > 1, seed=cfg.seed,
+                        rank=rank, world=world)
     loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate,
                                          num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda")
+    step_model, _ = parallelize(model, DistributedConfig(), env)  # DDP under torchrun
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(trainable_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=tuple(cfg.betas), **kwargs)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    mining = torch.Generator(device=device).manual_seed(cfg.seed)
+    # Per-process random sources (dropout, hard-negative sampling), as in pre-training.
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)
+    mining = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * rank + 17)
 
-    os.makedirs(cfg.out, exist_ok=True)
+    if main:
+        os.makedirs(cfg.out, exist_ok=True)
+    barrier(env)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     log_path = os.path.join(cfg.out, "log.jsonl")
     model_dir = os.path.join(cfg.out, "model")
@@ -230,6 +284,8 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         changed = [k for k in ("task", "model", "train", "dev", "images", "batch_size", "seed")
                    if state["config"][k] != asdict(cfg)[k]]
+        if state.get("world", 1) != world:
+            changed.append(f"number of processes ({state.get('world', 1)} then)")
         if changed:
             raise ValueError(f"finetune: --resume with other {', '.join(changed)} than the "
                              f"checkpoint's run; start a new --out instead")
@@ -237,44 +293,53 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
         if any(p.requires_grad for n, p in model.named_parameters() if n in missing):
             raise ValueError(f"finetune: {ckpt_path} lacks trainable parameters of this model")
         optimizer.load_state_dict(state["optimizer"])
-        mining.set_state(state["mining"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        mining.set_state(state["mining"][rank])
+        torch.set_rng_state(state["torch_rng"][rank])
+        if device.type == "cuda" and state["cuda_rng"][rank] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"][rank], device)
         run = state["run"]
-        log(f"resumed from {ckpt_path}: epoch {run['epoch']}, {run['batches_done']} of "
+        say(f"resumed from {ckpt_path}: epoch {run['epoch']}, {run['batches_done']} of "
             f"{len(order)} batches done, step {run['step']}")
     elif cfg.resume:
-        log(f"--resume: no {ckpt_path} yet, starting from {cfg.model}")
-    with open(os.path.join(cfg.out, "finetune_config.json"), "w", encoding="utf-8") as f:
-        json.dump(asdict(cfg), f, indent=2)
-    log(f"fine-tuning {cfg.task} on {len(data)} examples ({len(records)} records), "
-        f"{len(order)} steps/epoch × {cfg.epochs} epochs, batch {batch_size}, lr {cfg.lr}, "
-        f"{device.type}{' bf16' if amp else ''}")
+        say(f"--resume: no {ckpt_path} yet, starting from {cfg.model}")
+    if main:
+        with open(os.path.join(cfg.out, "finetune_config.json"), "w", encoding="utf-8") as f:
+            json.dump(asdict(cfg), f, indent=2)
+    say(f"fine-tuning {cfg.task} on {len(data)} examples ({len(records)} records), "
+        f"{len(order)} steps/epoch × {cfg.epochs} epochs, batch {batch_size}"
+        + (f" per process × {world} processes" if world > 1 else "")
+        + f", lr {cfg.lr}, {device.type}{' bf16' if amp else ''}")
 
     def checkpoint(epoch, batches_done):
         run.update(epoch=epoch, batches_done=batches_done)
-        _save_checkpoint(ckpt_path, {
-            "config": asdict(cfg), "model": _trainable_state(model),
-            "optimizer": optimizer.state_dict(), "mining": mining.get_state(),
-            "torch_rng": torch.get_rng_state(), "run": run,
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+        rngs = gather_objects((mining.get_state(), torch.get_rng_state(),
+                               torch.cuda.get_rng_state(device) if device.type == "cuda"
+                               else None), env)
+        if main:
+            _save_checkpoint(ckpt_path, {
+                "config": asdict(cfg), "world": world, "model": _trainable_state(model),
+                "optimizer": optimizer.state_dict(), "run": run,
+                "mining": [r[0] for r in rngs], "torch_rng": [r[1] for r in rngs],
+                "cuda_rng": [r[2] for r in rngs]})
 
     history, dev_scores, validated = run["history"], run["dev"], False
-    with open(log_path, "a" if cfg.resume else "w", encoding="utf-8") as logf:
-        def record(entry):
+    logf = open(log_path, "a" if cfg.resume else "w", encoding="utf-8") if main else None
+
+    def record(entry):
+        if logf is not None:
             logf.write(json.dumps(entry) + "\n")
             logf.flush()
 
+    try:
         for epoch in range(run["epoch"], cfg.epochs + 1):
             model.train()
             order.start(epoch, skip=run["batches_done"] if epoch == run["epoch"] else 0)
             t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             for i, batch in enumerate(loader, order.skip + 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = model(batch, generator=mining, validate=not validated)
+                    out = step_model(batch, generator=mining, validate=not validated)
                 validated = True
-                out.loss.backward()
+                out.loss.backward()  # DDP averages the gradients over the processes
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
@@ -285,20 +350,22 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
                 loss_sum += out.loss.detach().float()
                 loss_n += 1
                 if step % cfg.log_every == 0 or i == len(order):
-                    entry = {"step": step, "epoch": epoch, "loss": (loss_sum / loss_n).item(),
-                             "lr": cfg.lr, "examples_per_s": seen / (time.perf_counter() - t0)}
+                    loss = all_reduce_sum(torch.as_tensor(loss_sum / loss_n, device=device)
+                                          .reshape(1), env).item() / world
+                    entry = {"step": step, "epoch": epoch, "loss": loss, "lr": cfg.lr,
+                             "examples_per_s": seen * world / (time.perf_counter() - t0)}
                     history.append(entry)
                     record(entry)
-                    if not np.isfinite(entry["loss"]):
-                        raise FloatingPointError(f"finetune: the loss is {entry['loss']} at step "
-                                                 f"{step}; try a lower --lr")
-                    log(f"epoch {epoch} step {step}: loss {entry['loss']:.4f}, "
+                    if not np.isfinite(loss):
+                        raise FloatingPointError(f"finetune: the loss is {loss} at step {step}; "
+                                                 f"try a lower --lr")
+                    say(f"epoch {epoch} step {step}: loss {loss:.4f}, "
                         f"{entry['examples_per_s']:.1f} examples/s")
                     loss_sum, loss_n = 0.0, 0
                     t0, seen = time.perf_counter(), 0
                 if step % cfg.save_every == 0 and i < len(order):
                     checkpoint(epoch, i)
-            if dev_files:
+            if dev_files and main:  # scored by rank 0 alone; the others wait at the barrier
                 scores = {}
                 for f in dev_files:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -312,17 +379,22 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
                 dev_scores.append(entry)
                 record({"dev": entry})
                 improved = score > run["best"]
-                log(f"epoch {epoch} dev: {score:.2%}"
+                say(f"epoch {epoch} dev: {score:.2%}"
                     + (" (best so far, saved)" if improved else ""))
                 if improved:
                     run.update(best=score, best_epoch=epoch)
                     model.save_pretrained(model_dir)
+            barrier(env)
             checkpoint(epoch + 1, 0)
-        if not dev_files:
+        if main and not dev_files:
             model.save_pretrained(model_dir)
+    finally:
+        if logf is not None:
+            logf.close()
+    barrier(env)
     best, best_epoch = run["best"], run["best_epoch"]
-    log(f"saved {model_dir}" + (f" (epoch {best_epoch}, dev {best:.2%})" if dev_files else ""))
-    if dev_files and best_epoch != cfg.epochs:
+    say(f"saved {model_dir}" + (f" (epoch {best_epoch}, dev {best:.2%})" if dev_files else ""))
+    if main and dev_files and best_epoch != cfg.epochs:
         model = UniGen.from_pretrained(model_dir).to(device)
     return FinetuneResult(model, cfg.out, history, dev_scores, best_epoch)
 
@@ -340,7 +412,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     p.add_argument("--dev", nargs="+", default=[],
                    help="dev file(s): score every epoch, keep the best")
     helps = {"epochs": "passes over the training files (with --resume: the total, may grow)",
-             "batch_size": "examples per step",
+             "batch_size": "examples per step (per process under torchrun)",
              "save_every": "steps between checkpoints (<out>/checkpoint.pt; also after each epoch)",
              "workers": "DataLoader processes decoding images", "seed": "shuffling, mining",
              "log_every": "steps between loss lines", "max_new_tokens": "dev: answer length",
