@@ -75,6 +75,7 @@ class FinetuneConfig:
     k: int = 16                      # dev scoring (retrieval): candidates re-ranked by [match]
     save_every: int = 1000           # steps between checkpoints (also one after every epoch)
     resume: bool = False             # continue from <out>/checkpoint.pt
+    stop_at_step: int = 0            # checkpoint and stop after this step (0: run to the end)
 
     def check(self) -> None:
         check_task(self.task, "finetune")
@@ -83,6 +84,9 @@ class FinetuneConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"finetune: {name} must be a positive int, got {v!r}")
+        if not isinstance(self.stop_at_step, int) or self.stop_at_step < 0:
+            raise ValueError(f"finetune: stop_at_step must be an int >= 0, got "
+                             f"{self.stop_at_step!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"finetune: workers must be an int >= 0, got {self.workers!r}")
         for name in ("lr", "weight_decay", "grad_clip"):
@@ -163,6 +167,12 @@ class _BatchOrder(torch.utils.data.Sampler):
 def _trainable_state(model) -> dict:
     # The frozen parts (the ViT, the frozen decoder blocks) come back from --model on resume.
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _logged_before(entry: dict, run: dict) -> bool:
+    if "dev" in entry:
+        return entry["dev"]["epoch"] < run["epoch"]
+    return entry["step"] <= run["step"]
 
 
 def _save_checkpoint(path: str, state: dict) -> None:
@@ -298,6 +308,12 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
         if device.type == "cuda" and state["cuda_rng"][rank] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"][rank], device)
         run = state["run"]
+        if main and os.path.isfile(log_path):
+            # drop what was logged after the checkpoint (a crash's last steps): redone below
+            with open(log_path, encoding="utf-8") as f:
+                kept = [line for line in f if _logged_before(json.loads(line), run)]
+            with open(log_path, "w", encoding="utf-8") as f:
+                f.writelines(kept)
         say(f"resumed from {ckpt_path}: epoch {run['epoch']}, {run['batches_done']} of "
             f"{len(order)} batches done, step {run['step']}")
     elif cfg.resume:
@@ -322,7 +338,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
                 "mining": [r[0] for r in rngs], "torch_rng": [r[1] for r in rngs],
                 "cuda_rng": [r[2] for r in rngs]})
 
-    history, dev_scores, validated = run["history"], run["dev"], False
+    history, dev_scores, validated, stopping = run["history"], run["dev"], False, False
     logf = open(log_path, "a" if cfg.resume else "w", encoding="utf-8") if main else None
 
     def record(entry):
@@ -334,7 +350,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
         for epoch in range(run["epoch"], cfg.epochs + 1):
             model.train()
             order.start(epoch, skip=run["batches_done"] if epoch == run["epoch"] else 0)
-            t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            t0, seen, loss_sum, loss_n, i = time.perf_counter(), 0, 0.0, 0, order.skip
             for i, batch in enumerate(loader, order.skip + 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = step_model(batch, generator=mining, validate=not validated)
@@ -363,8 +379,13 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
                         f"{entry['examples_per_s']:.1f} examples/s")
                     loss_sum, loss_n = 0.0, 0
                     t0, seen = time.perf_counter(), 0
-                if step % cfg.save_every == 0 and i < len(order):
+                stopping = cfg.stop_at_step == step
+                if (step % cfg.save_every == 0 or stopping) and i < len(order):
                     checkpoint(epoch, i)
+                if stopping:
+                    break
+            if stopping and i < len(order):
+                break
             if dev_files and main:  # scored by rank 0 alone; the others wait at the barrier
                 scores = {}
                 for f in dev_files:
@@ -386,6 +407,11 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
                     model.save_pretrained(model_dir)
             barrier(env)
             checkpoint(epoch + 1, 0)
+            if stopping:
+                break
+        if stopping:
+            say(f"stopped after step {run['step']} (--stop-at-step); --resume continues")
+            return FinetuneResult(model, cfg.out, history, dev_scores, run["best_epoch"])
         if main and not dev_files:
             model.save_pretrained(model_dir)
     finally:
@@ -414,6 +440,8 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     helps = {"epochs": "passes over the training files (with --resume: the total, may grow)",
              "batch_size": "examples per step (per process under torchrun)",
              "save_every": "steps between checkpoints (<out>/checkpoint.pt; also after each epoch)",
+             "stop_at_step": "checkpoint and stop after this step, e.g. to fit a job's time "
+                             "slot (0: run to the end); --resume continues",
              "workers": "DataLoader processes decoding images", "seed": "shuffling, mining",
              "log_every": "steps between loss lines", "max_new_tokens": "dev: answer length",
              "num_beams": "dev: beam search width (1 = greedy)",
@@ -421,7 +449,8 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
              "lr": "AdamW learning rate (constant)", "weight_decay": "on matrices only",
              "grad_clip": "max gradient norm (0: none)"}
     for name, kind in [(n, int) for n in ("epochs", "batch_size", "workers", "seed", "log_every",
-                                          "max_new_tokens", "num_beams", "k", "save_every")] + \
+                                          "max_new_tokens", "num_beams", "k", "save_every",
+                                          "stop_at_step")] + \
                       [(n, float) for n in ("lr", "weight_decay", "grad_clip")]:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                        help=helps[name])
