@@ -46,9 +46,6 @@ import torch
 from unigen.data.iglue import IGLUE_TASKS, IGLUERecord, ImageResolver, check_task, read_iglue
 from unigen.model.batch import Example, collate_examples
 
-HISTORY_FIELDS = ("step", "epoch", "loss", "lr", "examples_per_s")
-
-
 @dataclass
 class FinetuneConfig:
     """Everything one fine-tuning run needs (the command line's flags, same names)."""
