@@ -407,6 +407,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
             if stopping:
                 break
         if stopping:
+            barrier(env)  # rank 0 has written the checkpoint before any process leaves
             say(f"stopped after step {run['step']} (--stop-at-step); --resume continues")
             return FinetuneResult(model, cfg.out, history, dev_scores, run["best_epoch"])
         if main and not dev_files:
