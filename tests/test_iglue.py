@@ -257,7 +257,9 @@ def test_bad_arguments_are_named(world, capsys):
     for key, value, message in [("epochs", 0, "epochs must be a positive int"),
                                 ("lr", 0.0, "lr must be a finite number > 0"),
                                 ("task", "vqa", "task must be one of"),
-                                ("precision", "fp8", "precision must be")]:
+                                ("precision", "fp8", "precision must be"),
+                                ("decay", "step", "decay must be constant, linear or cosine"),
+                                ("min_lr_ratio", 2.0, "min_lr_ratio must be in")]:
         with pytest.raises(ValueError, match=message):
             finetune(FinetuneConfig(**{**base, key: value}), log=lambda _: None)
     assert finetune_main(["--task", "xgqa", "--model", str(root / "pre"), "--train",
@@ -378,3 +380,15 @@ def test_stop_at_step_then_resume(world):
     b = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
     assert os.path.isfile(os.path.join(out, "model", "config.json"))
+
+
+def test_schedule_warmup_then_linear_decay(world):
+    root, images, files = world
+    result = finetune(FinetuneConfig(task="xgqa", model=str(root / "pre"),
+                                     train=[str(files["train"])], images=str(images),
+                                     out=str(root / "sched"), epochs=1, batch_size=16, lr=1e-3,
+                                     warmup_steps=2, decay="linear", workers=0, device="cpu",
+                                     log_every=1), log=lambda _: None)
+    # 6 steps: warm-up 1/2, 1, then linear to 0 at the last step
+    expected = [1e-3 * f for f in (0.5, 1.0, 0.75, 0.5, 0.25, 0.0)]
+    assert [h["lr"] for h in result.history] == pytest.approx(expected)

@@ -8,7 +8,8 @@ samples (image ⊕ encoder text ⊕ [qus] → the keyword or the answer, the sam
 cross-entropy as pre-training); xFlickr&CO trains the retrieval heads, L_CL with mined
 hard negatives and the [match] task built from them (file formats: :mod:`unigen.data.iglue`).
 The paper's settings are the defaults: AdamW (β = 0.9, 0.98), learning rate 3e-5 without
-warm-up (held constant), 10 epochs, bf16 autocast on GPUs. Zero-shot transfer fine-tunes on the
+warm-up (held constant: ``--decay linear|cosine`` and ``--warmup-steps`` give pre-training's
+schedule instead), 10 epochs, bf16 autocast on GPUs. Zero-shot transfer fine-tunes on the
 English files and evaluates on the others (``python -m unigen.evaluate``); few-shot continues
 from that model on a target language's ``train_<n>`` file.
 
@@ -58,6 +59,9 @@ class FinetuneConfig:
     dev: list[str] = field(default_factory=list)
     epochs: int = 10
     lr: float = 3e-5
+    decay: str = "constant"          # after warm-up: constant (the paper), linear or cosine
+    warmup_steps: int = 0            # linear warm-up (the paper: none)
+    min_lr_ratio: float = 0.0        # linear/cosine: lr at the last step, as a fraction of lr
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
     grad_clip: float = 1.0           # max gradient norm; 0 = no clipping
@@ -92,6 +96,15 @@ class FinetuneConfig:
             if bad or (name == "lr" and v == 0):
                 raise ValueError(f"finetune: {name} must be a finite number "
                                  f"{'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
+        if self.decay not in ("constant", "linear", "cosine"):
+            raise ValueError(f"finetune: decay must be constant, linear or cosine, got "
+                             f"{self.decay!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"finetune: warmup_steps must be an int >= 0, got "
+                             f"{self.warmup_steps!r}")
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise ValueError(f"finetune: min_lr_ratio must be in [0, 1], got "
+                             f"{self.min_lr_ratio!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"finetune: precision must be auto, bf16 or fp32, got "
                              f"{self.precision!r}")
@@ -229,9 +242,10 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
     from unigen.eval.iglue import evaluate_file, headline
     from unigen.model.unigen_model import UniGen
     from unigen.train import trainable_param_groups
-    from unigen.training.config import DistributedConfig
+    from unigen.training.config import DistributedConfig, ScheduleConfig
     from unigen.training.distributed import (all_reduce_sum, barrier, gather_objects,
                                              parallelize)
+    from unigen.training.schedule import lr_multiplier
 
     rank, world = env.rank, env.world_size
     main = rank == 0
@@ -275,6 +289,9 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
     optimizer = torch.optim.AdamW(trainable_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=tuple(cfg.betas), **kwargs)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    # The pre-training schedule, a pure function of the step (so resuming needs only the step).
+    schedule = ScheduleConfig(steps=len(order) * cfg.epochs, warmup_steps=cfg.warmup_steps,
+                              decay=cfg.decay, min_lr_ratio=cfg.min_lr_ratio)
     # Per-process random sources (dropout, hard-negative sampling), as in pre-training.
     torch.manual_seed(cfg.seed + 1_000_003 * rank)
     mining = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * rank + 17)
@@ -321,7 +338,9 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
     say(f"fine-tuning {cfg.task} on {len(data)} examples ({len(records)} records), "
         f"{len(order)} steps/epoch × {cfg.epochs} epochs, batch {batch_size}"
         + (f" per process × {world} processes" if world > 1 else "")
-        + f", lr {cfg.lr}, {device.type}{' bf16' if amp else ''}")
+        + f", lr {cfg.lr} ({cfg.decay}"
+        + (f", {cfg.warmup_steps} warm-up steps" if cfg.warmup_steps else "")
+        + f"), {device.type}{' bf16' if amp else ''}")
 
     def checkpoint(epoch, batches_done):
         run.update(epoch=epoch, batches_done=batches_done)
@@ -355,6 +374,9 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
                 out.loss.backward()  # DDP averages the gradients over the processes
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                lr = cfg.lr * lr_multiplier(run["step"], schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 run["step"] += 1
@@ -365,7 +387,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
                 if step % cfg.log_every == 0 or i == len(order):
                     loss = all_reduce_sum(torch.as_tensor(loss_sum / loss_n, device=device)
                                           .reshape(1), env).item() / world
-                    entry = {"step": step, "epoch": epoch, "loss": loss, "lr": cfg.lr,
+                    entry = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
                              "examples_per_s": seen * world / (time.perf_counter() - t0)}
                     history.append(entry)
                     record(entry)
@@ -444,15 +466,19 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
              "log_every": "steps between loss lines", "max_new_tokens": "dev: answer length",
              "num_beams": "dev: beam search width (1 = greedy)",
              "k": "dev (retrieval): contrastive candidates re-ranked by [match]",
-             "lr": "AdamW learning rate (constant)", "weight_decay": "on matrices only",
+             "lr": "AdamW peak learning rate", "weight_decay": "on matrices only",
+             "warmup_steps": "linear warm-up steps", "min_lr_ratio": "lr at the last step / lr "
+             "(linear, cosine)",
              "grad_clip": "max gradient norm (0: none)"}
     for name, kind in [(n, int) for n in ("epochs", "batch_size", "workers", "seed", "log_every",
                                           "max_new_tokens", "num_beams", "k", "save_every",
-                                          "stop_at_step")] + \
-                      [(n, float) for n in ("lr", "weight_decay", "grad_clip")]:
+                                          "stop_at_step", "warmup_steps")] + \
+                      [(n, float) for n in ("lr", "weight_decay", "grad_clip", "min_lr_ratio")]:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                        help=helps[name])
     p.add_argument("--betas", type=float, nargs=2, default=list(d.betas), help="AdamW betas")
+    p.add_argument("--decay", default=d.decay, choices=("constant", "linear", "cosine"),
+                   help="lr after warm-up (the paper: constant)")
     p.add_argument("--device", default=d.device, help="auto = cuda when available")
     p.add_argument("--precision", default=d.precision, choices=("auto", "bf16", "fp32"),
                    help="auto = bf16 autocast on cuda, fp32 elsewhere")
