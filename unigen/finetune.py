@@ -179,6 +179,32 @@ def _trainable_state(model) -> dict:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _restore(state: dict, path: str, model, optimizer, mining, device, rank: int) -> None:
+    """Weights, AdamW's state and this process's random generators from a checkpoint."""
+    missing = set(model.load_state_dict(state["model"], strict=False).missing_keys)
+    if any(p.requires_grad for n, p in model.named_parameters() if n in missing):
+        raise ValueError(f"finetune: {path} lacks trainable parameters of this model")
+    optimizer.load_state_dict(state["optimizer"])
+    mining.set_state(state["mining"][rank])
+    torch.set_rng_state(state["torch_rng"][rank])
+    if device.type == "cuda" and state["cuda_rng"][rank] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"][rank], device)
+
+
+def _score_dev(model, files, resolver, cfg: FinetuneConfig, device, amp: bool):
+    """(mean headline metric, {path: metrics}) of the dev files."""
+    from unigen.eval.iglue import evaluate_file, headline
+
+    scores = {}
+    for f in files:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            scores[f.path], _ = evaluate_file(model, f, resolver, batch_size=cfg.batch_size,
+                                              max_new_tokens=cfg.max_new_tokens,
+                                              num_beams=cfg.num_beams, k=cfg.k,
+                                              workers=cfg.workers)
+    return sum(headline(cfg.task, m) for m in scores.values()) / len(scores), scores
+
+
 def _logged_before(entry: dict, run: dict) -> bool:
     if "dev" in entry:
         return entry["dev"]["epoch"] < run["epoch"]
@@ -239,7 +265,6 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
 
 
 def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneResult:
-    from unigen.eval.iglue import evaluate_file, headline
     from unigen.model.unigen_model import UniGen
     from unigen.train import trainable_param_groups
     from unigen.training.config import DistributedConfig, ScheduleConfig
@@ -313,14 +338,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
         if changed:
             raise ValueError(f"finetune: --resume with other {', '.join(changed)} than the "
                              f"checkpoint's run; start a new --out instead")
-        missing = set(model.load_state_dict(state["model"], strict=False).missing_keys)
-        if any(p.requires_grad for n, p in model.named_parameters() if n in missing):
-            raise ValueError(f"finetune: {ckpt_path} lacks trainable parameters of this model")
-        optimizer.load_state_dict(state["optimizer"])
-        mining.set_state(state["mining"][rank])
-        torch.set_rng_state(state["torch_rng"][rank])
-        if device.type == "cuda" and state["cuda_rng"][rank] is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"][rank], device)
+        _restore(state, ckpt_path, model, optimizer, mining, device, rank)
         run = state["run"]
         if main and os.path.isfile(log_path):
             # drop what was logged after the checkpoint (a crash's last steps): redone below
@@ -406,15 +424,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneRe
             if stopping and i < len(order):
                 break
             if dev_files and main:  # scored by rank 0 alone; the others wait at the barrier
-                scores = {}
-                for f in dev_files:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        metrics, _ = evaluate_file(model, f, resolver, batch_size=cfg.batch_size,
-                                                   max_new_tokens=cfg.max_new_tokens,
-                                                   num_beams=cfg.num_beams, k=cfg.k,
-                                                   workers=cfg.workers)
-                    scores[f.path] = metrics
-                score = sum(headline(cfg.task, m) for m in scores.values()) / len(scores)
+                score, scores = _score_dev(model, dev_files, resolver, cfg, device, amp)
                 entry = {"epoch": epoch, "score": score, "files": scores}
                 dev_scores.append(entry)
                 record({"dev": entry})
