@@ -248,6 +248,13 @@ def test_finetune_and_score_every_task(world, task):
         # a bare path names the predictions file, its folders joined by "_"
         (written,) = os.listdir(out / "preds")
         assert written == str(files[task]).strip("/").replace("/", "_") + ".jsonl"
+        # ranking the keywords never answers off-label
+        ranked = evaluate(task, str(out / "model"), [f"r={files[task]}"], str(images), workers=0,
+                          device="cpu", decode="rank", predictions_dir=str(out / "ranked"),
+                          log=lambda _: None)["r"]
+        assert ranked["not_a_label"] == 0.0
+        words = {"yes", "no", "maybe"} if task == "xvnli" else {"yes", "no"}
+        assert {json.loads(line)["prediction"] for line in open(out / "ranked" / "r.jsonl")} <= words
 
 
 def test_bad_arguments_are_named(world, capsys):
@@ -272,6 +279,10 @@ def test_bad_arguments_are_named(world, capsys):
         evaluate("xgqa", str(root / "pre"), [str(files["dev"])], str(images), batch_size=0)
     with pytest.raises(ValueError, match="precision must be"):
         evaluate("xgqa", str(root / "pre"), [str(files["dev"])], str(images), precision="fp16")
+    with pytest.raises(ValueError, match="decode='rank' needs a closed set of answers"):
+        evaluate("xgqa", str(root / "pre"), [str(files["dev"])], str(images), decode="rank")
+    with pytest.raises(ValueError, match="decode='rank' needs a closed set of answers"):
+        finetune(FinetuneConfig(**{**base, "decode": "rank"}), log=lambda _: None)
     with pytest.raises(ValueError, match="test names must differ"):
         evaluate("xgqa", str(root / "pre"), [f"a={files['dev']}", f"a={files['train']}"], str(images))
 

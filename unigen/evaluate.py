@@ -34,13 +34,14 @@ def _named(spec: str) -> tuple[str, str]:
 
 def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_size: int = 64,
              max_new_tokens: int = 8, num_beams: int = 1, k: int = 16, workers: int = 2,
-             device: str = "auto", precision: str = "auto", predictions_dir: str | None = None,
-             log=print) -> dict:
+             device: str = "auto", precision: str = "auto", decode: str = "generate",
+             predictions_dir: str | None = None, log=print) -> dict:
     """{name: metrics} for every test file, plus "mean" (of the task's headline metric).
 
     precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" or "fp32".
+    decode: "generate" (the paper's protocol) or "rank" (xvnli, marvl: the likeliest keyword).
     """
-    from unigen.eval.iglue import evaluate_file, headline
+    from unigen.eval.iglue import check_decode, evaluate_file, headline
     from unigen.model.unigen_model import UniGen
 
     if task not in IGLUE_TASKS:
@@ -53,6 +54,7 @@ def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_
             raise ValueError(f"evaluate: {name} must be an int >= {low}, got {v!r}")
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"evaluate: precision must be auto, bf16 or fp32, got {precision!r}")
+    check_decode(task, decode, "evaluate")
     named = [_named(t) for t in tests]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
@@ -72,7 +74,7 @@ def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             metrics, preds = evaluate_file(model, f, resolver, batch_size=batch_size,
                                            max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                           k=k, workers=workers, log=log)
+                                           k=k, workers=workers, decode=decode, log=log)
         metrics["seconds"] = time.perf_counter() - t0
         results[name] = metrics
         log(f"{task} {name}: {headline(task, metrics):.2%} "
@@ -108,11 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto = cuda when available")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto = bf16 autocast on cuda, fp32 elsewhere")
+    p.add_argument("--decode", default="generate", choices=("generate", "rank"),
+                   help="generate answers (the paper), or rank the keywords (xvnli, marvl)")
     a = p.parse_args(argv)
     try:
         results = evaluate(a.task, a.model, a.test, a.images, batch_size=a.batch_size,
                            max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, k=a.k,
                            workers=a.workers, device=a.device, precision=a.precision,
+                           decode=a.decode,
                            predictions_dir=a.predictions)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -74,6 +74,7 @@ class FinetuneConfig:
     max_new_tokens: int = 8          # dev scoring: answer length
     num_beams: int = 1
     k: int = 16                      # dev scoring (retrieval): candidates re-ranked by [match]
+    decode: str = "generate"         # dev scoring: generate, or rank the keywords (xvnli, marvl)
     save_every: int = 1000           # steps between checkpoints (also one after every epoch)
     resume: bool = False             # continue from <out>/checkpoint.pt
     stop_at_step: int = 0            # checkpoint and stop after this step (0: run to the end)
@@ -96,6 +97,9 @@ class FinetuneConfig:
             if bad or (name == "lr" and v == 0):
                 raise ValueError(f"finetune: {name} must be a finite number "
                                  f"{'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
+        from unigen.eval.iglue import check_decode
+
+        check_decode(self.task, self.decode, "finetune")
         if self.decay not in ("constant", "linear", "cosine"):
             raise ValueError(f"finetune: decay must be constant, linear or cosine, got "
                              f"{self.decay!r}")
@@ -201,7 +205,7 @@ def _score_dev(model, files, resolver, cfg: FinetuneConfig, device, amp: bool):
             scores[f.path], _ = evaluate_file(model, f, resolver, batch_size=cfg.batch_size,
                                               max_new_tokens=cfg.max_new_tokens,
                                               num_beams=cfg.num_beams, k=cfg.k,
-                                              workers=cfg.workers)
+                                              workers=cfg.workers, decode=cfg.decode)
     return sum(headline(cfg.task, m) for m in scores.values()) / len(scores), scores
 
 
@@ -487,6 +491,8 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                        help=helps[name])
     p.add_argument("--betas", type=float, nargs=2, default=list(d.betas), help="AdamW betas")
+    p.add_argument("--decode", default=d.decode, choices=("generate", "rank"),
+                   help="dev: generate answers (the paper), or rank the keywords (xvnli, marvl)")
     p.add_argument("--decay", default=d.decay, choices=("constant", "linear", "cosine"),
                    help="lr after warm-up (the paper: constant)")
     p.add_argument("--device", default=d.device, help="auto = cuda when available")

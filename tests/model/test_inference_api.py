@@ -90,6 +90,20 @@ def test_match_probability(model):
     torch.testing.assert_close(p[1:], model.match([imgs[1]], [texts[1]]), rtol=1e-5, atol=1e-6)
 
 
+def test_score_answers_ranks_a_closed_set(model):
+    imgs = [image(i) for i in range(3)]
+    texts = [sentence_of("en", (i, i, i)) for i in range(3)]
+    lp = model.score_answers(imgs, texts, ["yes", "no", "a red cat"], task="match")
+    assert lp.shape == (3, 3) and bool((lp < 0).all())
+    # [match]'s probability is the renormalised pair of its two answers' sequence probabilities
+    torch.testing.assert_close(torch.sigmoid(lp[:, 0] - lp[:, 1]), model.match(imgs, texts),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="candidates must be a non-empty list"):
+        model.score_answers(imgs, texts, [])
+    with pytest.raises(ValueError, match="task must be 'qus' or 'match'"):
+        model.score_answers(imgs, texts, ["yes"], task="cap")
+
+
 def test_embeddings_and_retrieval(model):
     imgs = [image(i) for i in range(4)]
     texts = [sentence_of("en", (i, i, i % 4)) for i in range(5)]

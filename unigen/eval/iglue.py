@@ -4,7 +4,8 @@ or answer for XVNLI, xGQA and MaRVL, Recall@1 for xFlickr&CO.
 A generated answer is right when it equals the reference after :func:`normalize_answer`
 (lower case, no punctuation or articles). The paper adjudicated near misses ("black cat" for
 "cat") by hand; here they count as wrong, and for the keyword tasks the share of outputs that
-are no keyword at all is reported as ``not_a_label``. Retrieval ranks every test image against
+are no keyword at all is reported as ``not_a_label``; ``decode="rank"`` instead picks the
+keyword of highest log-probability (never off-label). Retrieval ranks every test image against
 every test caption: by contrastive similarity, and after re-ranking the contrastive top-k by
 the [match] probability; IGLUE's R@1 is the mean of the two directions (``r1``, re-ranked).
 """
@@ -34,19 +35,42 @@ def _image_batches(file: IGLUEFile, resolver: ImageResolver, image_size: int, ba
         start += images.shape[0]
 
 
+DECODES = ("generate", "rank")
+
+
+def check_decode(task: str, decode: str, op: str) -> None:
+    if decode not in DECODES:
+        raise ValueError(f"{op}: decode must be one of {DECODES}, got {decode!r}")
+    if decode == "rank" and task not in _LABEL_WORDS:
+        raise ValueError(f"{op}: decode='rank' needs a closed set of answers; {task} answers "
+                         f"are generated (xvnli and marvl have keywords)")
+
+
 @torch.no_grad()
 def evaluate_generative(model, file: IGLUEFile, resolver: ImageResolver, *, batch_size: int = 64,
                         max_new_tokens: int = 8, num_beams: int = 1, workers: int = 0,
+                        decode: str = "generate",
                         log: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
-    """Accuracy of ``model.answer`` on an XVNLI / xGQA / MaRVL file, and every prediction."""
+    """Accuracy on an XVNLI / xGQA / MaRVL file, and every prediction.
+
+    decode: "generate" (``model.answer``, the paper's protocol) or, for the keyword tasks,
+    "rank" (the keyword of highest log-probability, :meth:`UniGen.score_answers`).
+    """
+    check_decode(file.task, decode, "evaluate")
     labels = _LABEL_WORDS.get(file.task)
+    choices = sorted(labels) if labels is not None else None
     predictions, hits, off_label = [], 0, 0
     n, t0, next_log = len(file.records), time.perf_counter(), 0.1
     for start, images in _image_batches(file, resolver, model.config.vision.image_size,
                                         batch_size, workers):
         recs = file.records[start:start + images.shape[0]]
-        outs = model.answer(images, [r.texts[0] for r in recs], max_new_tokens=max_new_tokens,
-                            num_beams=num_beams)
+        texts = [r.texts[0] for r in recs]
+        if decode == "rank":
+            best = model.score_answers(images, texts, choices).argmax(dim=1).tolist()
+            outs = [choices[b] for b in best]
+        else:
+            outs = model.answer(images, texts, max_new_tokens=max_new_tokens,
+                                num_beams=num_beams)
         for rec, out in zip(recs, outs):
             pred, gold = normalize_answer(out), normalize_answer(rec.answer)
             hits += pred == gold
@@ -91,6 +115,7 @@ def evaluate_retrieval(model, file: IGLUEFile, resolver: ImageResolver, *, k: in
 
 def evaluate_file(model, file: IGLUEFile, resolver: ImageResolver, *, batch_size: int = 64,
                   max_new_tokens: int = 8, num_beams: int = 1, k: int = 16, workers: int = 0,
+                  decode: str = "generate",
                   log: Callable[[str], None] | None = None) -> tuple[dict, list[dict] | None]:
     """The task's metrics on one file (and, for the generative tasks, the predictions)."""
     if file.task == "xflickrco":
@@ -98,7 +123,7 @@ def evaluate_file(model, file: IGLUEFile, resolver: ImageResolver, *, batch_size
                                   workers=workers), None
     return evaluate_generative(model, file, resolver, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, num_beams=num_beams,
-                               workers=workers, log=log)
+                               workers=workers, decode=decode, log=log)
 
 
 def headline(task: str, metrics: dict) -> float:

@@ -534,6 +534,40 @@ class UniGen(nn.Module):
         return self._decode(self._generate_task("qus", images, questions, max_new_tokens,
                                                 num_beams, length_penalty, use_cache, op="answer"))
 
+    @torch.no_grad()
+    def score_answers(self, images, texts, candidates: list[str], *,
+                      task: str = "qus") -> torch.Tensor:
+        """Log-probability ``[N, C]`` of each candidate answer (tokenised as a training target:
+        its decoder ids, then eos) after image ⊕ text ⊕ ``task``'s token, for N (image, text)
+        pairs: ranks a closed set of answers (e.g. class keywords) instead of generating."""
+        from unigen.model.generation import sequence_logprob
+
+        if task not in ("qus", "match"):
+            raise ValueError(f"UniGen.score_answers: task must be 'qus' or 'match' (the tasks "
+                             f"that read an image and a text), got {task!r}")
+        if not isinstance(candidates, (list, tuple)) or not candidates or not all(
+                isinstance(c, str) and c.strip() for c in candidates):
+            raise ValueError(f"UniGen.score_answers: candidates must be a non-empty list of "
+                             f"non-empty strings, got {candidates!r}")
+        x = self._images(images, "score_answers")
+        ids, mask = self._texts(texts, "score_answers")
+        if x.shape[0] != ids.shape[0]:
+            raise ValueError(f"UniGen.score_answers: got {x.shape[0]} images but {ids.shape[0]} "
+                             f"texts; they must pair up")
+        eos = self.config.tasks.eos_token_id
+        answers = [list(self.decoder_tokenizer(c, add_special_tokens=False)["input_ids"]) + [eos]
+                   for c in candidates]
+        was_training = self.training
+        self.eval()
+        try:
+            _, img_prefix = self.encode_images(x)
+            _, txt_prefix = self.encode_texts(ids, mask)
+            prefixes = self._prefixes(task, img_prefix, txt_prefix, mask)
+            return torch.stack([sequence_logprob(self.decoder, prefixes, [a] * len(prefixes))
+                                for a in answers], dim=1)
+        finally:
+            self.train(was_training)
+
     def _match_prob(self, img_prefix, txt_prefix, txt_mask) -> torch.Tensor:
         from unigen.model.generation import sequence_logprob
 
