@@ -20,7 +20,7 @@ import time
 import torch
 
 from unigen.data.iglue import IGLUE_TASKS, ImageResolver, read_iglue
-from unigen.finetune import resolve_device
+from unigen.training.distributed import resolve_device
 
 
 def _named(spec: str) -> tuple[str, str]:

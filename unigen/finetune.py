@@ -221,13 +221,6 @@ def _save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)  # a crash while writing leaves the previous checkpoint intact
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: the GPU when there is one, else the CPU; any other name as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _read_files(task: str, paths: list[str], what: str, log) -> list:
     files = []
     for p in paths:
@@ -242,7 +235,7 @@ def _start_processes(cfg: FinetuneConfig):
     """(device, DistEnv): under torchrun (WORLD_SIZE > 1) one process per device, the process
     group up (NCCL on GPUs, gloo on CPUs); else this one process on ``cfg.device``."""
     from unigen.training.config import DistributedConfig, RunConfig
-    from unigen.training.distributed import DistEnv, init_distributed
+    from unigen.training.distributed import DistEnv, init_distributed, resolve_device
 
     world = os.environ.get("WORLD_SIZE", "1")
     if world in ("", "1"):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from .errors import DataFormatError
 
 IGLUE_TASKS = ("xvnli", "xgqa", "marvl", "xflickrco")
-# The keyword each class label is trained to generate (one GPT-2 token each).
+# The keyword each class label is trained to generate.
 XVNLI_WORDS = {"entailment": "yes", "neutral": "maybe", "contradiction": "no"}
 MARVL_WORDS = {True: "yes", False: "no"}
 

@@ -16,6 +16,7 @@ Training (``UniGen.forward(batch)``), per batch:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -461,22 +462,27 @@ class UniGen(nn.Module):
             out.append(torch.cat(parts, 0))
         return out
 
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Eval mode for an inference call, restoring the caller's mode afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     def _generate(self, prefixes, max_new_tokens, num_beams, length_penalty,
                   use_cache) -> list[list[int]]:
         from unigen.model.generation import generate, generate_without_cache
 
         tasks = self.config.tasks
         fn = generate if use_cache else generate_without_cache
-        was_training = self.training
-        self.eval()
-        try:
-            ids = fn(self.decoder, prefixes,
-                     max_new_tokens=max_new_tokens or tasks.max_new_tokens,
-                     eos_token_id=tasks.eos_token_id, num_beams=num_beams or tasks.num_beams,
-                     length_penalty=length_penalty)
-        finally:
-            self.train(was_training)
-        return ids
+        with self._evaluating():
+            return fn(self.decoder, prefixes,
+                      max_new_tokens=max_new_tokens or tasks.max_new_tokens,
+                      eos_token_id=tasks.eos_token_id, num_beams=num_beams or tasks.num_beams,
+                      length_penalty=length_penalty)
 
     def _decode(self, ids: list[list[int]]) -> list[str]:
         return [self.decoder_tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
@@ -534,14 +540,30 @@ class UniGen(nn.Module):
         return self._decode(self._generate_task("qus", images, questions, max_new_tokens,
                                                 num_beams, length_penalty, use_cache, op="answer"))
 
+    def _encode_pairs(self, images, texts, op: str):
+        """(E_v, E_t, text mask) of N (image, text) pairs; call in eval mode."""
+        x = self._images(images, op)
+        ids, mask = self._texts(texts, op)
+        if x.shape[0] != ids.shape[0]:
+            raise ValueError(f"UniGen.{op}: got {x.shape[0]} images but {ids.shape[0]} texts; "
+                             f"they must pair up")
+        _, img_prefix = self.encode_images(x)
+        _, txt_prefix = self.encode_texts(ids, mask)
+        return img_prefix, txt_prefix, mask
+
+    def _answer_logprobs(self, prefixes, answers: list[list[int]]) -> torch.Tensor:
+        """[N, C]: log-probability of each answer's ids after each prefix."""
+        from unigen.model.generation import sequence_logprob
+
+        return torch.stack([sequence_logprob(self.decoder, prefixes, [a] * len(prefixes))
+                            for a in answers], dim=1)
+
     @torch.no_grad()
     def score_answers(self, images, texts, candidates: list[str], *,
                       task: str = "qus") -> torch.Tensor:
         """Log-probability ``[N, C]`` of each candidate answer (tokenised as a training target:
         its decoder ids, then eos) after image ⊕ text ⊕ ``task``'s token, for N (image, text)
         pairs: ranks a closed set of answers (e.g. class keywords) instead of generating."""
-        from unigen.model.generation import sequence_logprob
-
         if task not in ("qus", "match"):
             raise ValueError(f"UniGen.score_answers: task must be 'qus' or 'match' (the tasks "
                              f"that read an image and a text), got {task!r}")
@@ -549,51 +571,26 @@ class UniGen(nn.Module):
                 isinstance(c, str) and c.strip() for c in candidates):
             raise ValueError(f"UniGen.score_answers: candidates must be a non-empty list of "
                              f"non-empty strings, got {candidates!r}")
-        x = self._images(images, "score_answers")
-        ids, mask = self._texts(texts, "score_answers")
-        if x.shape[0] != ids.shape[0]:
-            raise ValueError(f"UniGen.score_answers: got {x.shape[0]} images but {ids.shape[0]} "
-                             f"texts; they must pair up")
         eos = self.config.tasks.eos_token_id
-        answers = [list(self.decoder_tokenizer(c, add_special_tokens=False)["input_ids"]) + [eos]
-                   for c in candidates]
-        was_training = self.training
-        self.eval()
-        try:
-            _, img_prefix = self.encode_images(x)
-            _, txt_prefix = self.encode_texts(ids, mask)
-            prefixes = self._prefixes(task, img_prefix, txt_prefix, mask)
-            return torch.stack([sequence_logprob(self.decoder, prefixes, [a] * len(prefixes))
-                                for a in answers], dim=1)
-        finally:
-            self.train(was_training)
+        with self._evaluating():
+            img_prefix, txt_prefix, mask = self._encode_pairs(images, texts, "score_answers")
+            answers = [list(self.decoder_tokenizer(c, add_special_tokens=False)["input_ids"])
+                       + [eos] for c in candidates]
+            return self._answer_logprobs(self._prefixes(task, img_prefix, txt_prefix, mask),
+                                         answers)
 
     def _match_prob(self, img_prefix, txt_prefix, txt_mask) -> torch.Tensor:
-        from unigen.model.generation import sequence_logprob
-
         prefixes = self._prefixes("match", img_prefix, txt_prefix, txt_mask)
-        yes, no = self._match_answer(True), self._match_answer(False)
-        lp_yes = sequence_logprob(self.decoder, prefixes, [yes] * len(prefixes))
-        lp_no = sequence_logprob(self.decoder, prefixes, [no] * len(prefixes))
+        lp = self._answer_logprobs(prefixes, [self._match_answer(True),
+                                              self._match_answer(False)])
         # P(yes | yes or no): the two answers' sequence probabilities, renormalised.
-        return torch.sigmoid(lp_yes - lp_no)
+        return torch.sigmoid(lp[:, 0] - lp[:, 1])
 
     @torch.no_grad()
     def match(self, images, texts) -> torch.Tensor:
         """P([match] answers "yes") for each (image, text) pair, a float tensor [N]."""
-        x = self._images(images, "match")
-        ids, mask = self._texts(texts, "match")
-        if x.shape[0] != ids.shape[0]:
-            raise ValueError(f"UniGen.match: got {x.shape[0]} images but {ids.shape[0]} texts; "
-                             f"they must pair up")
-        was_training = self.training
-        self.eval()
-        try:
-            _, img_prefix = self.encode_images(x)
-            _, txt_prefix = self.encode_texts(ids, mask)
-            return self._match_prob(img_prefix, txt_prefix, mask)
-        finally:
-            self.train(was_training)
+        with self._evaluating():
+            return self._match_prob(*self._encode_pairs(images, texts, "match"))
 
     @torch.no_grad()
     def embed_images(self, images) -> torch.Tensor:
@@ -629,9 +626,7 @@ class UniGen(nn.Module):
                 return tuple(torch.cat(parts) for parts in zip(*outs))
             return torch.cat(outs)
 
-        was_training = self.training
-        self.eval()
-        try:
+        with self._evaluating():
             x = self._images(images, "retrieve")
             ids, mask = self._texts(texts, "retrieve")
             q, img_prefix = chunked(self.encode_images, x.shape[0], x)
@@ -653,8 +648,6 @@ class UniGen(nn.Module):
             i2t = rerank(sim, min(k, sim.shape[1]), lambda r, c: (r, c))
             t2i = rerank(sim.t(), min(k, sim.shape[0]), lambda r, c: (c, r))
             return RetrievalResult(*i2t, *t2i)
-        finally:
-            self.train(was_training)
 
     # ---- loading and saving -----------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:

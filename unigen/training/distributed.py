@@ -39,6 +39,14 @@ class DistEnv:
         return self.rank == 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device of a one-process run: ``"auto"`` is the GPU when there is one, else the CPU;
+    any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
