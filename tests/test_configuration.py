@@ -147,3 +147,20 @@ def test_required_fields_are_reported():
     with pytest.raises(ConfigError, match="missing required key"):
         load_config(Needs)
     assert load_config(Needs, overrides=["--path=x"]).path == "x"
+
+
+def test_a_section_keeps_the_defaults_of_its_enclosing_field(tmp_path):
+    """A recipe may declare a section with other defaults than the section class's own (e.g.
+    fine-tuning's lr); setting one key of it, from a file or an override, keeps the others."""
+
+    @dataclass(kw_only=True)
+    class Recipe:
+        optim: Optim = field(default_factory=lambda: Optim(lr=3e-5, warmup_steps=0))
+
+    cfg = load_config(Recipe, overrides=["--optim.schedule=cosine"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule) == (3e-5, 0, "cosine")
+    path = tmp_path / "r.yaml"
+    path.write_text("optim:\n  betas: [0.8, 0.9]\n")
+    cfg = load_config(Recipe, path)
+    assert (cfg.optim.lr, cfg.optim.betas) == (3e-5, (0.8, 0.9))
+    assert load_config(Recipe).optim.lr == 3e-5

@@ -2,7 +2,7 @@
 
 import pytest
 
-from unigen.config import UniGenConfig
+from unigen.model.config import UniGenConfig
 from unigen.tokenization import (DEFAULT_TASK_TOKENS, check_decoder_tokenizer, load_decoder_tokenizer,
                                  load_text_tokenizer, sentence_of, synthetic_corpus,
                                  train_tiny_tokenizers)

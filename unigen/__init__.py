@@ -6,7 +6,7 @@ The fused ops live in :mod:`unigen.kernels`; the model (``UniGen``, ``UniGenConf
 
 __version__ = "0.1.0"
 
-_LAZY = {"UniGen": "unigen.model", "UniGenConfig": "unigen.config"}
+_LAZY = {"UniGen": "unigen.model", "UniGenConfig": "unigen.model.config"}
 
 
 def __getattr__(name):

@@ -211,8 +211,14 @@ def config_to_dict(cfg) -> dict:
     return plain(cfg)
 
 
-def config_from_dict(cls, data: dict, *, prefix: str = ""):
-    """Build ``cls`` from a (possibly partial) dict; unknown keys and bad values raise."""
+def config_from_dict(cls, data: dict, *, prefix: str = "", base=None):
+    """Build ``cls`` from a (possibly partial) dict; unknown keys and bad values raise.
+
+    Keys the dict leaves out keep their value in ``base`` (an instance of ``cls``) when given,
+    else the field's default. A nested section starts from the enclosing default: a field
+    declared ``optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))`` keeps
+    ``lr=3e-5`` when a file sets only ``optim.weight_decay``.
+    """
     if not _is_dataclass_type(cls):
         raise TypeError(f"config_from_dict needs a dataclass type, got {cls!r}")
     if not isinstance(data, dict):
@@ -224,7 +230,17 @@ def config_from_dict(cls, data: dict, *, prefix: str = ""):
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
             raise _unknown_key(key, fields, repr(prefix) if prefix else cls.__name__)
-        kwargs[name] = _coerce(value, hints[name], key)
+        section = _unwrap_optional(hints[name])
+        if _is_dataclass_type(section) and isinstance(value, dict):
+            start = getattr(base, name) if base is not None else _field_default(cls, name)
+            kwargs[name] = config_from_dict(section, value, prefix=key,
+                                            base=start if isinstance(start, section) else None)
+        else:
+            kwargs[name] = _coerce(value, hints[name], key)
+    if base is not None:
+        for name in fields:
+            if name not in kwargs:
+                kwargs[name] = copy.deepcopy(getattr(base, name))
     missing = [n for n, f in fields.items() if n not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

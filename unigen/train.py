@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from unigen.configuration import ConfigError, config_from_argv, config_to_dict, save_config
-from unigen.model.batch import TASKS, UniGenBatch
+from unigen.model.batch import UniGenBatch
+from unigen.model.config import TASK_NAMES as TASKS
 from unigen.training import checkpointing as ckpt
 from unigen.training.batching import batch_input_tokens, build_training_dataset, to_model_batch
 from unigen.training.config import TrainConfig

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from unigen.config import UniGenConfig
+from unigen.model.config import UniGenConfig
 from unigen.model.batch import Example, collate_examples
 from unigen.model.checkpoint import CheckpointError
 from unigen.model.unigen_model import UniGen

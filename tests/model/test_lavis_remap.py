@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from unigen.config import UniGenConfig
+from unigen.model.config import UniGenConfig
 from unigen.model.lavis_remap import load_lavis_qformer_checkpoint, remap_lavis_qformer_state_dict
 from unigen.model.unigen_model import UniGen
 

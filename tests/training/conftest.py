@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from unigen.config import UniGenConfig
+from unigen.model.config import UniGenConfig
 from unigen.data.config import DataConfig
 from unigen.data.synthetic_world import all_texts, write_synthetic_world
 from unigen.tokenization import train_tiny_tokenizers

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from unigen.config import UniGenConfig
+from unigen.model.config import UniGenConfig
 from unigen.model.checkpoint import CheckpointError
 from unigen.model.unigen_model import UniGen
 from unigen.training import checkpointing as ckpt

@@ -18,7 +18,7 @@ from .errors import CorruptSampleError, DataFormatError, FilteredSampleError, Sk
 from .image_pipeline import (CLIP_MEAN, CLIP_STD, DaliImageDecoder, DaliWebdatasetLoader,
                              ImageSpec, PilImageDecoder, PilImageTransform, dali_available,
                              make_image_decoder)
-from .mixing import TASKS, DataPosition, MixedTaskDataset, TaskMixer
+from .mixing import DataPosition, MixedTaskDataset, TaskMixer
 from .multilingual_captions import MultilingualCaptionStream
 from .qa import QAStream
 from .sharding import ShardSpec, resolve_shard
@@ -34,7 +34,7 @@ __all__ = [
     "DaliWebdatasetLoader", "DataConfig", "DataFormatError", "FilteredSampleError",
     "ImageSpec", "ImageStore", "MixedTaskDataset", "MultilingualCaptionStream",
     "PilImageDecoder", "PilImageTransform", "QAStream", "RecordStream", "ShardSpec",
-    "SkipStats", "TASKS", "TaskMixer", "WebdatasetImageTextStream", "WikiMatrixStream",
+    "SkipStats", "TaskMixer", "WebdatasetImageTextStream", "WikiMatrixStream",
     "collate_task_batch", "dali_available", "decode_batch_images", "ensure_wds_indices",
     "make_image_decoder", "pack_token_ids", "read_wds_index", "resolve_shard", "take",
     "write_wds_index", "WorldFiles", "write_synthetic_world",

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# CLIP's normalisation constants (the frozen ViT-L/14 of BLIP-2 was trained with them)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from unigen.model.config import CLIP_MEAN, CLIP_STD
+
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 

@@ -23,13 +23,14 @@ from collections.abc import Callable, Iterator, Mapping
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from unigen.model.config import TASK_NAMES
+
 from .sharding import ShardSpec, distributed_rank_world
 
-TASKS = ("trans", "cap", "qus", "match")
 MODES = ("random", "interleave")
 
 
-def validate_ratios(ratios: Mapping[str, float], known=TASKS) -> dict[str, float]:
+def validate_ratios(ratios: Mapping[str, float], known=TASK_NAMES) -> dict[str, float]:
     """Non-negative ratios over known tasks, at least one positive; zero ratios dropped."""
     out = {}
     for task, r in ratios.items():
@@ -55,13 +56,13 @@ class TaskMixer:
                  seed: int = 0, mode: str = "random"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.ratios = validate_ratios(ratios, known=tuple(streams) or TASKS)
+        self.ratios = validate_ratios(ratios, known=tuple(streams) or TASK_NAMES)
         missing = [t for t in self.ratios if t not in streams]
         if missing:
             raise ValueError(f"tasks {missing} have a ratio but no stream")
         self.streams = dict(streams)
-        self.tasks = tuple(t for t in TASKS if t in self.ratios) + tuple(
-            t for t in self.ratios if t not in TASKS)
+        self.tasks = tuple(t for t in TASK_NAMES if t in self.ratios) + tuple(
+            t for t in self.ratios if t not in TASK_NAMES)
         self.mode = mode
         self.seed = int(seed)
         w = np.array([self.ratios[t] for t in self.tasks], dtype=np.float64)
@@ -81,7 +82,7 @@ class TaskMixer:
             i = int(self._rng.choice(len(self.tasks), p=self._p))
         else:
             self._current += self._weights
-            i = int(np.argmax(self._current))  # ties: the earlier task in TASKS order
+            i = int(np.argmax(self._current))  # ties: the earlier task in TASK_NAMES order
             self._current[i] -= self._weights.sum()
         self.drawn += 1
         task = self.tasks[i]

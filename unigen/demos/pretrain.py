@@ -41,7 +41,7 @@ def _write_inputs(out: str, args) -> tuple:
 
 
 def _train_config(name: str, world, tok, out: str, args):
-    from unigen.config import UniGenConfig
+    from unigen.model.config import UniGenConfig
     from unigen.data.config import DataConfig
     from unigen.training.config import (CheckpointConfig, LoggingConfig, OptimConfig, RunConfig,
                                         ScheduleConfig, TrainConfig)

@@ -1,20 +1,21 @@
 """The UniGen model (paper §3): image encoder (frozen CLIP ViT-L/14 + Q-Former), XLM-R text
 encoder, GPT-2 English decoder, the five losses, loading/saving and the inference API.
 
-Submodules are imported lazily: ``unigen.config`` imports the decoder config from
-``unigen.model.gpt2_decoder`` and ``unigen.model.unigen_model`` imports ``unigen.config``, so an
-eager import here would be circular.
+Submodules load on first use, so ``import unigen.model`` (and reading a config from
+``unigen.model.config``) does not build the whole model stack.
 """
 
 import importlib
 
 _LAZY = {
     "UniGen": "unigen.model.unigen_model",
+    "UniGenConfig": "unigen.model.config",
+    "TASK_NAMES": "unigen.model.config",
     "UniGenOutput": "unigen.model.unigen_model",
     "UniGenBatch": "unigen.model.batch",
     "Example": "unigen.model.batch",
     "collate_examples": "unigen.model.batch",
-    "TASKS": "unigen.model.batch",
+    "TASK_IDS": "unigen.model.config",
     "ImageEncoder": "unigen.model.image_encoder",
     "preprocess_images": "unigen.model.image_encoder",
     "QFormer": "unigen.model.qformer",

@@ -11,7 +11,7 @@ Layout (N_img images, N_txt encoder texts, S generative samples, P image-text pa
     text_ids         int64 [N_txt, L]         XLM-R token ids, right-padded with the pad id,
                                               L <= text.max_length (40), or None
     text_mask        bool  [N_txt, L]         True on real tokens (each row's True run starts at 0)
-    task             int64 [S]                index into TASKS: 0 trans, 1 cap, 2 qus, 3 match
+    task             int64 [S]                index into TASK_NAMES: 0 trans, 1 cap, 2 qus, 3 match
     image_index      int64 [S]                row of `images` the sample reads, -1 = none
     text_index       int64 [S]                row of `text_ids` the sample reads, -1 = none
     target_ids       int64 [T]                the S English targets (decoder token ids), packed
@@ -44,10 +44,7 @@ from typing import Any, Sequence
 
 import torch
 
-from unigen.config import TASK_NAMES
-
-TASKS = TASK_NAMES
-TASK_IDS = {name: i for i, name in enumerate(TASKS)}
+from unigen.model.config import TASK_IDS, TASK_NAMES
 
 
 @dataclass
@@ -98,8 +95,8 @@ class UniGenBatch:
         return (self.target_cu_seqlens[1:] - self.target_cu_seqlens[:-1]).long()
 
     def task_counts(self) -> dict[str, int]:
-        counts = torch.bincount(self.task.long(), minlength=len(TASKS)).tolist()
-        return {name: int(c) for name, c in zip(TASKS, counts)}
+        counts = torch.bincount(self.task.long(), minlength=len(TASK_NAMES)).tolist()
+        return {name: int(c) for name, c in zip(TASK_NAMES, counts)}
 
     # ---- movement ----------------------------------------------------------------------------
     def to(self, device, non_blocking: bool = False) -> "UniGenBatch":
@@ -132,7 +129,7 @@ class UniGenBatch:
         unknown = [t for t, g in groups.items()
                    if isinstance(g, dict) and t not in TASK_IDS and t not in ("data_state", "dropped")]
         if unknown:
-            raise ValueError(f"UniGenBatch.from_task_groups: unknown tasks {unknown}; expected {TASKS}")
+            raise ValueError(f"UniGenBatch.from_task_groups: unknown tasks {unknown}; expected {TASK_NAMES}")
         images, texts, masks = [], [], []
         n_img = n_txt = 0
         task, img_idx, txt_idx, targets, target_lens = [], [], [], [], []
@@ -159,7 +156,7 @@ class UniGenBatch:
             n_txt += n
             return list(range(n_txt - n, n_txt))
 
-        for t in TASKS:
+        for t in TASK_NAMES:
             g = groups.get(t)
             if not isinstance(g, dict):
                 continue
@@ -229,8 +226,8 @@ class UniGenBatch:
             if tensor(name, 1, ints).numel() != S:
                 raise ValueError(f"UniGenBatch.{name} has {getattr(self, name).numel()} entries, "
                                  f"task has {S}")
-        if S and (int(task.min()) < 0 or int(task.max()) >= len(TASKS)):
-            raise ValueError(f"UniGenBatch.task must hold ids in [0, {len(TASKS)}) ({TASKS}), "
+        if S and (int(task.min()) < 0 or int(task.max()) >= len(TASK_NAMES)):
+            raise ValueError(f"UniGenBatch.task must hold ids in [0, {len(TASK_NAMES)}) ({TASK_NAMES}), "
                              f"got values in [{int(task.min())}, {int(task.max())}]")
         cu = tensor("target_cu_seqlens", 1, ints)
         tgt = tensor("target_ids", 1, ints)
@@ -379,7 +376,7 @@ def collate_examples(examples: Sequence[Example], *, text_tokenizer, decoder_tok
         if ex.task is not None:
             if ex.task not in TASK_IDS:
                 raise ValueError(f"collate_examples: example {i} has unknown task {ex.task!r}; "
-                                 f"expected one of {TASKS}")
+                                 f"expected one of {TASK_NAMES}")
             uses_img = ex.task in ("cap", "qus", "match")
             uses_txt = ex.task in ("trans", "qus", "match")
             task.append(TASK_IDS[ex.task])

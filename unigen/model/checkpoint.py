@@ -66,7 +66,7 @@ def check_state_dict(model, sd: dict[str, torch.Tensor], source: str) -> None:
 
 
 def load_pretrained(cls, directory, *, map_location="cpu", load_tokenizers: bool = True):
-    from unigen.config import UniGenConfig
+    from unigen.model.config import UniGenConfig
 
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, CONFIG_NAME)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unigen.config import CLIP_MEAN, CLIP_STD, QFormerConfig, VisionConfig
+from unigen.model.config import CLIP_MEAN, CLIP_STD, QFormerConfig, VisionConfig
 from unigen.model.qformer import QFormer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from unigen.config import TASK_NAMES, LossConfig
+from unigen.model.config import TASK_NAMES, LossConfig
 from unigen.kernels import contrastive_loss, fused_linear_cross_entropy
 from unigen.model.baselines import lavis_contrastive_loss, materialized_cross_entropy_per_task
 

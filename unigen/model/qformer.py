@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unigen.config import QFormerConfig
+from unigen.model.config import QFormerConfig
 
 
 class QFormerAttention(nn.Module):

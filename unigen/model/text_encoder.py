@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn as nn
 
-from unigen.config import TextEncoderConfig
+from unigen.model.config import TextEncoderConfig
 
 
 def _hf_xlmr_config(cfg: TextEncoderConfig):

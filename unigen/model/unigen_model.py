@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unigen.config import TASK_NAMES, UniGenConfig
+from unigen.model.config import TASK_NAMES, UniGenConfig
 from unigen.model.batch import TASK_IDS, UniGenBatch
 from unigen.model.gpt2_decoder import GPT2Decoder
 from unigen.model.image_encoder import ImageEncoder, preprocess_images

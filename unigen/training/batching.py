@@ -21,7 +21,8 @@ from unigen.data.collate import decode_batch_images
 from unigen.data.config import DataConfig
 from unigen.data.mixing import MixedTaskDataset
 from unigen.data.tokenize import TaskTokenizer
-from unigen.model.batch import TASKS, UniGenBatch
+from unigen.model.batch import UniGenBatch
+from unigen.model.config import TASK_NAMES as TASKS
 
 
 def _task_groups(groups: dict) -> dict:

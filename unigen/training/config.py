@@ -7,7 +7,7 @@ linear decay, mixed precision (bf16 on GPUs).
 
 Sections::
 
-    model        UniGenConfig        the network (unigen.config)
+    model        UniGenConfig        the network (unigen.model.config)
     init         InitConfig          where pre-trained weights come from
     data         DataConfig          the data pipeline (unigen.data.config)
     optim        OptimConfig         AdamW, gradient accumulation and clipping
@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from unigen.config import UniGenConfig
+from unigen.model.config import UniGenConfig
 from unigen.data.config import DataConfig
 
 

@@ -9,17 +9,17 @@ seconds-on-CPU model with the same structure for tests and the demo.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 
-from unigen.model.gpt2_decoder import DecoderConfig
+from unigen.configuration import config_from_dict, config_to_dict
+from unigen.kernels.prefix_lm_attention import ATTENTION_BACKENDS as KERNEL_BACKENDS
 
 # Order fixes the task ids used in batches (UniGenBatch.task) and the decoder's task-token rows.
 TASK_NAMES = ("trans", "cap", "qus", "match")
+TASK_IDS = {name: i for i, name in enumerate(TASK_NAMES)}
 
 # CLIP's normalisation constants (the ones CLIP ViT-L/14 was trained with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -290,6 +290,100 @@ class TaskConfig:
         _check(self.num_beams > 0, "TaskConfig.num_beams must be positive")
 
 
+PREFIX_ATTENTION_MODES = ("causal", "bidirectional")
+#: The attention op's backends, plus the model-level baseline that pads the whole batch.
+ATTENTION_BACKENDS = (*KERNEL_BACKENDS, "padded_sdpa")
+
+
+@dataclass(kw_only=True)
+class DecoderConfig:
+    vocab_size: int = 50257
+    """GPT-2 vocabulary size before the task tokens are added (``add_tokens`` grows the model's
+    embedding, not this field, so the same config always rebuilds the pre-trained shape)."""
+
+    n_positions: int = 1024
+    """Number of learned position embeddings: the longest sequence (prefix + text) the decoder takes."""
+
+    n_embd: int = 768
+    """Hidden size; also the width of the prefix embeddings the encoders must produce."""
+
+    n_layer: int = 12
+    """Number of transformer blocks."""
+
+    n_head: int = 12
+    """Attention heads per block; must divide ``n_embd``."""
+
+    layer_norm_epsilon: float = 1e-5
+    """Epsilon of every LayerNorm (GPT-2 uses 1e-5)."""
+
+    frozen_layers: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
+    """Blocks whose parameters ``freeze_configured_layers`` freezes: the middle 6 of GPT-2 base
+    (paper §4.2, "the intermediate 6 layers of the decoder are frozen")."""
+
+    prefix_attention: str = "causal"
+    """``"causal"``: every token sees only earlier tokens, prefix included, as GPT-2 was
+    pre-trained and as the paper feeds it. ``"bidirectional"``: prefix-LM, the prefix tokens see
+    each other both ways and the text sees the whole prefix."""
+
+    attention_backend: str = "auto"
+    """Backend of ``prefix_lm_attention`` in ``forward_packed`` (``"auto"``, ``"triton"``,
+    ``"torch"``, ``"sdpa"``, ``"flex"``, ``"flash_attn"``; see that op), or ``"padded_sdpa"``: pad
+    the whole packed batch, run ``forward_padded`` (dense mask + SDPA in every layer) and repack,
+    the naive baseline the packed path is benchmarked against."""
+
+    dropout: float = 0.0
+    """Dropout on the embeddings and on each block's two residual branches (GPT-2 pre-training
+    used 0.1). There is no dropout on attention probabilities: the fused attention op has none."""
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DecoderConfig: {name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"DecoderConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(
+                f"DecoderConfig: layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}"
+            )
+        # YAML and command-line overrides give lists; the dataclass holds a tuple.
+        self.frozen_layers = tuple(self.frozen_layers)
+        for i in self.frozen_layers:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.n_layer:
+                raise ValueError(
+                    f"DecoderConfig: frozen_layers must hold block indices in [0, {self.n_layer}), "
+                    f"got {self.frozen_layers!r}"
+                )
+        if len(set(self.frozen_layers)) != len(self.frozen_layers):
+            raise ValueError(f"DecoderConfig: frozen_layers has duplicates: {self.frozen_layers!r}")
+        if self.prefix_attention not in PREFIX_ATTENTION_MODES:
+            raise ValueError(
+                f"DecoderConfig: prefix_attention must be one of {PREFIX_ATTENTION_MODES}, "
+                f"got {self.prefix_attention!r}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"DecoderConfig: attention_backend must be one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"DecoderConfig: dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def tiny(cls, **overrides) -> DecoderConfig:
+        """A decoder that runs in milliseconds on a CPU, for tests."""
+        args = dict(vocab_size=512, n_positions=128, n_embd=64, n_layer=4, n_head=4, frozen_layers=(1, 2))
+        args.update(overrides)
+        return cls(**args)
+
+
+
 @dataclass(kw_only=True)
 class UniGenConfig:
     """The whole model: image encoder (vision + qformer), text encoder, decoder, loss, tasks."""
@@ -313,7 +407,7 @@ class UniGenConfig:
                           ("loss", LossConfig), ("tasks", TaskConfig)):
             v = getattr(self, name)
             if isinstance(v, dict):
-                setattr(self, name, _from_dict(cls, v, f"UniGenConfig.{name}"))
+                setattr(self, name, config_from_dict(cls, v, prefix=name))
             elif not isinstance(v, cls):
                 raise TypeError(f"UniGenConfig.{name} must be a {cls.__name__}, "
                                 f"got {type(v).__name__}")
@@ -367,11 +461,13 @@ class UniGenConfig:
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return _to_jsonable(self)
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "UniGenConfig":
-        return _from_dict(cls, d, "UniGenConfig")
+        """Type-checked, through the same loader as YAML configs (unknown keys and bad values
+        raise :class:`~unigen.configuration.ConfigError` naming the key)."""
+        return config_from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -384,76 +480,3 @@ class UniGenConfig:
     def load(cls, path: str | os.PathLike) -> "UniGenConfig":
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
-
-
-def _to_jsonable(obj):
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(x) for x in obj]
-    return obj
-
-
-def _coerce(tp, value, where: str):
-    """Convert a JSON value back to the annotated type ``tp`` (dataclass, tuple, scalar)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise TypeError(f"{where} must be an object, got {type(value).__name__}")
-        return _from_dict(tp, value, where)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, where)
-            except (TypeError, ValueError) as e:
-                errors.append(str(e))
-        raise TypeError(f"{where}: {value!r} matches none of {args} ({'; '.join(errors)})")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where} must be a list, got {type(value).__name__}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, where) for v in value)
-        if args and len(args) != len(value):
-            raise ValueError(f"{where} must have {len(args)} entries, got {len(value)}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value)) if args else tuple(value)
-    if origin is list:
-        (a,) = typing.get_args(tp) or (typing.Any,)
-        return [_coerce(a, v, where) for v in value]
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where} must be an int, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{where} must be a bool, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise TypeError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def _from_dict(cls, d: dict, where: str):
-    if not isinstance(d, dict):
-        raise TypeError(f"{where} must be an object, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()}
-    return cls(**kwargs)
