@@ -1,4 +1,4 @@
-"""Scoring a UniGen model on IGLUE test files (metrics: :mod:`unigen.eval.iglue`).
+"""Scoring a UniGen model on IGLUE test files (metrics: :mod:`unigen.iglue.scoring`).
 
     python -m unigen.evaluate --task xvnli --model runs/xvnli-en/model --images flickr30k-images/ \\
         --test ar=XVNLI/annotations/ar/test.jsonl es=XVNLI/annotations/es/test.jsonl \\
@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from unigen.data.iglue import IGLUE_TASKS, ImageResolver, read_iglue
+from unigen.iglue.images import ImageResolver
+from unigen.iglue.readers import IGLUE_TASKS, read_iglue
 from unigen.training.distributed import resolve_device
 
 
@@ -41,7 +42,7 @@ def evaluate(task: str, model_dir: str, tests: list[str], images: str, *, batch_
     precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" or "fp32".
     decode: "generate" (the paper's protocol) or "rank" (xvnli, marvl: the likeliest keyword).
     """
-    from unigen.eval.iglue import check_decode, evaluate_file, headline
+    from unigen.iglue.scoring import check_decode, evaluate_file, headline
     from unigen.model.unigen_model import UniGen
 
     if task not in IGLUE_TASKS:

@@ -6,7 +6,7 @@
 The tasks keep UniGen's single generative objective: XVNLI, xGQA and MaRVL/NLVR2 are [qus]
 samples (image ⊕ encoder text ⊕ [qus] → the keyword or the answer, the same fused
 cross-entropy as pre-training); xFlickr&CO trains the retrieval heads, L_CL with mined
-hard negatives and the [match] task built from them (file formats: :mod:`unigen.data.iglue`).
+hard negatives and the [match] task built from them (file formats: :mod:`unigen.iglue.readers`).
 The paper's settings are the defaults: AdamW (β = 0.9, 0.98), learning rate 3e-5 without
 warm-up (held constant: ``--decay linear|cosine`` and ``--warmup-steps`` give pre-training's
 schedule instead), 10 epochs, bf16 autocast on GPUs. Zero-shot transfer fine-tunes on the
@@ -44,7 +44,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from unigen.data.iglue import IGLUE_TASKS, IGLUERecord, ImageResolver, check_task, read_iglue
+from unigen.iglue.images import ImageResolver
+from unigen.iglue.readers import IGLUE_TASKS, IGLUERecord, check_task, read_iglue
 from unigen.model.batch import Example, collate_examples
 
 @dataclass
@@ -97,7 +98,7 @@ class FinetuneConfig:
             if bad or (name == "lr" and v == 0):
                 raise ValueError(f"finetune: {name} must be a finite number "
                                  f"{'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
-        from unigen.eval.iglue import check_decode
+        from unigen.iglue.scoring import check_decode
 
         check_decode(self.task, self.decode, "finetune")
         if self.decay not in ("constant", "linear", "cosine"):
@@ -197,7 +198,7 @@ def _restore(state: dict, path: str, model, optimizer, mining, device, rank: int
 
 def _score_dev(model, files, resolver, cfg: FinetuneConfig, device, amp: bool):
     """(mean headline metric, {path: metrics}) of the dev files."""
-    from unigen.eval.iglue import evaluate_file, headline
+    from unigen.iglue.scoring import evaluate_file, headline
 
     scores = {}
     for f in files:

@@ -208,8 +208,8 @@ def _resolve_resume(cfg: TrainConfig, root: str) -> str | None:
 # ---- the trainer ------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv):
-        from unigen.data.tokenize import TaskTokenizer
-        from unigen.tokenization import load_decoder_tokenizer, load_text_tokenizer
+        from unigen.data.task_tokenizer import TaskTokenizer
+        from unigen.model.tokenizers import load_decoder_tokenizer, load_text_tokenizer
 
         _check_runnable(cfg)
         self.cfg, self.env = cfg, env

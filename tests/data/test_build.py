@@ -5,7 +5,7 @@ from unigen.configuration import ConfigError, load_config
 from unigen.data import DataConfig, dali_available
 from unigen.data.build import build_mixed_dataset, build_task_streams
 from unigen.data.sharding import ShardSpec
-from unigen.data.tokenize import TaskTokenizer
+from unigen.data.task_tokenizer import TaskTokenizer
 
 
 def world_overrides(world, *extra):

@@ -1,6 +1,7 @@
 import pytest
 
-from unigen.tokenization import synthetic_corpus, train_tiny_tokenizers
+from unigen.data.synthetic_text import synthetic_corpus
+from unigen.model.tokenizers import train_tiny_tokenizers
 
 
 @pytest.fixture(scope="module", autouse=True)

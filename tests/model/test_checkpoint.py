@@ -9,7 +9,7 @@ import torch
 
 from unigen.model.config import UniGenConfig
 from unigen.model.batch import Example, collate_examples
-from unigen.model.checkpoint import CheckpointError
+from unigen.model.pretrained import CheckpointError
 from unigen.model.unigen_model import UniGen
 
 

@@ -6,7 +6,7 @@ import torch
 
 from unigen.model.batch import Example, collate_examples
 from unigen.model.unigen_model import UniGen
-from unigen.tokenization import sentence_of
+from unigen.data.synthetic_text import sentence_of
 
 
 @pytest.fixture(scope="module")

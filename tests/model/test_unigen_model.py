@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from unigen.model.config import TASK_NAMES, UniGenConfig
 from unigen.model.batch import Example, UniGenBatch, collate_examples
 from unigen.model.unigen_model import UniGen
-from unigen.tokenization import sentence_of
+from unigen.data.synthetic_text import sentence_of
 
 QUESTION = "what is the color of the thing?"
 COLORS_EN = ["red", "blue", "green", "black", "white"]

@@ -9,7 +9,7 @@ import pytest
 from unigen.model.config import UniGenConfig
 from unigen.data.config import DataConfig
 from unigen.data.synthetic_world import all_texts, write_synthetic_world
-from unigen.tokenization import train_tiny_tokenizers
+from unigen.model.tokenizers import train_tiny_tokenizers
 from unigen.training.config import (CheckpointConfig, LoggingConfig, OptimConfig, RunConfig,
                                     ScheduleConfig, TrainConfig)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unigen.model.config import UniGenConfig
-from unigen.model.checkpoint import CheckpointError
+from unigen.model.pretrained import CheckpointError
 from unigen.model.unigen_model import UniGen
 from unigen.training import checkpointing as ckpt
 

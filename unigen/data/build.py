@@ -12,7 +12,7 @@ from .multilingual_captions import MultilingualCaptionStream
 from .qa import QAStream
 from .sharding import ShardSpec
 from .text_pairs import CCLMTextPairStream, WikiMatrixStream
-from .tokenize import TaskTokenizer
+from .task_tokenizer import TaskTokenizer
 from .webdataset_images import ImageStore, WebdatasetImageTextStream
 
 # distinct per-task seed offsets: the shuffles of the task streams are independent

@@ -22,7 +22,7 @@ _LAZY = {
     "TextEncoder": "unigen.model.text_encoder",
     "remap_lavis_qformer_state_dict": "unigen.model.lavis_remap",
     "load_lavis_qformer_checkpoint": "unigen.model.lavis_remap",
-    "CheckpointError": "unigen.model.checkpoint",
+    "CheckpointError": "unigen.model.pretrained",
     "count_parameters": "unigen.model.unigen_model",
     "RetrievalResult": "unigen.model.unigen_model",
 }

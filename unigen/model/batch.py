@@ -332,7 +332,7 @@ def collate_examples(examples: Sequence[Example], *, text_tokenizer, decoder_tok
     """Tokenise, deduplicate and pack ``examples`` into a :class:`UniGenBatch`.
 
     ``text_tokenizer`` is the XLM-R-style encoder tokenizer, ``decoder_tokenizer`` the GPT-2-style
-    one (both HF tokenizers; see :mod:`unigen.tokenization`). Images that are PIL images or uint8
+    one (both HF tokenizers; see :mod:`unigen.model.tokenizers`). Images that are PIL images or uint8
     tensors are resized and CLIP-normalised; float tensors must already be preprocessed.
     """
     from unigen.model.image_encoder import preprocess_images

@@ -1,4 +1,5 @@
-"""Configuration of the UniGen model: one nested ``@dataclass(kw_only=True)`` per part.
+"""Configuration of the UniGen model: one nested ``@dataclass(kw_only=True)`` per part, the
+decoder's included, and the task names (defined here once). Nothing here imports model code.
 
 The dataclasses are the single source of truth; ``UniGenConfig.to_dict``/``from_dict`` and
 ``save``/``load`` (config.json) are derived from them and type-checked on the way back in.

@@ -109,7 +109,7 @@ class UniGen(nn.Module):
     @classmethod
     def tiny(cls, tokenizers=None, **config_overrides) -> "UniGen":
         """A ``UniGenConfig.tiny()`` model (CPU, seconds). ``tokenizers``: a
-        :class:`unigen.tokenization.TinyTokenizers` (from ``train_tiny_tokenizers``); the
+        :class:`unigen.model.tokenizers.TinyTokenizers` (from ``train_tiny_tokenizers``); the
         vocabulary sizes follow it and the tokenizers are attached."""
         cfg = UniGenConfig.tiny(**config_overrides)
         if tokenizers is None:
@@ -171,11 +171,11 @@ class UniGen(nn.Module):
         """Attach the encoder (XLM-R-style) and decoder (GPT-2-style) tokenizers.
 
         The decoder tokenizer must have the four task tokens at ids vocab_size..vocab_size+3
-        (:func:`unigen.tokenization.load_decoder_tokenizer` adds them); the [match] answers and
+        (:func:`unigen.model.tokenizers.load_decoder_tokenizer` adds them); the [match] answers and
         eos are read from it when the config does not fix them."""
         if text_tokenizer is None or decoder_tokenizer is None:
             raise ValueError("UniGen.set_tokenizers: both text_tokenizer and decoder_tokenizer are needed")
-        from unigen.tokenization import check_decoder_tokenizer
+        from unigen.model.tokenizers import check_decoder_tokenizer
 
         check_decoder_tokenizer(decoder_tokenizer, self.config)
         tasks = self.config.tasks
@@ -652,7 +652,7 @@ class UniGen(nn.Module):
     # ---- loading and saving -----------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json, model.safetensors and the attached tokenizers to ``directory``."""
-        from unigen.model.checkpoint import save_pretrained
+        from unigen.model.pretrained import save_pretrained
 
         save_pretrained(self, directory)
 
@@ -660,7 +660,7 @@ class UniGen(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location="cpu",
                         load_tokenizers: bool = True) -> "UniGen":
         """Rebuild a model written by :meth:`save_pretrained` (exact round trip)."""
-        from unigen.model.checkpoint import load_pretrained
+        from unigen.model.pretrained import load_pretrained
 
         return load_pretrained(cls, directory, map_location=map_location,
                                load_tokenizers=load_tokenizers)
@@ -709,7 +709,7 @@ class UniGen(nn.Module):
 
             load_lavis_qformer_checkpoint(model, qformer_checkpoint)
         if load_tokenizers and xlmr_dir is not None and gpt2_dir is not None:
-            from unigen.tokenization import load_decoder_tokenizer, load_text_tokenizer
+            from unigen.model.tokenizers import load_decoder_tokenizer, load_text_tokenizer
 
             try:
                 text_tok = load_text_tokenizer(xlmr_dir)

@@ -20,7 +20,7 @@ from unigen.data.build import build_mixed_dataset
 from unigen.data.collate import decode_batch_images
 from unigen.data.config import DataConfig
 from unigen.data.mixing import MixedTaskDataset
-from unigen.data.tokenize import TaskTokenizer
+from unigen.data.task_tokenizer import TaskTokenizer
 from unigen.model.batch import UniGenBatch
 from unigen.model.config import TASK_NAMES as TASKS
 

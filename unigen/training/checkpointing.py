@@ -23,7 +23,7 @@ import shutil
 import numpy as np
 import torch
 
-from unigen.model.checkpoint import (CONFIG_NAME, DECODER_TOKENIZER_DIR, TEXT_TOKENIZER_DIR,
+from unigen.model.pretrained import (CONFIG_NAME, DECODER_TOKENIZER_DIR, TEXT_TOKENIZER_DIR,
                                      WEIGHTS_NAME, CheckpointError, check_state_dict,
                                      read_weights)
 

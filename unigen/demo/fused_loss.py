@@ -4,7 +4,7 @@ Trains the same small language-model head twice from the same initialisation —
 naive ``F.cross_entropy(F.linear(h, W), y)`` and once with ``fused_linear_cross_entropy`` — and
 prints the loss of every step and the peak extra memory of one training step of each.
 
-    python -m unigen.demos.fused_loss [--steps 8] [--tokens 8192] [--vocab 16384] [--dim 256]
+    python -m unigen.demo.fused_loss [--steps 8] [--tokens 8192] [--vocab 16384] [--dim 256]
 """
 
 import argparse

@@ -31,7 +31,7 @@ RUNS = {"unigen": "UniGen (all tasks)", "no_translation": "ablation: no translat
 
 def _write_inputs(out: str, args) -> tuple:
     from unigen.data.synthetic_world import all_texts, write_synthetic_world
-    from unigen.tokenization import train_tiny_tokenizers
+    from unigen.model.tokenizers import train_tiny_tokenizers
 
     world = write_synthetic_world(os.path.join(out, "world"), num_images=args.images,
                                   num_text_pairs=args.text_pairs, num_eval_images=args.eval_images,
@@ -174,7 +174,7 @@ def _qa_chance(split) -> float:
 def _evaluate(configs: dict, world) -> dict:
     import torch
 
-    from unigen.eval.world import evaluate_world, load_eval_split, scores_to_dicts
+    from unigen.scoring.world import evaluate_world, load_eval_split, scores_to_dicts
     from unigen.model import UniGen
 
     torch.set_num_threads(2)

@@ -9,7 +9,7 @@ import pytest
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pretrain_demo_smoke(tmp_path, capsys):
-    from unigen.demos.pretrain import main
+    from unigen.demo.pretrain import main
 
     out = tmp_path / "demo"
     # what an earlier demo leaves: the trainer would refuse these run directories (they hold
@@ -38,7 +38,7 @@ def test_pretrain_demo_smoke(tmp_path, capsys):
     (["--lr", "0"], "--lr must be a finite positive"),
 ])
 def test_pretrain_demo_rejects_bad_arguments(argv, message, capsys):
-    from unigen.demos.pretrain import main
+    from unigen.demo.pretrain import main
 
     with pytest.raises(SystemExit):
         main(argv)
@@ -46,7 +46,7 @@ def test_pretrain_demo_rejects_bad_arguments(argv, message, capsys):
 
 
 def test_fused_loss_demo(capsys):
-    from unigen.demos.fused_loss import main
+    from unigen.demo.fused_loss import main
 
     main(["--steps", "2", "--tokens", "64", "--vocab", "300", "--dim", "16"])
     printed = capsys.readouterr().out

@@ -17,13 +17,13 @@ from typing import Callable
 
 import torch
 
-from unigen.data.iglue import (MARVL_WORDS, XVNLI_WORDS, IGLUEFile, ImageResolver, RecordImages)
+from unigen.scoring.qa import normalize_answer
+from unigen.scoring.retrieval import recall_at_1
 
-from .qa import normalize_answer
-from .retrieval import recall_at_1
+from .images import ImageResolver, RecordImages
+from .readers import MARVL_WORDS, XVNLI_WORDS, IGLUEFile
 
 _LABEL_WORDS = {"xvnli": set(XVNLI_WORDS.values()), "marvl": set(MARVL_WORDS.values())}
-
 
 def _image_batches(file: IGLUEFile, resolver: ImageResolver, image_size: int, batch_size: int,
                    workers: int):
@@ -34,9 +34,7 @@ def _image_batches(file: IGLUEFile, resolver: ImageResolver, image_size: int, ba
         yield start, images
         start += images.shape[0]
 
-
 DECODES = ("generate", "rank")
-
 
 def check_decode(task: str, decode: str, op: str) -> None:
     if decode not in DECODES:
@@ -44,7 +42,6 @@ def check_decode(task: str, decode: str, op: str) -> None:
     if decode == "rank" and task not in _LABEL_WORDS:
         raise ValueError(f"{op}: decode='rank' needs a closed set of answers; {task} answers "
                          f"are generated (xvnli and marvl have keywords)")
-
 
 @torch.no_grad()
 def evaluate_generative(model, file: IGLUEFile, resolver: ImageResolver, *, batch_size: int = 64,
@@ -87,7 +84,6 @@ def evaluate_generative(model, file: IGLUEFile, resolver: ImageResolver, *, batc
         metrics["not_a_label"] = off_label / n
     return metrics, predictions
 
-
 @torch.no_grad()
 def evaluate_retrieval(model, file: IGLUEFile, resolver: ImageResolver, *, k: int = 16,
                        batch_size: int = 64, workers: int = 0) -> dict:
@@ -112,7 +108,6 @@ def evaluate_retrieval(model, file: IGLUEFile, resolver: ImageResolver, *, k: in
             "r1_contrastive": (s.i2t_contrastive + s.t2i_contrastive) / 2,
             "i2t_chance": s.i2t_chance, "t2i_chance": s.t2i_chance}
 
-
 def evaluate_file(model, file: IGLUEFile, resolver: ImageResolver, *, batch_size: int = 64,
                   max_new_tokens: int = 8, num_beams: int = 1, k: int = 16, workers: int = 0,
                   decode: str = "generate",
@@ -124,7 +119,6 @@ def evaluate_file(model, file: IGLUEFile, resolver: ImageResolver, *, batch_size
     return evaluate_generative(model, file, resolver, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, num_beams=num_beams,
                                workers=workers, decode=decode, log=log)
-
 
 def headline(task: str, metrics: dict) -> float:
     """The number IGLUE reports for ``task``: accuracy, or mean re-ranked R@1."""

@@ -13,12 +13,14 @@ import torch
 from PIL import Image
 
 from unigen.data.errors import DataFormatError
-from unigen.data.iglue import ImageResolver, read_iglue
-from unigen.eval import recall_at_1
+from unigen.iglue.images import ImageResolver
+from unigen.iglue.readers import read_iglue
+from unigen.scoring import recall_at_1
 from unigen.evaluate import evaluate, main as evaluate_main
 from unigen.finetune import FinetuneConfig, finetune, main as finetune_main
 from unigen.model.unigen_model import RetrievalResult, UniGen
-from unigen.tokenization import synthetic_corpus, train_tiny_tokenizers
+from unigen.data.synthetic_text import synthetic_corpus
+from unigen.model.tokenizers import train_tiny_tokenizers
 
 RGB = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 

@@ -4,7 +4,7 @@ import torch
 from unigen.data import (ImageStore, PilImageDecoder, QAStream, WikiMatrixStream,
                          collate_task_batch, decode_batch_images, pack_token_ids, take)
 from unigen.data.image_pipeline import ImageSpec
-from unigen.data.tokenize import TaskTokenizer
+from unigen.data.task_tokenizer import TaskTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_collate_groups_tasks_and_decodes_images(world, tok):
 
 
 def test_works_with_the_project_tokenizer_loaders(world, tmp_path):
-    tokenization = pytest.importorskip("unigen.tokenization")
+    tokenization = pytest.importorskip("unigen.model.tokenizers")
     from unigen.data.synthetic_world import all_texts
 
     tiny = tokenization.train_tiny_tokenizers(all_texts(world), tmp_path)

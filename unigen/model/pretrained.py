@@ -86,7 +86,7 @@ def load_pretrained(cls, directory, *, map_location="cpu", load_tokenizers: bool
         t_dir = os.path.join(directory, TEXT_TOKENIZER_DIR)
         d_dir = os.path.join(directory, DECODER_TOKENIZER_DIR)
         if os.path.isdir(t_dir) and os.path.isdir(d_dir):
-            from unigen.tokenization import load_decoder_tokenizer, load_text_tokenizer
+            from unigen.model.tokenizers import load_decoder_tokenizer, load_text_tokenizer
 
             model.set_tokenizers(load_text_tokenizer(t_dir),
                                  load_decoder_tokenizer(d_dir, config.tasks.task_tokens))
