@@ -46,7 +46,7 @@ import torch
 
 from unigen.iglue.images import ImageResolver
 from unigen.iglue.readers import IGLUE_TASKS, IGLUERecord, check_task, read_iglue
-from unigen.model.batch import Example, collate_examples
+from unigen.data.examples import Example, collate_examples
 
 @dataclass
 class FinetuneConfig:

@@ -35,7 +35,7 @@ from unigen.configuration import ConfigError, config_from_argv, config_to_dict, 
 from unigen.model.batch import UniGenBatch
 from unigen.model.config import TASK_NAMES as TASKS
 from unigen.training import checkpointing as ckpt
-from unigen.training.batching import batch_input_tokens, build_training_dataset, to_model_batch
+from unigen.data.batches import build_training_dataset, finish_batch
 from unigen.training.config import TrainConfig
 from unigen.training.distributed import (DistEnv, any_rank, all_reduce_sum, average_gradients,
                                          barrier, clip_grad_norm,
@@ -323,16 +323,16 @@ class Trainer:
         """The next model batch and its number of samples (before mined [match] samples)."""
         item = next(it)
         self.position.update(item)
-        if "groups" in item and self.image_decoder is None:
+        if item.groups is not None and self.image_decoder is None:
             from unigen.data.image_pipeline import DaliImageDecoder, ImageSpec
 
             self.image_decoder = DaliImageDecoder(
                 ImageSpec(self.cfg.data.image_size, self.cfg.data.interpolation),
                 device_id=self.device.index if self.device.type == "cuda" else None)
-        batch = to_model_batch(item, image_decoder=self.image_decoder,
-                               encoder_pad_id=self.tokenizer.encoder_pad_id,
-                               decoder_pad_id=self.tokenizer.decoder_pad_id)
-        return batch, item.get("num_samples", batch.num_samples)
+        batch = finish_batch(item, image_decoder=self.image_decoder,
+                             encoder_pad_id=self.tokenizer.encoder_pad_id,
+                             decoder_pad_id=self.tokenizer.decoder_pad_id)
+        return batch, item.num_samples
 
     def _train_step(self, it, steps_here: int) -> None:
         cfg, env = self.cfg, self.env
@@ -343,7 +343,7 @@ class Trainer:
         for micro in range(accum):
             batch, num_samples = self._next_batch(it)
             host = torch.tensor([num_samples, 0,
-                                 batch_input_tokens(batch, self.model.config.qformer.num_query_tokens)],
+                                 batch.num_input_tokens(self.model.config.qformer.num_query_tokens)],
                                 dtype=torch.float64)
             if steps_here < cfg.run.validate_batches:
                 # on the host copy: no device syncs, and a bad batch fails before any compute

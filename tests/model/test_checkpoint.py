@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unigen.model.config import UniGenConfig
-from unigen.model.batch import Example, collate_examples
+from unigen.data.examples import Example, collate_examples
 from unigen.model.pretrained import CheckpointError
 from unigen.model.unigen_model import UniGen
 

@@ -4,7 +4,7 @@ retrieve; cached vs uncached generation; PIL and tensor images; clear errors."""
 import pytest
 import torch
 
-from unigen.model.batch import Example, collate_examples
+from unigen.data.examples import Example, collate_examples
 from unigen.model.unigen_model import UniGen
 from unigen.data.synthetic_text import sentence_of
 

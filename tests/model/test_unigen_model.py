@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from unigen.model.config import TASK_NAMES, UniGenConfig
-from unigen.model.batch import Example, UniGenBatch, collate_examples
+from unigen.data.examples import Example, collate_examples
+from unigen.model.batch import UniGenBatch
 from unigen.model.unigen_model import UniGen
 from unigen.data.synthetic_text import sentence_of
 
@@ -363,48 +364,6 @@ def test_config_json_round_trip_and_validation(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         UniGenConfig.from_dict({"vision": {"image_size": 30, "patch_size": 8}})
     assert math.isclose(UniGenConfig.paper().vision.num_layers_used, 23)
-
-
-def test_batch_from_the_data_pipeline_groups(tokenizers):
-    """The data pipeline's collate output (grouped by task) converts to a UniGenBatch that
-    trains: match-group pairs feed L_CL and the mined [match]."""
-    from unigen.data.collate import collate_task_batch
-
-    model = tiny_model(tokenizers)
-    enc, dec = model.text_tokenizer, model.decoder_tokenizer
-    eos = dec.eos_token_id
-
-    def tgt(s):
-        return dec(s, add_special_tokens=False)["input_ids"] + [eos]
-
-    def src(s):
-        return enc(s, truncation=True, max_length=16)["input_ids"]
-
-    from unigen.model.image_encoder import preprocess_images
-
-    img = [preprocess_images(make_image(k), image_size=32)[0] for k in range(4)]
-    samples = [
-        dict(task="trans", encoder_ids=src("ein Hund"), target_ids=tgt("a dog")),
-        dict(task="cap", image=img[0], encoder_ids=[], target_ids=tgt("a red cat")),
-        dict(task="qus", image=img[1], encoder_ids=src(QUESTION), target_ids=tgt("red")),
-        dict(task="match", image=img[2], encoder_ids=src("un chat"), target_ids=tgt("yes"), key="a"),
-        dict(task="match", image=img[3], encoder_ids=src("ein Vogel auf dem Gras"),
-             target_ids=tgt("yes"), key="b"),
-        dict(task="match", image=img[3], encoder_ids=src("a bird on the grass"),
-             target_ids=tgt("yes"), key="b"),
-    ]
-    groups = collate_task_batch(samples, encoder_pad_id=enc.pad_token_id, decoder_pad_id=eos)
-    b = UniGenBatch.from_task_groups(groups, encoder_pad_id=enc.pad_token_id)
-    b.validate(image_size=32, max_text_length=16)
-    assert b.task_counts() == {"trans": 1, "cap": 1, "qus": 1, "match": 0}
-    assert b.num_pairs == 3 and b.pair_ids.tolist() == [0, 1, 1]
-    assert b.target_ids.tolist() == tgt("a dog") + tgt("a red cat") + tgt("red")
-    out = model(b)
-    # 3 positives; the pair "a" has 2 negative candidates, the two "b" pairs only the "a" one.
-    assert out.num_samples["match"] == 3 + 3 + 3
-    assert torch.isfinite(out.loss)
-    with pytest.raises(ValueError, match="unknown tasks"):
-        UniGenBatch.from_task_groups({"vqa": groups["qus"]})
 
 
 def test_frozen_vit_in_bfloat16(tokenizers):

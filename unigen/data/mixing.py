@@ -150,7 +150,8 @@ class MixedTaskDataset(IterableDataset):
     restarted DataLoader asks worker 0 first, so each new worker takes over the *role* (shard
     and count) of the old worker whose turn is next. Two ways to restore a role's position:
 
-    * exact and O(1): when ``collate`` returns a dict, every batch carries ``"data_state"``
+    * exact and O(1): when ``collate`` returns a dict (or an object with a ``data_state``
+      attribute, such as :class:`~unigen.data.batches.LoaderBatch`), every batch carries ``"data_state"``
       (the role's mixer and stream positions after that batch). Feed each consumed batch to a
       :class:`DataPosition`, save its ``state_dict()``, and give it back to
       :meth:`load_state_dict`;
@@ -225,9 +226,8 @@ class MixedTaskDataset(IterableDataset):
                 batch = [self.transform(s) for s in batch]
             out = self.collate(batch) if self.collate is not None else batch
             produced += 1
-            if isinstance(out, dict):
-                out["data_state"] = {"role": role, "num_workers": num_workers,
-                                     "batches": produced, "mixer": mixer.state_dict()}
+            _attach_state(out, {"role": role, "num_workers": num_workers,
+                                "batches": produced, "mixer": mixer.state_dict()})
             yield out
 
 
@@ -242,10 +242,11 @@ class DataPosition:
         self.batches_consumed = 0
         self.worker_states: dict[int, dict] = {}
 
-    def update(self, batch: dict) -> None:
-        state = batch.get("data_state") if isinstance(batch, dict) else None
+    def update(self, batch) -> None:
+        state = _state_of(batch)
         if state is None:
-            raise ValueError("batch has no 'data_state' (its collate must return a dict)")
+            raise ValueError("batch has no data_state (its collate must return a dict or an "
+                             "object with a data_state attribute, e.g. LoaderBatch)")
         self.worker_states[int(state["role"])] = copy.deepcopy(state)
         self.batches_consumed += 1
 
@@ -256,3 +257,18 @@ class DataPosition:
     def load_state_dict(self, state: dict) -> None:
         self.batches_consumed = int(state["batches_consumed"])
         self.worker_states = {int(r): s for r, s in state["worker_states"].items()}
+
+
+def _attach_state(out, state: dict) -> None:
+    """A collated batch carries its worker's position out: a dict under ``"data_state"``, an
+    object (:class:`~unigen.data.batches.LoaderBatch`) in its ``data_state`` attribute."""
+    if isinstance(out, dict):
+        out["data_state"] = state
+    elif hasattr(out, "data_state"):
+        out.data_state = state
+
+
+def _state_of(batch) -> dict | None:
+    if isinstance(batch, dict):
+        return batch.get("data_state")
+    return getattr(batch, "data_state", None)

@@ -13,8 +13,6 @@ _LAZY = {
     "TASK_NAMES": "unigen.model.config",
     "UniGenOutput": "unigen.model.unigen_model",
     "UniGenBatch": "unigen.model.batch",
-    "Example": "unigen.model.batch",
-    "collate_examples": "unigen.model.batch",
     "TASK_IDS": "unigen.model.config",
     "ImageEncoder": "unigen.model.image_encoder",
     "preprocess_images": "unigen.model.image_encoder",

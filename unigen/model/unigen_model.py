@@ -283,7 +283,7 @@ class UniGen(nn.Module):
 
         generator: random source of the hard-negative sampling (on the model's device).
         validate: check the batch first (a few host syncs; a trainer whose batches come from
-        ``collate_examples``/``from_task_groups`` may turn it off after the first steps).
+        ``collate_examples``/``batch_from_task_groups`` may turn it off after the first steps).
         """
         if not isinstance(batch, UniGenBatch):
             raise TypeError(f"UniGen.forward: batch must be a UniGenBatch, got {type(batch).__name__}")
