@@ -12,6 +12,8 @@ calls ``F.cross_entropy`` per task.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from unigen.model.config import TASK_NAMES, LossConfig
@@ -69,3 +71,65 @@ def contrastive(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale
     return contrastive_loss(image_feats, text_feats, logit_scale, ids=ids,
                             label_smoothing=cfg.contrastive_label_smoothing, negatives=negatives,
                             generator=generator, backend=cfg.kernel_backend)
+
+
+@dataclass
+class PairLoss:
+    """L_CL of a step's image-text pairs and this process's mined hard negatives."""
+
+    loss: torch.Tensor
+    """L_CL (0-d; 0 when no negative exists)."""
+    neg_text_for_image: torch.Tensor | None
+    """Per local pair, the local pair whose text is its mined negative text; -1 where none was
+    mined or the negative is another process's pair. None when nothing was mined."""
+    neg_image_for_text: torch.Tensor | None
+    """Likewise for the negative image of each local pair's text."""
+
+
+def _process_group_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def pair_contrastive(image_feats: torch.Tensor, text_feats: torch.Tensor,
+                     logit_scale: torch.Tensor, pair_ids: torch.Tensor, cfg: LossConfig,
+                     generator: torch.Generator | None = None) -> PairLoss:
+    """L_CL over the pairs of this process (``[P, C]`` features, ``P`` may be 0) — and, under
+    ``torch.distributed``, of every process: the data-parallel bookkeeping lives here, not in
+    the model's forward.
+
+    With more than one process the fused op all-gathers every process's pairs (negatives come
+    from the global batch). Pair ids are numbered per batch, so each process's are offset by
+    ``rank · 2^32`` (else two processes' pair 0 would count as positives of each other); a
+    process without pairs still joins the gathers with empty features; and the op's mined
+    indices, which address the gathered batch, are mapped back to this process's pairs through
+    its offset there (one all-gather of the pair counts). The naive baseline stays local.
+    With one process and fewer than 2 pairs no negative exists: L_CL is 0, nothing is mined.
+    """
+    world = _process_group_size()
+    num_pairs = image_feats.shape[0]
+    offset = 0  # where this process's pairs start in the batch the fused op gathers
+    if world > 1:
+        dist = torch.distributed
+        pair_ids = pair_ids + dist.get_rank() * (1 << 32)
+        if cfg.contrastive == "fused":
+            sizes = [torch.zeros(1, dtype=torch.long, device=pair_ids.device)
+                     for _ in range(world)]
+            dist.all_gather(sizes, torch.tensor([num_pairs], dtype=torch.long,
+                                                device=pair_ids.device))
+            offset = int(sum(sizes[:dist.get_rank()]))
+            if num_pairs == 0:
+                return PairLoss(contrastive(image_feats, text_feats, logit_scale, pair_ids, cfg,
+                                            generator).loss, None, None)
+    if num_pairs == 0 or (num_pairs == 1 and world == 1):
+        return PairLoss(logit_scale * 0.0, None, None)
+    out = contrastive(image_feats, text_feats, logit_scale, pair_ids, cfg, generator)
+    if out.neg_text_for_image is None:
+        return PairLoss(out.loss, None, None)
+
+    def local(neg: torch.Tensor) -> torch.Tensor:
+        rows = neg.long() - offset
+        return torch.where((neg >= 0) & (rows >= 0) & (rows < num_pairs), rows,
+                           torch.full_like(rows, -1))
+
+    return PairLoss(out.loss, local(out.neg_text_for_image), local(out.neg_image_for_text))

@@ -30,7 +30,7 @@ from unigen.model.config import TASK_NAMES, UniGenConfig
 from unigen.model.batch import TASK_IDS, UniGenBatch
 from unigen.model.gpt2_decoder import GPT2Decoder
 from unigen.model.image_encoder import ImageEncoder, preprocess_images
-from unigen.model.losses import contrastive, generative_losses
+from unigen.model.losses import generative_losses, pair_contrastive
 from unigen.model.text_encoder import TextEncoder
 
 
@@ -308,49 +308,25 @@ class UniGen(nn.Module):
             txt_lens = mask.sum(1).long()
             txt_prefix_rows = txt_prefix[mask]  # right-padded rows → packed [sum len, D]
 
-        # 2. L_CL and hard-negative mining on the pairs.
+        # 2. L_CL and hard-negative mining on the pairs (over every process's pairs under
+        #    data parallelism: pair_contrastive owns that bookkeeping).
         task, image_index, text_index = batch.task.long(), batch.image_index.long(), batch.text_index.long()
         target_ids, target_lens = batch.target_ids.long(), batch.target_lengths()
         scale = self.logit_scale_value()
-        loss_cl = scale * 0.0
-        distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
-                       and torch.distributed.get_world_size() > 1)
         pair_ids = batch.pair_ids.long()
         if P >= 2 and cfg.loss.same_text_positives:
             pair_ids = _merge_identical_texts(pair_ids, batch.text_ids[batch.pair_text_index.long()])
-        pair_offset = 0  # where this rank's pairs start in the batch the fused op gathers
-        if distributed and cfg.loss.contrastive == "fused":
-            world = torch.distributed.get_world_size()
-            sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
-            torch.distributed.all_gather(sizes, torch.tensor([P], dtype=torch.long, device=dev))
-            pair_offset = int(sum(sizes[:torch.distributed.get_rank()]))
-        if distributed:
-            # pair ids are numbered per batch; the op gathers every rank's pairs, so a rank
-            # offset keeps different ranks' ids apart (else they would count as positives).
-            pair_ids = pair_ids + torch.distributed.get_rank() * (1 << 32)
-        if not P and distributed and cfg.loss.contrastive == "fused":
-            # The fused op all-gathers the pairs of every rank: a rank without pairs this step
-            # must still join (with an empty batch), or the others wait for it forever.
-            empty_img = self.image_proj(self.image_proj.weight.new_zeros(0, self.image_proj.in_features))
-            empty_txt = self.text_proj(self.text_proj.weight.new_zeros(0, self.text_proj.in_features))
-            loss_cl = contrastive(empty_img, empty_txt, scale, pair_ids, cfg.loss, generator).loss
-        if P:
-            if P >= 2 or distributed:
-                img_feat = self.image_proj(img_q[batch.pair_image_index.long(), 0])
-                txt_feat = self.text_proj(txt_hidden[batch.pair_text_index.long(), 0])
-                cl = contrastive(img_feat, txt_feat, scale, pair_ids, cfg.loss, generator)
-                loss_cl = cl.loss
-            else:
-                # One pair has no negative: InfoNCE is identically 0 and nothing can be mined.
-                cl = None
-            # 3a. [match] samples from the pairs: positive → "yes", mined negatives → "no".
-            if cfg.loss.beta > 0:
-                extra = self._match_samples(batch, cl, pair_offset)
-                task = torch.cat([task, extra[0]])
-                image_index = torch.cat([image_index, extra[1]])
-                text_index = torch.cat([text_index, extra[2]])
-                target_ids = torch.cat([target_ids, extra[3]])
-                target_lens = torch.cat([target_lens, extra[4]])
+        img_feat, txt_feat = self._pair_features(batch, img_q, txt_hidden)
+        pairs = pair_contrastive(img_feat, txt_feat, scale, pair_ids, cfg.loss, generator)
+        loss_cl = pairs.loss
+        # 3a. [match] samples from the pairs: positive → "yes", mined negatives → "no".
+        if P and cfg.loss.beta > 0:
+            extra = self._match_samples(batch, pairs)
+            task = torch.cat([task, extra[0]])
+            image_index = torch.cat([image_index, extra[1]])
+            text_index = torch.cat([text_index, extra[2]])
+            target_ids = torch.cat([target_ids, extra[3]])
+            target_lens = torch.cat([target_lens, extra[4]])
 
         # 3b/4. one packed decoder call and one fused cross-entropy call for every task.
         n_tasks = len(TASK_NAMES)
@@ -387,24 +363,28 @@ class UniGen(nn.Module):
                 "tokenizers with set_tokenizers() (or set loss.beta = 0 to skip [match])")
         return list(tasks.match_yes_ids if yes else tasks.match_no_ids) + [tasks.eos_token_id]
 
-    def _match_samples(self, batch: UniGenBatch, cl, pair_offset: int = 0):
+    def _pair_features(self, batch: UniGenBatch, img_q, txt_hidden):
+        """The L_CL features ``[P, contrastive_dim]`` of the pairs' image and text [CLS]
+        (through the projections even for P = 0, so an empty process joins the gradient)."""
+        if batch.num_pairs == 0:
+            return (self.image_proj(self.image_proj.weight.new_zeros(0, self.image_proj.in_features)),
+                    self.text_proj(self.text_proj.weight.new_zeros(0, self.text_proj.in_features)))
+        return (self.image_proj(img_q[batch.pair_image_index.long(), 0]),
+                self.text_proj(txt_hidden[batch.pair_text_index.long(), 0]))
+
+    def _match_samples(self, batch: UniGenBatch, pairs):
         """[match] samples of the pairs (ALBEF's ITM recipe): (v_i, t_i) → yes; with
-        match_negatives, (v_i, t_neg(i)) → no and (v_neg(i), t_i) → no."""
+        match_negatives, (v_i, t_neg(i)) → no and (v_neg(i), t_i) → no, for every pair whose
+        mined negative is one of this process's pairs (:class:`~unigen.model.losses.PairLoss`)."""
         dev = self.device
         yes = torch.tensor(self._match_answer(True), device=dev)
         no = torch.tensor(self._match_answer(False), device=dev)
         pi, pt = batch.pair_image_index.long(), batch.pair_text_index.long()
         P = pi.numel()
         imgs, txts, answers = [pi], [pt], [torch.ones(P, dtype=torch.bool, device=dev)]
-        if self.config.loss.match_negatives and cl is not None and cl.neg_text_for_image is not None:
-            # Mined indices address the gathered batch, in which this rank's pairs start at
-            # pair_offset; keep the ones in this rank's slice (the others' encoder outputs live
-            # on other ranks).
-            offset = pair_offset
-            nt = cl.neg_text_for_image.long() - offset
-            ni = cl.neg_image_for_text.long() - offset
-            ok_t = (cl.neg_text_for_image >= 0) & (nt >= 0) & (nt < P)
-            ok_i = (cl.neg_image_for_text >= 0) & (ni >= 0) & (ni < P)
+        if self.config.loss.match_negatives and pairs.neg_text_for_image is not None:
+            nt, ni = pairs.neg_text_for_image, pairs.neg_image_for_text
+            ok_t, ok_i = nt >= 0, ni >= 0
             imgs += [pi[ok_t], pi[ni[ok_i]]]
             txts += [pt[nt[ok_t]], pt[ok_i]]
             answers += [torch.zeros(int(ok_t.sum()), dtype=torch.bool, device=dev),
