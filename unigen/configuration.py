@@ -8,7 +8,7 @@ of valid keys, a bad value with the key and the expected type. The dataclass is 
 its ``__post_init__`` validation runs on the resolved values. ``save_config`` writes the
 resolved config next to a run's outputs.
 
-    cfg = load_config(TrainConfig, "run.yaml", ["--optim.lr=3e-4", "--data.ratios.qus=0.5"])
+    cfg = load_config(PretrainConfig, "run.yaml", ["--optim.lr=3e-4", "--data.ratios.qus=0.5"])
 """
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ import dataclasses
 import difflib
 import enum
 import json
+import math
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 __all__ = ["ConfigError", "config_to_dict", "config_from_dict", "load_config", "save_config",
-           "apply_overrides", "parse_override_args", "config_from_argv"]
+           "apply_overrides", "parse_override_args", "config_from_argv", "check_int",
+           "check_number", "Flag", "config_help"]
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -44,6 +47,27 @@ class ConfigError(ValueError):
     def __init__(self, message: str, kind: str = "value"):
         super().__init__(message)
         self.kind = kind
+
+
+def check_int(owner: str, name: str, value, *, low: int = 1) -> None:
+    """Raise ``ValueError("<owner>.<name> must be an int >= <low>, ...")`` unless it is."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{owner}.{name} must be an int >= {low}, got {value!r}")
+
+
+def check_number(owner: str, name: str, value, *, low: float | None = None,
+                 high: float | None = None, low_open: bool = False) -> None:
+    """Raise unless ``value`` is a finite number in the range (``low`` exclusive with
+    ``low_open``)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        rng = ("" if low is None else f" {'>' if low_open else '>='} {low}") + \
+              ("" if high is None else f" and <= {high}")
+        raise ValueError(f"{owner}.{name} must be a finite number{rng}, got {value!r}")
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -86,6 +110,12 @@ def _coerce(value: Any, tp: Any, key: str, *, from_string: bool = False) -> Any:
 
     def bad(extra: str = "") -> ConfigError:
         return ConfigError(f"bad value {value!r} for {key!r}: expected {_type_name(tp)}{extra}")
+
+    if from_string and isinstance(value, list):
+        inner = _unwrap_optional(tp)
+        if not (typing.get_origin(inner) in (tuple, list) or inner in (tuple, list)):
+            raise ConfigError(f"{key!r} takes one value, got {len(value)}: {value!r}")
+        tp = inner
 
     if tp is Any or tp is typing.Any:
         return yaml.safe_load(value) if from_string else value
@@ -159,7 +189,9 @@ def _coerce(value: Any, tp: Any, key: str, *, from_string: bool = False) -> Any:
         raise bad(f", got {type(value).__name__}")
     if origin in (tuple, list) or tp in (tuple, list):
         items = value
-        if from_string:
+        if from_string and isinstance(value, list):  # --key v1 v2 ... on the command line
+            pass
+        elif from_string:
             text = value.strip()
             if text.startswith("["):
                 items = yaml.safe_load(text)
@@ -255,8 +287,25 @@ def config_from_dict(cls, data: dict, *, prefix: str = "", base=None):
         raise ConfigError(f"{prefix or cls.__name__}: {exc}", kind="invalid") from exc
 
 
-def parse_override_args(args: Sequence[str]) -> list[tuple[str, str]]:
-    """``["--a.b=1", "--c", "2"]`` → ``[("a.b", "1"), ("c", "2")]``."""
+@dataclass(frozen=True)
+class Flag:
+    """A command-line alias of a config key, e.g. ``--lr`` for ``optim.lr``; with ``const``,
+    the flag takes no value and sets that one (``--resume`` for ``checkpoint.resume=auto``)."""
+
+    key: str
+    const: str | None = None
+
+
+def _alias(aliases, name: str) -> Flag | None:
+    a = (aliases or {}).get(name)
+    return Flag(a) if isinstance(a, str) else a
+
+
+def parse_override_args(args: Sequence[str], aliases: Mapping[str, str | Flag] | None = None
+                        ) -> list[tuple[str, str | list[str]]]:
+    """``["--a.b=1", "--c", "2", "--paths", "x", "y"]`` → ``[("a.b", "1"), ("c", "2"),
+    ("paths", ["x", "y"])]``: a key followed by several values is a list. Dashes in keys
+    become underscores (``--batch-size``); ``aliases`` maps such a name to its config key."""
     out, i = [], 0
     args = list(args)
     while i < len(args):
@@ -264,17 +313,27 @@ def parse_override_args(args: Sequence[str]) -> list[tuple[str, str]]:
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"expected an override '--section.key=value', got {arg!r}")
         body = arg[2:]
-        if "=" in body:
-            key, value = body.split("=", 1)
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            key, value = body, args[i + 1]
-            i += 1
-        else:
+        name, eq, value = body.partition("=")
+        name = name.replace("-", "_")
+        values = []
+        i += 1
+        if not eq:
+            while i < len(args) and not args[i].startswith("--"):
+                values.append(args[i])
+                i += 1
+        alias = _alias(aliases, name)
+        if alias is not None and alias.const is not None:
+            if eq or values:
+                raise ConfigError(f"{arg.split('=', 1)[0]} takes no value (it sets "
+                                  f"{alias.key}={alias.const})")
+            out.append((alias.key, alias.const))
+            continue
+        if not eq and not values:
             raise ConfigError(f"override {arg!r} has no value; write {arg}=VALUE")
+        key = alias.key if alias is not None else name
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"malformed override key in {arg!r}")
-        out.append((key.replace("-", "_"), value))
-        i += 1
+        out.append((key, value if eq else (values[0] if len(values) == 1 else values)))
     return out
 
 
@@ -399,8 +458,9 @@ def save_config(cfg, path: str | os.PathLike) -> str:
     return path
 
 
-def config_from_argv(cls, argv: Sequence[str]):
-    """``--config FILE`` (optional) plus ``--section.key=value`` overrides → a config."""
+def config_from_argv(cls, argv: Sequence[str], aliases: Mapping[str, str | Flag] | None = None):
+    """``--config FILE`` (optional) plus ``--section.key=value`` overrides (and the
+    ``aliases``' flags, see :func:`parse_override_args`) → a config."""
     argv, config_path, rest, i = list(argv), None, [], 0
     while i < len(argv):
         if argv[i] == "--config":
@@ -412,4 +472,66 @@ def config_from_argv(cls, argv: Sequence[str]):
         else:
             rest.append(argv[i])
             i += 1
-    return load_config(cls, config_path, rest)
+    return load_config(cls, config_path, parse_override_args(rest, aliases))
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal after each field)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def config_help(cls, *, prog: str, description: str = "",
+                aliases: Mapping[str, str | Flag] | None = None) -> str:
+    """``--help`` text of an entry point: every key of ``cls`` (dotted, with its type, default
+    and docstring), then the short flags of ``aliases``."""
+    import textwrap
+
+    lines = [f"usage: {prog} [--config FILE.yaml] [--section.key=VALUE ...]"]
+    if description:
+        lines += ["", description.strip()]
+    lines += ["", "Keys (a YAML file sets any of them; --key=VALUE overrides one; lists take "
+                  "several values or a,b):"]
+
+    def walk(c, base, prefix):
+        docs = _field_docs(c)
+        hints = _hints(c)
+        for name, f in _fields(c).items():
+            key = f"{prefix}{name}"
+            tp = _unwrap_optional(hints[name])
+            default = getattr(base, name) if base is not None else _field_default(c, name)
+            if _is_dataclass_type(tp):
+                lines.append(f"  {key}.*  {docs.get(name, '')}".rstrip())
+                walk(tp, default if isinstance(default, tp) else None, key + ".")
+                continue
+            shown = ("(required)" if f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING and base is None
+                     else f"= {_to_plain(default)!r}")
+            lines.append(f"  --{key}  {_type_name(hints[name])} {shown}")
+            if docs.get(name):
+                lines.append(textwrap.fill(docs[name], width=96, initial_indent=" " * 6,
+                                           subsequent_indent=" " * 6))
+
+    walk(cls, None, "")
+    if aliases:
+        lines += ["", "Short flags (aliases of the keys above):"]
+        for name, a in aliases.items():
+            a = Flag(a) if isinstance(a, str) else a
+            flag = "--" + name.replace("_", "-")
+            lines.append(f"  {flag:<20} {a.key}" + (f"={a.const} (takes no value)"
+                                                    if a.const is not None else ""))
+    return "\n".join(lines)

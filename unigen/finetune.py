@@ -264,7 +264,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
 
 def _finetune(cfg: FinetuneConfig, device: torch.device, env, log) -> FinetuneResult:
     from unigen.model.unigen_model import UniGen
-    from unigen.train import trainable_param_groups
+    from unigen.training.optim import trainable_param_groups
     from unigen.training.config import DistributedConfig, ScheduleConfig
     from unigen.training.distributed import (all_reduce_sum, barrier, gather_objects,
                                              parallelize)

@@ -1,43 +1,8 @@
-"""TrainConfig: paper defaults, cross-section validation, YAML + override round trip."""
+"""The training core's config sections: validation with the key named."""
 
 import pytest
 
-from unigen.configuration import ConfigError, load_config, save_config
-from unigen.training.config import OptimConfig, TrainConfig
-
-
-def test_paper_defaults():
-    cfg = TrainConfig()
-    assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.9, 0.98)
-    assert cfg.optim.weight_decay == 0.05
-    assert cfg.schedule.warmup_steps == 2000 and cfg.schedule.decay == "linear"
-    assert cfg.run.precision == "auto"  # bf16 on GPUs, fp32 on CPUs
-    assert cfg.distributed.parallelism == "ddp"
-
-
-def test_yaml_and_overrides_round_trip(make_config, tmp_path):
-    path = save_config(make_config(), tmp_path / "c.yaml")
-    cfg = load_config(TrainConfig, path, ["--model.loss.alpha=0.5", "--optim.betas=0.9,0.95",
-                                          "--data.ratios.qus=0.5", "--distributed.parallelism=fsdp"])
-    assert cfg.model.loss.alpha == 0.5 and cfg.optim.betas == (0.9, 0.95)
-    assert cfg.data.ratios["qus"] == 0.5 and cfg.distributed.parallelism == "fsdp"
-    assert load_config(TrainConfig, save_config(cfg, tmp_path / "d.yaml")) == cfg
-
-
-@pytest.mark.parametrize("override, message", [
-    ("--schedule.warmup_steps=10", "schedule.warmup_steps (10) exceeds schedule.steps (6)"),
-    ("--data.max_target_len=200", "exceeds model.decoder.n_positions"),
-    ("--data.max_encoder_len=30", "exceeds model.text.max_length (16)"),
-    ("--optim.grad_accum_steps=0", "optim.grad_accum_steps must be an int >= 1"),
-    ("--init.from_pretrained=x", None),
-])
-def test_cross_section_validation(make_config, tmp_path, override, message):
-    path = save_config(make_config(), tmp_path / "c.yaml")
-    if message is None:  # pre-trained weights replace the model section: no size checks
-        assert load_config(TrainConfig, path, [override]).init.from_pretrained == "x"
-        return
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config(TrainConfig, path, [override])
+from unigen.training.config import OptimConfig, ScheduleConfig
 
 
 def test_bad_optim_values():
@@ -45,3 +10,12 @@ def test_bad_optim_values():
         OptimConfig(betas=(0.9, 1.5))
     with pytest.raises(ValueError, match="optim.lr"):
         OptimConfig(lr=0.0)
+
+
+def test_the_run_length_is_steps_or_epochs():
+    assert ScheduleConfig(steps=0, epochs=3, warmup_steps=0).epochs == 3
+    for kw in ({"steps": 0, "epochs": 0}, {"steps": 5, "epochs": 2}):
+        with pytest.raises(ValueError, match="exactly one of schedule.steps"):
+            ScheduleConfig(warmup_steps=0, **kw)
+    with pytest.raises(ValueError, match=r"schedule.warmup_steps \(10\) exceeds schedule.steps \(6\)"):
+        ScheduleConfig(steps=6, warmup_steps=10)

@@ -43,8 +43,9 @@ def _write_inputs(out: str, args) -> tuple:
 def _train_config(name: str, world, tok, out: str, args):
     from unigen.model.config import UniGenConfig
     from unigen.data.config import DataConfig
+    from unigen.pretraining import PretrainConfig
     from unigen.training.config import (CheckpointConfig, LoggingConfig, OptimConfig, RunConfig,
-                                        ScheduleConfig, TrainConfig)
+                                        ScheduleConfig)
 
     model = UniGenConfig.tiny()
     # There is no pre-trained CLIP to freeze in a world made up on the spot: the tiny ViT
@@ -68,7 +69,7 @@ def _train_config(name: str, world, tok, out: str, args):
                       encoder_tokenizer=tok.text_dir, decoder_tokenizer=tok.decoder_dir,
                       multilingual_fraction=args.multilingual_fraction,
                       batch_size=args.batch_size, num_workers=0, seed=args.seed)
-    return TrainConfig(
+    return PretrainConfig(
         model=model, data=data,
         # A short run on a toy world: a constant learning rate after a brief warm-up and no
         # clipping learn it fastest (the paper's recipe, linear decay, is the trainer's default).

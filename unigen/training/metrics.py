@@ -63,54 +63,66 @@ def peak_memory_gib(device: torch.device) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def _clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN/inf
-    return v
 
 
 class MetricLogger:
     """Writes metric dicts to the console, ``metrics.jsonl`` and TensorBoard. Construct with
-    ``enabled=False`` on ranks other than 0: every method is then a no-op."""
+    ``enabled=False`` on ranks other than 0: every method is then a no-op.
 
-    def __init__(self, output_dir: str, cfg, *, enabled: bool = True, write=print):
+    ``resume_step``: the run continues from a checkpoint of this step, so the JSON-lines lines
+    of later steps (logged before a crash, redone now) are dropped first: every step is in the
+    file once. ``name`` prefixes the event lines.
+    """
+
+    def __init__(self, output_dir: str, cfg, *, enabled: bool = True, write=print,
+                 resume_step: int | None = None, name: str = "unigen.train"):
         self.enabled = enabled
         self.cfg = cfg
         self.write = write
+        self.name = name
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
         if cfg.jsonl:
-            self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(output_dir, "metrics.jsonl")
+            if resume_step is not None and os.path.isfile(path):
+                _keep_steps_up_to(path, resume_step)
+            self._jsonl = open(path, "a", encoding="utf-8")
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                self.write("[unigen.train] tensorboard is not installed: TensorBoard logging "
+                self.write(f"[{name}] tensorboard is not installed: TensorBoard logging "
                            "skipped (pip install tensorboard)")
             else:
                 self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def log(self, step: int, metrics: dict) -> None:
+        """A log line: console, JSON lines, TensorBoard."""
         if not self.enabled:
             return
         if self.cfg.console:
             self.write(format_metrics(step, metrics))
+        self.record(step, metrics)
+
+    def record(self, step: int, data: dict) -> None:
+        """JSON lines and TensorBoard only (e.g. an evaluation the recipe reports itself);
+        nested dicts become ``a/b`` scalars in TensorBoard."""
+        if not self.enabled:
+            return
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, **{k: _clean(v) for k, v in metrics.items()}})
+            self._jsonl.write(json.dumps({"step": step, **_clean(data)}, ensure_ascii=False)
                               + "\n")
             self._jsonl.flush()
         if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None \
-                        and math.isfinite(v):
-                    self._tb.add_scalar(k.replace(".", "/"), v, step)
+            for k, v in _scalars(data):
+                self._tb.add_scalar(k, v, step)
 
     def event(self, text: str) -> None:
         """A one-off line (checkpoint saved, resumed, stopped)."""
         if self.enabled and self.cfg.console:
-            self.write(f"[unigen.train] {text}")
+            self.write(f"[{self.name}] {text}")
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -121,8 +133,34 @@ class MetricLogger:
             self._tb = None
 
 
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN/inf
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _scalars(data: dict, prefix: str = ""):
+    for k, v in data.items():
+        key = f"{prefix}{k}".replace(".", "/")
+        if isinstance(v, dict):
+            yield from _scalars(v, key + "/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            yield key, v
+
+
+def _keep_steps_up_to(path: str, step: int) -> None:
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+
+
 def format_metrics(step: int, m: dict) -> str:
-    parts = [f"step {step}"]
+    parts = [f"step {step}" + (f" (epoch {m['epoch']})" if m.get("epoch") is not None else "")]
     loss_keys = [k for k in m if k.startswith("loss/")]
     for k in loss_keys:
         if m[k] is not None:

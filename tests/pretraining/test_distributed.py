@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unigen.configuration import save_config
-from unigen.train import HISTORY_KEYS
+from unigen.pretraining import HISTORY_KEYS
 from unigen.training import checkpointing as ckpt
 
 from .conftest import build_config

@@ -9,9 +9,10 @@ import torch
 
 from unigen.configuration import load_config
 from unigen.model.unigen_model import UniGen
-from unigen.train import HISTORY_KEYS, TrainResult, trainable_param_groups, train
+from unigen.pretraining import HISTORY_KEYS, PretrainConfig
+from unigen.train import train
+from unigen.training import TrainResult, trainable_param_groups
 from unigen.training import checkpointing as ckpt
-from unigen.training.config import TrainConfig
 
 
 def test_few_steps_write_checkpoints_config_and_metrics(make_config):
@@ -35,7 +36,7 @@ def test_few_steps_write_checkpoints_config_and_metrics(make_config):
     assert result.last_checkpoint == os.path.join(root, "step_00000006")
 
     # the resolved config is saved and reloads to the same dataclass
-    saved = load_config(TrainConfig, os.path.join(cfg.run.output_dir, "config.yaml"))
+    saved = load_config(PretrainConfig, os.path.join(cfg.run.output_dir, "config.yaml"))
     assert saved == cfg
 
     # metrics.jsonl: one line per log interval, with the documented keys

@@ -1,0 +1,7 @@
+"""UniGen pre-training: its config (:class:`PretrainConfig`) and its recipe on the training
+core (:class:`PretrainRecipe`). The entry point is ``python -m unigen.train``."""
+
+from .config import InitConfig, PretrainConfig
+from .recipe import HISTORY_KEYS, PretrainRecipe, pretrain
+
+__all__ = ["HISTORY_KEYS", "InitConfig", "PretrainConfig", "PretrainRecipe", "pretrain"]

@@ -1,0 +1,213 @@
+"""UniGen pre-training (paper §3.3, §4.2) as a recipe on the training core.
+
+What is particular to pre-training: the model is built from ``model`` (or pre-trained parts,
+``init``) with its two tokenizers; the data is the endless mixed-task stream of
+:func:`unigen.data.batches.build_training_dataset`, resumed through its data position; a
+micro-batch's objective is ``L = L_trans + L_cap + α·L_qus + β·L_match + L_CL``; beside the
+loss it logs each task's loss (mean over its target tokens), L_CL, τ, tokens/s and MFU; a
+completed run writes ``<output_dir>/final_model``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from unigen.configuration import ConfigError
+from unigen.data.batches import build_training_dataset, finish_batch
+from unigen.data.mixing import DataPosition
+from unigen.data.task_tokenizer import TaskTokenizer
+from unigen.model.config import TASK_NAMES
+from unigen.training.distributed import init_distributed, teardown_distributed
+from unigen.training.metrics import estimate_mfu, peak_flops
+from unigen.training.optim import autocast_dtype
+from unigen.training.recipe import Recipe, StepOutput
+from unigen.training.signals import worker_ignores_sigint
+from unigen.training.trainer import Trainer, TrainResult
+
+from .config import PretrainConfig
+
+HISTORY_KEYS = ("loss",) + TASK_NAMES + ("cl", "temperature", "lr", "grad_norm")
+# Columns of the recipe's per-step statistics (summed over micro-batches, then over ranks).
+_CL, _TEMP = 0, 1
+_TASK_LOSS = 2                           # 2..5: per-task loss × target tokens
+_TASK_TOK = _TASK_LOSS + len(TASK_NAMES)  # 6..9: per-task target tokens
+_TARGET_TOK, _INPUT_TOK = _TASK_TOK + len(TASK_NAMES), _TASK_TOK + len(TASK_NAMES) + 1
+
+
+def _check_runnable(cfg: PretrainConfig) -> None:
+    """Config problems only visible once we try to run (clear errors naming the keys)."""
+    d = cfg.data
+    if not any((d.wikimatrix, d.cclm_text_pairs, d.image_shards, d.cc6l, d.ccqa)):
+        raise ConfigError("no training data: set data.wikimatrix / data.cclm_text_pairs, "
+                          "data.image_shards, data.cc6l, data.ccqa", kind="invalid")
+    for key in ("encoder_tokenizer", "decoder_tokenizer"):
+        path = getattr(d, key)
+        if not path or not os.path.isdir(path):
+            raise ConfigError(f"data.{key}: tokenizer directory {path!r} does not exist",
+                              kind="invalid")
+
+
+def _build_model(cfg: PretrainConfig, text_tok, dec_tok):
+    from unigen.model.unigen_model import UniGen
+
+    init = cfg.init
+    if init.from_pretrained:
+        model = UniGen.from_pretrained(init.from_pretrained, load_tokenizers=False)
+    elif init.uses_parts:
+        model = UniGen.from_pretrained_parts(
+            clip_dir=init.clip_dir or None, xlmr_dir=init.xlmr_dir or None,
+            gpt2_dir=init.gpt2_dir or None, qformer_checkpoint=init.qformer_checkpoint or None,
+            config=cfg.model, load_tokenizers=False)
+    else:
+        model = UniGen(cfg.model)
+    mc = model.config
+    if len(text_tok) > mc.text.vocab_size:
+        raise ConfigError(f"the encoder tokenizer ({cfg.data.encoder_tokenizer}) has "
+                          f"{len(text_tok)} tokens, more than model.text.vocab_size = "
+                          f"{mc.text.vocab_size}", kind="invalid")
+    try:
+        model.set_tokenizers(text_tok, dec_tok)
+    except ValueError as e:
+        raise ConfigError(f"{e} (the decoder tokenizer in {cfg.data.decoder_tokenizer} has "
+                          f"{len(dec_tok) - len(mc.tasks.task_tokens)} base tokens: set "
+                          f"model.decoder.vocab_size to that)", kind="invalid") from None
+    return model
+
+
+class PretrainRecipe(Recipe):
+    name = "unigen.train"
+    resume_hint = "the next launch resumes from its checkpoint (checkpoint.resume: auto)"
+    stat_names = ("cl", "temperature", *(f"{t}_loss_x_tokens" for t in TASK_NAMES),
+                  *(f"{t}_tokens" for t in TASK_NAMES), "target_tokens", "input_tokens")
+
+    def __init__(self, cfg: PretrainConfig):
+        from unigen.model.tokenizers import load_decoder_tokenizer, load_text_tokenizer
+
+        if not isinstance(cfg, PretrainConfig):
+            raise TypeError(f"PretrainRecipe: config must be a PretrainConfig, got "
+                            f"{type(cfg).__name__}")
+        _check_runnable(cfg)
+        self.cfg = cfg
+        self.text_tok = load_text_tokenizer(cfg.data.encoder_tokenizer)
+        self.dec_tok = load_decoder_tokenizer(cfg.data.decoder_tokenizer,
+                                              cfg.model.tasks.task_tokens)
+        self.tokenizer = TaskTokenizer(encoder=self.text_tok, decoder=self.dec_tok,
+                                       max_encoder_len=cfg.data.max_encoder_len,
+                                       max_target_len=cfg.data.max_target_len)
+        self.position = DataPosition()
+        self.image_decoder = None  # DALI in the main process, built at first need
+
+    def setup(self, env) -> None:
+        super().setup(env)
+        self.dataset = build_training_dataset(self.cfg.data, self.tokenizer, rank=env.rank,
+                                              world_size=env.world_size)
+
+    def build_model(self):
+        self.model = _build_model(self.cfg, self.text_tok, self.dec_tok)
+        self.num_trainable = self.model.num_parameters(trainable_only=True)
+        device = self.env.device
+        self.peak = peak_flops(device, autocast_dtype(self.cfg.run, device) or torch.float32)
+        return self.model
+
+    # ---- data ------------------------------------------------------------------------------
+    def batches(self, epoch: int, done: int):
+        from torch.utils.data import DataLoader
+
+        workers = self.cfg.data.num_workers
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                            pin_memory=self.env.device.type == "cuda",
+                            worker_init_fn=worker_ignores_sigint if workers else None,
+                            prefetch_factor=4 if workers else None)
+        return self._model_batches(iter(loader))
+
+    def _model_batches(self, items):
+        """(UniGenBatch, samples) per loader item, recording the data position as it goes."""
+        device = self.env.device
+        for item in items:
+            self.position.update(item)
+            if item.groups is not None and self.image_decoder is None:
+                from unigen.data.image_pipeline import DaliImageDecoder, ImageSpec
+
+                self.image_decoder = DaliImageDecoder(
+                    ImageSpec(self.cfg.data.image_size, self.cfg.data.interpolation),
+                    device_id=device.index if device.type == "cuda" else None)
+            batch = finish_batch(item, image_decoder=self.image_decoder,
+                                 encoder_pad_id=self.tokenizer.encoder_pad_id,
+                                 decoder_pad_id=self.tokenizer.decoder_pad_id)
+            yield batch, item.num_samples
+
+    def rank_state(self) -> dict:
+        return self.position.state_dict()
+
+    def load_rank_state(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self.position.load_state_dict(state)
+
+    # ---- a step ----------------------------------------------------------------------------
+    def forward(self, model, item, generator, validate: bool) -> StepOutput:
+        batch, num_samples = item
+        mc = self.model.config
+        device = self.env.device
+        input_tokens = batch.num_input_tokens(mc.qformer.num_query_tokens)
+        if validate:
+            # on the host copy: no device syncs, and a bad batch fails before any compute
+            batch.validate(image_size=mc.vision.image_size, max_text_length=mc.text.max_length,
+                           decoder_vocab_size=mc.decoder.vocab_size + len(TASK_NAMES))
+        batch = batch.to(device, non_blocking=True)
+        out = model(batch, generator=generator, validate=False)
+        accum = self.cfg.optim.grad_accum_steps
+        tok = torch.tensor([out.num_tokens[t] for t in TASK_NAMES], dtype=torch.float64,
+                           device=device)
+        task_loss = torch.stack([out.losses[t].double() for t in TASK_NAMES])
+        host = torch.tensor([out.num_tokens["total"], input_tokens], dtype=torch.float64)
+        stats = torch.cat([(out.losses["cl"].double() / accum).reshape(1),
+                           (out.temperature.double() / accum).reshape(1),
+                           task_loss * tok, tok, host.to(device)])
+        return StepOutput(out.loss, num_samples, stats)
+
+    # ---- logging ---------------------------------------------------------------------------
+    def history_row(self, stats: list[float], world_size: int) -> dict:
+        row = {"cl": stats[_CL] / world_size, "temperature": stats[_TEMP] / world_size}
+        for j, t in enumerate(TASK_NAMES):
+            n = stats[_TASK_TOK + j]
+            row[t] = stats[_TASK_LOSS + j] / n if n > 0 else None
+        return row
+
+    def interval_metrics(self, stats: list[float], steps: int, seconds: float,
+                         history: dict) -> dict:
+        w = self.env.world_size
+        metrics = {}
+        for j, t in enumerate(TASK_NAMES):
+            n = stats[_TASK_TOK + j]
+            metrics[f"loss/{t}"] = stats[_TASK_LOSS + j] / n if n > 0 else None
+        metrics["loss/cl"] = stats[_CL] / (w * steps)
+        tokens = stats[_TARGET_TOK] + stats[_INPUT_TOK]
+        metrics.update({
+            "temperature": history["temperature"][-1],
+            "tokens_per_s": tokens / seconds,
+            "target_tokens_per_s": stats[_TARGET_TOK] / seconds,
+            "mfu": estimate_mfu(self.num_trainable, tokens / seconds, self.peak, w),
+        })
+        return metrics
+
+    # ---- the end ---------------------------------------------------------------------------
+    def finish(self, trainer) -> str | None:
+        if not self.cfg.run.save_final_model:
+            return None
+        path = trainer.save_model(os.path.join(trainer.run_dir, "final_model"))
+        trainer.log(f"final model saved: {path}")
+        return path
+
+
+def pretrain(config: PretrainConfig, *, log=None) -> TrainResult:
+    """Pre-train with ``config`` in this process (one rank of a torchrun job, or alone)."""
+    if not isinstance(config, PretrainConfig):
+        raise TypeError(f"pretrain: config must be a PretrainConfig, got "
+                        f"{type(config).__name__}")
+    env = init_distributed(config.distributed, config.run)
+    try:
+        return Trainer(PretrainRecipe(config), config, env, log=log).fit()
+    finally:
+        teardown_distributed(env)

@@ -1,0 +1,424 @@
+"""The training loop, once: every recipe (pre-training, IGLUE fine-tuning) runs on it.
+
+    trainer = Trainer(recipe, config)        # config: a recipe config with the core's sections
+    result = trainer.fit()                   # TrainResult
+
+Per optimizer step: ``optim.grad_accum_steps`` micro-batches (each one batch per process) go
+through the recipe's forward under autocast; their mean loss is backpropagated (DDP all-reduces
+on the last micro-batch only), gradients are clipped to ``optim.grad_clip``, AdamW steps and the
+schedule (a pure function of the step) sets the next learning rate. Per-step statistics stay on
+the device and are all-reduced once per log interval; rank 0 logs, checkpoints
+(``<output_dir>/checkpoints/step_<N>``) and prints. A run resumes exactly from its newest
+checkpoint: weights, AdamW's state, the schedule, every random state of every process and the
+data position. SIGINT/SIGTERM finish the step, save and return; a non-finite loss stops the run
+with a FloatingPointError naming the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from unigen.configuration import ConfigError, config_to_dict, save_config
+
+from . import checkpointing as ckpt
+from .distributed import (DistEnv, all_reduce_sum, any_rank, average_gradients, barrier,
+                          clip_grad_norm, full_state_dicts, gather_objects, load_full_state_dicts,
+                          parallelize)
+from .metrics import MetricLogger, peak_memory_gib
+from .optim import autocast_dtype, build_optimizer
+from .recipe import Recipe, StepOutput
+from .schedule import build_scheduler
+from .signals import StopRequest
+
+# Per-process random sources differ by rank (dropout, hard-negative sampling): seed + this × rank.
+RANK_SEED_STRIDE = 1_000_003
+# The core's columns of the per-step statistics; the recipe's stat_names follow.
+_LOSS, _SAMPLES, _GRAD_NORM = 0, 1, 2
+_CORE_COLUMNS = 3
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns (on every rank; ``history`` is global, reduced over
+    ranks)."""
+
+    run_dir: str
+    """The run folder (resolved config, checkpoints, metrics, the trained model)."""
+    model: torch.nn.Module
+    """The trained model (unwrapped from DDP; under FSDP still sharded), on the training device."""
+    step: int
+    """Optimizer steps completed (including those before a resume)."""
+    history: dict[str, list]
+    """Per optimizer step, from step 1 (``history["step"]``): ``loss`` (the objective, mean
+    over the processes), ``lr``, ``grad_norm`` (before clipping), and the recipe's columns.
+    Resumed runs carry the steps before the resume from the checkpoint."""
+    last_checkpoint: str | None = None
+    """Path of the newest checkpoint this run wrote (None if it wrote none)."""
+    final_model_dir: str | None = None
+    """The model directory the recipe wrote when the run completed (None otherwise)."""
+    stopped_by_signal: str | None = None
+    """"SIGINT"/"SIGTERM" when a signal stopped the run early, else None."""
+    resumed_from: str | None = None
+    """The checkpoint this run started from, if any."""
+    config: object | None = field(default=None, repr=False)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class Trainer:
+    """Trains ``recipe``'s model with ``config``'s core sections (``optim``, ``schedule``,
+    ``run``, ``checkpoint``, ``logging``, ``distributed``) in this process: one rank of a
+    torchrun job, or alone. ``log`` receives rank 0's console lines (default: print, or the
+    progress bar's write)."""
+
+    def __init__(self, recipe: Recipe, config, env: DistEnv,
+                 log: Callable[[str], None] | None = None):
+        self.recipe, self.cfg, self.env = recipe, config, env
+        self.device = env.device
+        self.run_dir = config.run.output_dir
+        self.ckpt_root = ckpt.checkpoint_root(self.run_dir)
+        self._log = log
+        self._pbar = None
+        recipe.setup(env)
+        if env.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+        barrier(env)
+
+        # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
+        seed_everything(config.run.seed)
+        self.model = recipe.build_model().to(self.device)
+        self.model.train()
+        # Per-rank random sources from here on.
+        rank_seed = config.run.seed + RANK_SEED_STRIDE * env.rank
+        seed_everything(rank_seed)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(rank_seed + 17)
+
+        self.step_model, self.replicated = parallelize(self.model, config.distributed, env)
+        if config.run.compile:
+            self.step_model = torch.compile(self.step_model)
+        self.optimizer = build_optimizer(self.model, config.optim, self.device)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.amp_dtype = autocast_dtype(config.run, self.device)
+
+        self.micro_per_epoch = recipe.micro_batches_per_epoch()
+        accum = config.optim.grad_accum_steps
+        self.steps_per_epoch = (None if self.micro_per_epoch is None
+                                else -(-self.micro_per_epoch // accum))
+        self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(
+            self.optimizer, dataclasses.replace(config.schedule, steps=self.total_steps,
+                                                epochs=0))
+        self.step = 0
+        self.history: dict[str, list] = {"step": [], "loss": [], "lr": [], "grad_norm": []}
+        self.last_checkpoint: str | None = None
+        self.resumed_from: str | None = None
+        self.stop = StopRequest()
+        self.logger: MetricLogger | None = None
+        self._pending: list[torch.Tensor] = []
+        self._pending_lr: list[float] = []
+        self._diverged: tuple[int, float] | None = None
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def _total_steps(self) -> int:
+        s = self.cfg.schedule
+        if s.epochs:
+            if self.steps_per_epoch is None:
+                raise ConfigError(f"schedule.epochs: {self.recipe.name}'s data is endless; set "
+                                  f"the run's length with schedule.steps", kind="invalid")
+            total = s.epochs * self.steps_per_epoch
+        else:
+            total = s.steps
+        if s.warmup_steps > total:
+            raise ConfigError(f"schedule.warmup_steps ({s.warmup_steps}) exceeds the run's "
+                              f"{total} steps", kind="invalid")
+        return total
+
+    def epoch_of(self, step: int) -> int:
+        """The (1-based) epoch optimizer step ``step`` (1-based) belongs to."""
+        return (step - 1) // self.steps_per_epoch + 1
+
+    def _micro_batches(self, step: int) -> int:
+        """Micro-batches of optimizer step ``step`` (0-based): grad_accum_steps, less at the
+        end of an epoch whose micro-batches do not divide evenly."""
+        accum = self.cfg.optim.grad_accum_steps
+        if self.micro_per_epoch is None:
+            return accum
+        within = step % self.steps_per_epoch
+        return min(accum, self.micro_per_epoch - within * accum)
+
+    # ---- output on rank 0 (through tqdm so the bar is not torn) ------------------------------
+    def write(self, line: str) -> None:
+        if not self.env.is_main:
+            return
+        if self._log is not None:
+            self._log(line)
+        elif self._pbar is not None:
+            self._pbar.write(line)
+        else:
+            print(line, flush=True)
+
+    def log(self, text: str) -> None:
+        """An event line on rank 0, prefixed with the recipe's name (``logging.console``)."""
+        if self.cfg.logging.console:
+            self.write(f"[{self.recipe.name}] {text}")
+
+    # ---- resume ------------------------------------------------------------------------------
+    def _resolve_resume(self) -> str | None:
+        r = self.cfg.checkpoint.resume
+        if r == "never":
+            if ckpt.list_checkpoints(self.ckpt_root):
+                raise ConfigError(f"checkpoint.resume is 'never' but {self.ckpt_root} already "
+                                  f"holds checkpoints; use another run.output_dir or resume",
+                                  kind="invalid")
+            return None
+        if r == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_root)
+        if not os.path.isdir(r):
+            raise ConfigError(f"checkpoint.resume: {r!r} is not a checkpoint directory",
+                              kind="invalid")
+        return r
+
+    def _resume(self, path: str) -> dict:
+        state = ckpt.load_checkpoint(path, self.model)
+        trainer = state["trainer"]
+        saved_world = len(trainer["ranks"])
+        if saved_world != self.env.world_size:
+            raise ConfigError(f"checkpoint {path} was written by {saved_world} processes, this "
+                              f"run has {self.env.world_size}: exact resuming needs the same "
+                              f"world size", kind="invalid")
+        self.recipe.check_resume(trainer["config"])
+        load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"],
+                              self.cfg.distributed, self.env)
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.step = int(trainer["step"])
+        self.history = {k: list(v) for k, v in trainer["history"].items()}
+        self.recipe.load_state_dict(trainer.get("recipe", {}))
+        mine = trainer["ranks"][self.env.rank]
+        self.recipe.load_rank_state(mine["data"])
+        self.resumed_from = path
+        return mine["rng"]
+
+    # ---- checkpoints and the trained model ---------------------------------------------------
+    def save_checkpoint(self) -> str | None:
+        self._flush()  # the history saved must be complete up to this step
+        self._raise_if_diverged()
+        rank_state = {"rng": ckpt.capture_rng_state(self.device, self.generator),
+                      "data": self.recipe.rank_state()}
+        ranks = gather_objects(rank_state, self.env)
+        model_sd, optim_sd = full_state_dicts(self.step_model, self.optimizer,
+                                              self.cfg.distributed, self.env)
+        path = None
+        if self.env.is_main:
+            trainer_state = {"step": self.step, "scheduler": self.scheduler.state_dict(),
+                             "history": self.history, "ranks": ranks,
+                             "world_size": self.env.world_size,
+                             "config": config_to_dict(self.cfg),
+                             "recipe": self.recipe.state_dict()}
+            m = self.model
+            path = ckpt.save_checkpoint(
+                self.ckpt_root, self.step, model_config=m.config, model_state=model_sd,
+                optimizer_state=optim_sd, trainer_state=trainer_state,
+                keep_last=self.cfg.checkpoint.keep_last, text_tokenizer=m.text_tokenizer,
+                decoder_tokenizer=m.decoder_tokenizer)
+            self.log(f"checkpoint saved: {path}")
+        barrier(self.env)  # nobody runs ahead (or exits) while rank 0 is still writing
+        self.last_checkpoint = path
+        self._t_last = time.perf_counter()  # don't count the save in the throughput
+        return path
+
+    def save_model(self, path: str) -> str:
+        """Write the model ``UniGen.from_pretrained``-loadable into ``path`` (rank 0 writes;
+        under FSDP every rank takes part in gathering the weights). Call on every rank."""
+        model_sd = None
+        if self.env.is_distributed and self.cfg.distributed.parallelism == "fsdp":
+            model_sd, _ = full_state_dicts(self.step_model, self.optimizer,
+                                           self.cfg.distributed, self.env)
+        if self.env.is_main:
+            m = self.model
+            ckpt.write_pretrained(path, m.config, m.state_dict() if model_sd is None else model_sd,
+                                  m.text_tokenizer, m.decoder_tokenizer)
+        barrier(self.env)
+        return path
+
+    # ---- one optimizer step ------------------------------------------------------------------
+    def _train_step(self, it, steps_here: int) -> None:
+        cfg, env = self.cfg, self.env
+        n_micro = self._micro_batches(self.step)
+        names = self.recipe.stat_names
+        stats = torch.zeros(_CORE_COLUMNS + len(names), dtype=torch.float64, device=self.device)
+        fsdp = env.is_distributed and cfg.distributed.parallelism == "fsdp"
+        ddp = env.is_distributed and cfg.distributed.parallelism == "ddp"
+        validate = steps_here < cfg.run.validate_batches
+        for micro in range(n_micro):
+            batch = next(it)
+            last = micro == n_micro - 1
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            sync = self.step_model.no_sync() if ddp and not last else contextlib.nullcontext()
+            if fsdp:
+                self.model.set_requires_gradient_sync(last)
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    out: StepOutput = self.recipe.forward(self.step_model, batch,
+                                                          self.generator, validate)
+                (out.loss / n_micro).backward()
+            stats[_LOSS] += out.loss.detach().double() / n_micro
+            stats[_SAMPLES] += out.num_samples
+            if names:
+                stats[_CORE_COLUMNS:] += out.stats
+        average_gradients(self.replicated, env)  # FSDP: the temperature stays replicated
+        gnorm = clip_grad_norm(self.params, cfg.optim.grad_clip or float("inf"))
+        stats[_GRAD_NORM] = gnorm.double()
+        self._pending_lr.append(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._pending.append(stats)
+
+    # ---- metrics: one all-reduce per log interval, not per step ------------------------------
+    def _flush(self) -> dict | None:
+        if not self._pending:
+            return None
+        stats = torch.stack(self._pending)
+        all_reduce_sum(stats, self.env)
+        rows = stats.cpu().tolist()
+        w = self.env.world_size
+        first = self.step - len(rows) + 1
+        h = self.history
+        for i, row in enumerate(rows):
+            h["step"].append(first + i)
+            h["loss"].append(row[_LOSS] / w)
+            if self._diverged is None and not np.isfinite(h["loss"][-1]):
+                self._diverged = (first + i, h["loss"][-1])
+            h["lr"].append(self._pending_lr[i])
+            h["grad_norm"].append(row[_GRAD_NORM] / w)
+            for k, v in self.recipe.history_row(row[_CORE_COLUMNS:], w).items():
+                h.setdefault(k, []).append(v)
+        now = time.perf_counter()
+        elapsed = max(now - self._t_last, 1e-9)
+        totals = [sum(col) for col in zip(*rows)]
+        metrics = {"loss/total": totals[_LOSS] / (w * len(rows))}
+        metrics.update(self.recipe.interval_metrics(totals[_CORE_COLUMNS:], len(rows), elapsed,
+                                                    h))
+        metrics.update({"lr": self._pending_lr[-1], "grad_norm": h["grad_norm"][-1],
+                        "samples_per_s": totals[_SAMPLES] / elapsed,
+                        "peak_mem_gib": peak_memory_gib(self.device)})
+        if self.steps_per_epoch is not None:
+            metrics["epoch"] = self.epoch_of(self.step)
+        self._pending, self._pending_lr = [], []
+        self._t_last = now
+        return metrics
+
+    def _log_interval(self) -> None:
+        metrics = self._flush()
+        if metrics is None:
+            return
+        self.logger.log(self.step, metrics)
+        if self._pbar is not None:
+            self._pbar.set_postfix(loss=f"{metrics['loss/total']:.4f}", refresh=False)
+        self._raise_if_diverged()
+
+    def _raise_if_diverged(self) -> None:
+        # Every rank holds the same reduced losses, so all ranks stop together (and no
+        # checkpoint of a diverged model is written).
+        if self._diverged is not None:
+            s, v = self._diverged
+            raise FloatingPointError(f"{self.recipe.name}: the loss is {v} at step {s}; try a "
+                                     f"lower --optim.lr")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train to the run's length (or ``run.stop_at_step``, or a signal)."""
+        try:
+            return self._fit()
+        finally:
+            self.stop.restore()
+            if self._pbar is not None:
+                self._pbar.close()
+                self._pbar = None
+            if self.logger is not None:
+                self.logger.close()
+
+    def _fit(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        resume_path = self._resolve_resume()
+        rng_state = self._resume(resume_path) if resume_path else None
+        if env.is_main:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.logger = MetricLogger(self.run_dir, cfg.logging, enabled=env.is_main,
+                                   write=self.write, name=self.recipe.name,
+                                   resume_step=self.step if resume_path else None)
+        if self.steps_per_epoch is None:
+            epoch, done = 1, 0
+        else:
+            epoch = self.step // self.steps_per_epoch + 1
+            done = (self.step % self.steps_per_epoch) * cfg.optim.grad_accum_steps
+        it = self.recipe.batches(epoch, done)
+        # Creating a loader iterator draws from the global RNG; restoring after it makes the
+        # resumed run's random state equal the uninterrupted run's at this step.
+        if rng_state is not None:
+            ckpt.restore_rng_state(rng_state, self.device, self.generator)
+            self.log(f"resumed from {resume_path} at step {self.step}")
+        total = self.total_steps
+        if cfg.run.stop_at_step:
+            total = min(total, cfg.run.stop_at_step)
+        if env.is_main and cfg.logging.progress_bar:
+            try:
+                from tqdm.auto import tqdm
+                self._pbar = tqdm(total=total, initial=self.step, desc=self.recipe.name,
+                                  dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                self._pbar = None
+        self.stop.install()
+        saved_at = self.step if resume_path else -1
+        steps_here = 0
+        self._t_last = time.perf_counter()
+        while self.step < total:
+            self._train_step(it, steps_here)
+            steps_here += 1
+            if self._pbar is not None:
+                self._pbar.update(1)
+            epoch_end = self.steps_per_epoch is not None and self.step % self.steps_per_epoch == 0
+            if self.step % cfg.logging.every == 0 or self.step == total or epoch_end:
+                self._log_interval()
+            if epoch_end:
+                report = self.recipe.end_of_epoch(self, self.epoch_of(self.step))
+                if report:
+                    self.logger.record(self.step, report)
+            if epoch_end or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                self.save_checkpoint()
+                saved_at = self.step
+            if any_rank(self.stop.signum is not None, env):
+                break
+        self._log_interval()
+        if cfg.checkpoint.save_on_exit and saved_at != self.step:
+            self.save_checkpoint()
+        stopped = None
+        if self.step < self.total_steps:
+            if self.step < total:
+                stopped = self.stop.name or "a signal on another rank"
+                self.log(f"stopped by {stopped} at step {self.step}; {self.recipe.resume_hint}")
+            else:
+                self.log(f"stopped at step {self.step} (run.stop_at_step); "
+                         f"{self.recipe.resume_hint}")
+        final_dir = self.recipe.finish(self) if self.step == self.total_steps else None
+        return TrainResult(run_dir=self.run_dir, model=self.model, step=self.step,
+                           history=self.history, last_checkpoint=self.last_checkpoint,
+                           final_model_dir=final_dir, stopped_by_signal=stopped,
+                           resumed_from=self.resumed_from, config=cfg)
