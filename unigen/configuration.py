@@ -30,7 +30,7 @@ import yaml
 
 __all__ = ["ConfigError", "config_to_dict", "config_from_dict", "load_config", "save_config",
            "apply_overrides", "parse_override_args", "config_from_argv", "check_int",
-           "check_number", "Flag", "config_help"]
+           "check_number", "check_choices", "Flag", "config_help"]
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -535,3 +535,18 @@ def config_help(cls, *, prog: str, description: str = "",
             lines.append(f"  {flag:<20} {a.key}" + (f"={a.const} (takes no value)"
                                                     if a.const is not None else ""))
     return "\n".join(lines)
+
+
+def check_choices(obj, owner: str) -> None:
+    """Raise unless every ``Literal``-typed field of the dataclass ``obj`` holds one of its
+    choices: the loader checks them when it reads a file or an override, this catches a config
+    built directly in Python."""
+    hints = _hints(type(obj))
+    for name in _fields(type(obj)):
+        tp = _unwrap_optional(hints[name])
+        if typing.get_origin(tp) is typing.Literal:
+            value = getattr(obj, name)
+            if value is None and tp is not hints[name]:
+                continue
+            if value not in typing.get_args(tp):
+                raise ValueError(f"{owner}.{name} must be {_type_name(tp)}, got {value!r}")

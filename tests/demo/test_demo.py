@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 
 @pytest.mark.slow
@@ -29,19 +30,20 @@ def test_pretrain_demo_smoke(tmp_path, capsys):
         assert os.path.isdir(out / run / "final_model")
     assert (out / "loss_curves.png").stat().st_size > 1000
     assert 0.0 < results["qa_chance"] < 1.0
+    assert yaml.safe_load((out / "demo.yaml").read_text())["steps"] == 12  # the resolved config
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "--steps must be positive"),
-    (["--contrastive-weight", "-1"], "--contrastive-weight must be a finite non-negative"),
-    (["--multilingual-fraction", "2"], "--multilingual-fraction must be in"),
-    (["--lr", "0"], "--lr must be a finite positive"),
+    (["--steps", "0"], "steps must be positive"),
+    (["--contrastive-weight", "-1"], "contrastive_weight must be a finite non-negative"),
+    (["--multilingual-fraction", "2"], "multilingual_fraction must be in"),
+    (["--lr", "0"], "lr must be a finite positive"),
+    (["--stpes", "5"], "did you mean 'steps'"),
 ])
 def test_pretrain_demo_rejects_bad_arguments(argv, message, capsys):
     from unigen.demo.pretrain import main
 
-    with pytest.raises(SystemExit):
-        main(argv)
+    assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 

@@ -12,12 +12,12 @@ measure what crosses over to languages that never met an image.
    top-k, and open-vocabulary QA accuracy; prints the table next to chance, saves it (JSON and
    markdown) and the loss curves (PNG).
 
-    python -m unigen.demo [--out runs/demo] [--steps 3000] [--batch-size 48] [--multilingual-fraction 0.5]
+    python -m unigen.demo [--config FILE.yaml] [--out runs/demo] [--steps 3000] [--batch-size 48]
+        [--multilingual-fraction 0.5]      (every key: python -m unigen.demo --help)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 RUNS = {"unigen": "UniGen (all tasks)", "no_translation": "ablation: no translation pairs"}
 
@@ -210,37 +211,63 @@ def _table(results: dict, world) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(kw_only=True)
+class DemoConfig:
+    """``python -m unigen.demo``'s settings (``--config FILE.yaml`` and ``--key=value``)."""
+
+    out: str = "runs/demo"
+    """Output folder."""
+    steps: int = 3000
+    """Optimizer steps per run."""
+    batch_size: int = 48
+    """Samples per step."""
+    lr: float = 2e-3
+    """Learning rate (constant after a short warm-up)."""
+    images: int = 2000
+    """Training images."""
+    text_pairs: int = 2000
+    """Translation pairs per non-English language."""
+    eval_images: int = 200
+    """Held-out images."""
+    multilingual_fraction: float = 0.5
+    """Share of [match]/L_CL pairs with a de/fr/ja caption (paper: 0.1)."""
+    contrastive_weight: float = 0.02
+    """Weight of L_CL (paper: 1; see the README for why the demo uses less)."""
+    trans_ratio: float = 1.0
+    """Share of translation samples relative to each other task."""
+    seed: int = 0
+    """Seeds the world, the tokenizers' corpus and both runs."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "images", "text_pairs", "eval_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.multilingual_fraction <= 1.0:
+            raise ValueError(f"multilingual_fraction must be in [0, 1], got "
+                             f"{self.multilingual_fraction}")
+        for name in ("contrastive_weight", "trans_ratio", "lr"):
+            value = getattr(self, name)
+            if not (0 <= value < float("inf")) or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be a finite "
+                                 f"{'positive' if name == 'lr' else 'non-negative'} number, "
+                                 f"got {value}")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per run")
-    parser.add_argument("--batch-size", type=int, default=48, help="samples per step")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--images", type=int, default=2000, help="training images")
-    parser.add_argument("--text-pairs", type=int, default=2000,
-                        help="translation pairs per non-English language")
-    parser.add_argument("--eval-images", type=int, default=200)
-    parser.add_argument("--multilingual-fraction", type=float, default=0.5,
-                        help="share of [match]/L_CL pairs with a de/fr/ja caption (paper: 0.1)")
-    parser.add_argument("--contrastive-weight", type=float, default=0.02,
-                        help="weight of L_CL (paper: 1; see the README for why the demo uses less)")
-    parser.add_argument("--trans-ratio", type=float, default=1.0,
-                        help="share of translation samples relative to each other task")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "images", "text_pairs", "eval_images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if not 0.0 <= args.multilingual_fraction <= 1.0:
-        parser.error(f"--multilingual-fraction must be in [0, 1], got {args.multilingual_fraction}")
-    for name in ("contrastive_weight", "trans_ratio", "lr"):
-        value = getattr(args, name)
-        if not (0 <= value < float("inf")) or (name == "lr" and value == 0):
-            parser.error(f"--{name.replace('_', '-')} must be a finite "
-                         f"{'positive' if name == 'lr' else 'non-negative'} number, got {value}")
+    from unigen.configuration import ConfigError, config_from_argv, config_help, save_config
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help(DemoConfig, prog="python -m unigen.demo", description=__doc__))
+        return 0
+    try:
+        args = config_from_argv(DemoConfig, argv)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"unigen.demo: error: {e}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
+    save_config(args, os.path.join(args.out, "demo.yaml"))
     print(f"[demo] writing the synthetic world and training tokenizers under {args.out}")
     world, tok = _write_inputs(args.out, args)
     print(f"[demo] languages with images: en {' '.join(world.image_languages)}; "

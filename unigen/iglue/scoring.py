@@ -20,6 +20,7 @@ import torch
 from unigen.scoring.qa import normalize_answer
 from unigen.scoring.retrieval import recall_at_1
 
+from .config import check_decode
 from .images import ImageResolver, RecordImages
 from .readers import MARVL_WORDS, XVNLI_WORDS, IGLUEFile
 
@@ -33,15 +34,6 @@ def _image_batches(file: IGLUEFile, resolver: ImageResolver, image_size: int, ba
     for images in loader:
         yield start, images
         start += images.shape[0]
-
-DECODES = ("generate", "rank")
-
-def check_decode(task: str, decode: str, op: str) -> None:
-    if decode not in DECODES:
-        raise ValueError(f"{op}: decode must be one of {DECODES}, got {decode!r}")
-    if decode == "rank" and task not in _LABEL_WORDS:
-        raise ValueError(f"{op}: decode='rank' needs a closed set of answers; {task} answers "
-                         f"are generated (xvnli and marvl have keywords)")
 
 @torch.no_grad()
 def evaluate_generative(model, file: IGLUEFile, resolver: ImageResolver, *, batch_size: int = 64,

@@ -21,7 +21,6 @@ from unigen.data.task_tokenizer import TaskTokenizer
 from unigen.model.config import TASK_NAMES
 from unigen.training.distributed import init_distributed, teardown_distributed
 from unigen.training.metrics import estimate_mfu, peak_flops
-from unigen.training.optim import autocast_dtype
 from unigen.training.recipe import Recipe, StepOutput
 from unigen.training.signals import worker_ignores_sigint
 from unigen.training.trainer import Trainer, TrainResult
@@ -99,16 +98,16 @@ class PretrainRecipe(Recipe):
         self.position = DataPosition()
         self.image_decoder = None  # DALI in the main process, built at first need
 
-    def setup(self, env) -> None:
-        super().setup(env)
-        self.dataset = build_training_dataset(self.cfg.data, self.tokenizer, rank=env.rank,
-                                              world_size=env.world_size)
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        self.dataset = build_training_dataset(self.cfg.data, self.tokenizer,
+                                              rank=self.env.rank,
+                                              world_size=self.env.world_size)
 
     def build_model(self):
         self.model = _build_model(self.cfg, self.text_tok, self.dec_tok)
         self.num_trainable = self.model.num_parameters(trainable_only=True)
-        device = self.env.device
-        self.peak = peak_flops(device, autocast_dtype(self.cfg.run, device) or torch.float32)
+        self.peak = peak_flops(self.env.device, self.trainer.amp_dtype or torch.float32)
         return self.model
 
     # ---- data ------------------------------------------------------------------------------

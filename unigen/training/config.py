@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from unigen.configuration import check_int, check_number
+from unigen.configuration import check_choices, check_int, check_number
 
 
 @dataclass(kw_only=True)
@@ -50,6 +50,7 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 turns clipping off."""
 
     def __post_init__(self):
+        check_choices(self, "optim")
         self.betas = tuple(self.betas)
         check_number("optim", "lr", self.lr, low=0.0, low_open=True)
         if len(self.betas) != 2:
@@ -81,6 +82,7 @@ class ScheduleConfig:
     """Learning rate at the last step, as a fraction of ``optim.lr``."""
 
     def __post_init__(self):
+        check_choices(self, "schedule")
         check_int("schedule", "steps", self.steps, low=0)
         check_int("schedule", "epochs", self.epochs, low=0)
         if (self.steps > 0) == (self.epochs > 0):
@@ -120,6 +122,7 @@ class RunConfig:
     e.g. to fit a job's time slot; the next launch resumes. 0: run to the end."""
 
     def __post_init__(self):
+        check_choices(self, "run")
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             raise ValueError("run.output_dir must be a non-empty path")
         check_int("run", "stop_at_step", self.stop_at_step, low=0)
@@ -194,5 +197,6 @@ class DistributedConfig:
     """Collective timeout of the process group."""
 
     def __post_init__(self):
+        check_choices(self, "distributed")
         check_int("distributed", "bucket_cap_mb", self.bucket_cap_mb)
         check_int("distributed", "timeout_minutes", self.timeout_minutes)

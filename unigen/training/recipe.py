@@ -52,9 +52,11 @@ class Recipe:
     """Columns of :attr:`StepOutput.stats`."""
 
     # ---- set-up ---------------------------------------------------------------------------
-    def setup(self, env) -> None:
-        """Called first, with the process's :class:`~unigen.training.distributed.DistEnv`."""
-        self.env = env
+    def setup(self, trainer) -> None:
+        """Called first, with the :class:`~unigen.training.trainer.Trainer` (its ``env``,
+        ``device``, ``amp_dtype`` and ``log`` are set; the model is not built yet)."""
+        self.trainer = trainer
+        self.env = trainer.env
 
     def build_model(self) -> torch.nn.Module:
         """The model on the CPU (the core moves it), built after ``torch.manual_seed(run.seed)``

@@ -93,7 +93,8 @@ class Trainer:
         self.ckpt_root = ckpt.checkpoint_root(self.run_dir)
         self._log = log
         self._pbar = None
-        recipe.setup(env)
+        self.amp_dtype = autocast_dtype(config.run, self.device)
+        recipe.setup(self)
         if env.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
         barrier(env)
@@ -113,7 +114,6 @@ class Trainer:
             self.step_model = torch.compile(self.step_model)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.amp_dtype = autocast_dtype(config.run, self.device)
 
         self.micro_per_epoch = recipe.micro_batches_per_epoch()
         accum = config.optim.grad_accum_steps
@@ -374,7 +374,10 @@ class Trainer:
         # resumed run's random state equal the uninterrupted run's at this step.
         if rng_state is not None:
             ckpt.restore_rng_state(rng_state, self.device, self.generator)
-            self.log(f"resumed from {resume_path} at step {self.step}")
+            where = "" if self.steps_per_epoch is None else (
+                f" (epoch {epoch}, {self.step % self.steps_per_epoch} of {self.steps_per_epoch} "
+                f"steps done)")
+            self.log(f"resumed from {resume_path} at step {self.step}{where}")
         total = self.total_steps
         if cfg.run.stop_at_step:
             total = min(total, cfg.run.stop_at_step)
