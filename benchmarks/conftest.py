@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 OURS = "ours"
 
 

@@ -32,7 +32,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unigen.memory import PeakMemory
 from benchmarks.conftest import bench_device, device_name, sync
 from unigen.kernels import prefix_lm_attention
 from unigen.kernels._backend import triton_available, triton_interpreting
@@ -42,6 +41,7 @@ from unigen.kernels.prefix_lm_attention import (
     triton_backward,
     triton_forward,
 )
+from unigen.memory import PeakMemory
 
 DEVICE = bench_device()
 CUDA = DEVICE.type == "cuda"

@@ -37,10 +37,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unigen.memory import PeakMemory
 from benchmarks.conftest import bench_device, device_name, results_dir
 from unigen.kernels import contrastive_loss
 from unigen.kernels._backend import triton_available, triton_interpreting
+from unigen.memory import PeakMemory
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

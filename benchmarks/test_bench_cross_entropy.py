@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unigen.memory import PeakMemory
 from benchmarks.conftest import bench_device, device_name, sync
 from unigen.kernels import fused_linear_cross_entropy
 from unigen.kernels._backend import triton_available
+from unigen.memory import PeakMemory
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"

@@ -6,8 +6,15 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from unigen.configuration import (ConfigError, apply_overrides, config_from_argv,
-                                  config_from_dict, config_to_dict, load_config, save_config)
+from unigen.configuration import (
+    ConfigError,
+    apply_overrides,
+    config_from_argv,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
 
 
 class Precision(enum.Enum):

@@ -4,8 +4,8 @@ synthetic-world evaluation end to end on an untrained tiny model."""
 import pytest
 import torch
 
-from unigen.scoring import normalize_answer, qa_accuracy, retrieval_recall_at_1
 from unigen.model.unigen_model import RetrievalResult
+from unigen.scoring import normalize_answer, qa_accuracy, retrieval_recall_at_1
 
 
 class FakeRetriever:
@@ -74,9 +74,9 @@ def test_qa_accuracy_normalises():
 @pytest.mark.slow
 def test_evaluate_world_end_to_end(tmp_path):
     from unigen.data.synthetic_world import all_texts, write_synthetic_world
-    from unigen.scoring.world import evaluate_world, load_eval_split
     from unigen.model import UniGen
     from unigen.model.tokenizers import train_tiny_tokenizers
+    from unigen.scoring.world import evaluate_world, load_eval_split
 
     world = write_synthetic_world(str(tmp_path / "w"), num_images=20, num_text_pairs=20,
                                   num_eval_images=12, image_size=32, max_objects=1)

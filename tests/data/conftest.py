@@ -20,8 +20,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dirs(world, tmp_path_factory):
     """An XLM-R-like unigram tokenizer and a GPT-2-like byte-level BPE, trained on the world."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = all_texts(world)

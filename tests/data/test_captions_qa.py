@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from data_test_helpers import write_jsonl
 
 from unigen.data import DataFormatError, ImageStore, MultilingualCaptionStream, QAStream
-from data_test_helpers import write_jsonl
 
 
 @pytest.fixture(scope="module")

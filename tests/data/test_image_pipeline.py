@@ -1,11 +1,19 @@
 import numpy as np
 import pytest
 import torch
-
-from unigen.data import (CLIP_MEAN, CLIP_STD, ImageSpec, PilImageDecoder, PilImageTransform,
-                         WebdatasetImageTextStream, dali_available, make_image_decoder)
-from unigen.data.image_pipeline import decode_rgb_pil
 from data_test_helpers import jpeg_bytes, smooth_image, write_tar
+
+from unigen.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageSpec,
+    PilImageDecoder,
+    PilImageTransform,
+    WebdatasetImageTextStream,
+    dali_available,
+    make_image_decoder,
+)
+from unigen.data.image_pipeline import decode_rgb_pil
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 # one uint8 step in the normalised space (the smallest std gives the largest step)

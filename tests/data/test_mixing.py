@@ -3,8 +3,16 @@ import collections
 import pytest
 import torch
 
-from unigen.data import (ImageStore, MixedTaskDataset, MultilingualCaptionStream, QAStream,
-                         TaskMixer, WebdatasetImageTextStream, WikiMatrixStream, take)
+from unigen.data import (
+    ImageStore,
+    MixedTaskDataset,
+    MultilingualCaptionStream,
+    QAStream,
+    TaskMixer,
+    WebdatasetImageTextStream,
+    WikiMatrixStream,
+    take,
+)
 
 
 class Counter:

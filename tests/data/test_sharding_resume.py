@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from unigen.data import (ShardSpec, WebdatasetImageTextStream, WikiMatrixStream, take)
+from unigen.data import ShardSpec, WebdatasetImageTextStream, WikiMatrixStream, take
 from unigen.data.stream import RecordStream
 
 

@@ -7,12 +7,23 @@ import tarfile
 import numpy as np
 import pytest
 
-from unigen.data import (ImageStore, MultilingualCaptionStream, QAStream,
-                         WebdatasetImageTextStream, WikiMatrixStream)
-from unigen.data.synthetic_world import (COLOURS, LANGUAGES, LEXICONS, POSITIONS,
-                                         QUESTION_KINDS, SHAPES, Scene, SceneObject, WorldFiles,
-                                         caption, question, question_answer, sample_scene,
-                                         write_synthetic_world)
+from unigen.data import ImageStore, MultilingualCaptionStream, QAStream, WebdatasetImageTextStream, WikiMatrixStream
+from unigen.data.synthetic_world import (
+    COLOURS,
+    LANGUAGES,
+    LEXICONS,
+    POSITIONS,
+    QUESTION_KINDS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    WorldFiles,
+    caption,
+    question,
+    question_answer,
+    sample_scene,
+    write_synthetic_world,
+)
 
 
 def tree_digest(root):

@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from unigen.data import (ImageStore, PilImageDecoder, QAStream, WikiMatrixStream,
-                         collate_task_batch, decode_batch_images, pack_token_ids, take)
+from unigen.data import (
+    ImageStore,
+    PilImageDecoder,
+    QAStream,
+    WikiMatrixStream,
+    collate_task_batch,
+    decode_batch_images,
+    pack_token_ids,
+    take,
+)
 from unigen.data.image_pipeline import ImageSpec
 from unigen.data.task_tokenizer import TaskTokenizer
 

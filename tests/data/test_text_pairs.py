@@ -1,9 +1,9 @@
 import gzip
 
 import pytest
+from data_test_helpers import write_jsonl
 
 from unigen.data import CCLMTextPairStream, DataFormatError, WikiMatrixStream, take
-from data_test_helpers import write_jsonl
 
 
 def write_tsv(path, lines, gz=False):

@@ -4,11 +4,17 @@ import tarfile
 
 import numpy as np
 import pytest
-
-from unigen.data import (DataFormatError, ImageStore, PilImageTransform,
-                         WebdatasetImageTextStream, read_wds_index, write_wds_index)
-from unigen.data.webdataset_images import split_key
 from data_test_helpers import jpeg_bytes, smooth_image, write_tar
+
+from unigen.data import (
+    DataFormatError,
+    ImageStore,
+    PilImageTransform,
+    WebdatasetImageTextStream,
+    read_wds_index,
+    write_wds_index,
+)
+from unigen.data.webdataset_images import split_key
 
 
 def test_reads_img2dataset_shards_of_the_world(world):

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 
-
 GPU_COMPILE_CHECK = os.path.join(os.path.dirname(__file__), "gpu_compile_check.py")
 
 
@@ -63,9 +62,10 @@ class _NoLaunch:
 
 def _host_ops(monkeypatch, module, kernels, fn):
     """Runs ``fn`` with ``module``'s Triton kernels named in ``kernels`` replaced by launches
-    that do nothing (name -> None) or call a function with the launch's arguments, and returns the names of the top-level PyTorch ops it
-    issued that launch device work, so a test can bound what the host adds to the kernels:
-    at training sizes such ops cost more host time than the GPU spends in the kernels."""
+    that do nothing (name -> None) or call a function with the launch's arguments, and returns
+    the names of the top-level PyTorch ops it issued that launch device work, so a test can
+    bound what the host adds to the kernels: at training sizes such ops cost more host time than
+    the GPU spends in the kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     for name, on_launch in kernels.items():

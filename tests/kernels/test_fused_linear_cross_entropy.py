@@ -164,8 +164,11 @@ def test_all_ignored_rows(backend):
 
 def test_reference_chunking_matches_naive():
     """Small row / vocabulary chunks exercise the block loops of both reference paths."""
-    from unigen.kernels.fused_linear_cross_entropy import (reference_backward, reference_forward,
-                                                          reference_forward_reduced)
+    from unigen.kernels.fused_linear_cross_entropy import (
+        reference_backward,
+        reference_forward,
+        reference_forward_reduced,
+    )
 
     hidden, weight, bias, target = make_inputs(29, 12, 600, torch.float64)
     scale = torch.rand(29, dtype=torch.float64)
@@ -441,7 +444,8 @@ def test_empty_batch():
 
 
 def test_triton_rejects_fp64_and_cpu_without_interpreter(monkeypatch):
-    h, w, t = torch.randn(4, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
+    h, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)
+    t = torch.zeros(4, dtype=torch.long)
     if triton_available():
         with pytest.raises(TypeError, match="float64"):
             fused_linear_cross_entropy(h, w, t, backend="triton")

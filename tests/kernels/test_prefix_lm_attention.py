@@ -18,11 +18,11 @@ from unigen.kernels.prefix_lm_attention import (
     PrefixLMAttention,
     _resolve,
     flash_attn_available,
-    torch_varlen_available,
     key_ranges,
     prefix_lm_attention_reference,
     prefix_lm_dense_mask,
     sample_ids,
+    torch_varlen_available,
     triton_backward,
     triton_forward,
 )

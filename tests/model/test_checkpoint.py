@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from unigen.model.config import UniGenConfig
 from unigen.data.examples import Example, collate_examples
+from unigen.model.config import UniGenConfig
 from unigen.model.pretrained import CheckpointError
 from unigen.model.unigen_model import UniGen
 
@@ -48,7 +48,8 @@ def test_round_trip_is_exact(tokenizers, tmp_path):
     assert not any(p.requires_grad for p in back.image_encoder.clip.parameters())
     assert back.decoder.lm_head_weight is back.decoder.wte.weight
     assert back.decoder_tokenizer.get_vocab() == m.decoder_tokenizer.get_vocab()
-    m.eval(); back.eval()
+    m.eval()
+    back.eval()
     batch = batch_of(m)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     torch.testing.assert_close(m(batch, generator=g1).loss, back(batch, generator=g2).loss, rtol=0, atol=0)
@@ -107,9 +108,9 @@ def test_truncated_or_missing_files(tokenizers, tmp_path):
 def test_build_from_local_pretrained_parts(tokenizers, tmp_path):
     """HF-format CLIP, XLM-R and GPT-2 directories (tiny, written here) load into UniGen, with
     every part's weights and the tokenizers taken from its directory."""
-    from transformers import (CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel, XLMRobertaConfig,
-                              XLMRobertaModel)
     import shutil
+
+    from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel, XLMRobertaConfig, XLMRobertaModel
 
     torch.manual_seed(0)
     base = UniGenConfig.tiny()

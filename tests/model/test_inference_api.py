@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from unigen.data.examples import Example, collate_examples
-from unigen.model.unigen_model import UniGen
 from unigen.data.synthetic_text import sentence_of
+from unigen.model.unigen_model import UniGen
 
 
 @pytest.fixture(scope="module")

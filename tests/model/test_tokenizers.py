@@ -2,11 +2,15 @@
 
 import pytest
 
-from unigen.model.config import UniGenConfig
 from unigen.data.synthetic_text import sentence_of, synthetic_corpus
-from unigen.model.tokenizers import (DEFAULT_TASK_TOKENS, check_decoder_tokenizer,
-                                     load_decoder_tokenizer, load_text_tokenizer,
-                                     train_tiny_tokenizers)
+from unigen.model.config import UniGenConfig
+from unigen.model.tokenizers import (
+    DEFAULT_TASK_TOKENS,
+    check_decoder_tokenizer,
+    load_decoder_tokenizer,
+    load_text_tokenizer,
+    train_tiny_tokenizers,
+)
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,19 @@
 overfitting, parameter count, bad input."""
 
 import copy
-import os
 import math
+import os
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from unigen.model.config import TASK_NAMES, UniGenConfig
 from unigen.data.examples import Example, collate_examples
-from unigen.model.batch import UniGenBatch
-from unigen.model.unigen_model import UniGen
 from unigen.data.synthetic_text import sentence_of
+from unigen.model.batch import UniGenBatch
+from unigen.model.config import TASK_NAMES, UniGenConfig
+from unigen.model.unigen_model import UniGen
 
 QUESTION = "what is the color of the thing?"
 COLORS_EN = ["red", "blue", "green", "black", "white"]

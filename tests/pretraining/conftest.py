@@ -6,13 +6,12 @@ import os
 
 import pytest
 
-from unigen.model.config import UniGenConfig
 from unigen.data.config import DataConfig
 from unigen.data.synthetic_world import all_texts, write_synthetic_world
+from unigen.model.config import UniGenConfig
 from unigen.model.tokenizers import train_tiny_tokenizers
 from unigen.pretraining import PretrainConfig
-from unigen.training.config import (CheckpointConfig, LoggingConfig, OptimConfig, RunConfig,
-                                    ScheduleConfig)
+from unigen.training.config import CheckpointConfig, LoggingConfig, OptimConfig, RunConfig, ScheduleConfig
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -37,7 +37,8 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
         elif kind == 1:
             out.append(f"a {rng.choice(_COLOURS)} {rng.choice(_NOUNS)} {rng.choice(_PREPS)} {rng.choice(_OBJECTS)}")
         elif kind == 2:
-            out.append(f"{rng.choice(_COUNTS)} {rng.choice(_PLURALS)} playing {rng.choice(_PREPS)} {rng.choice(_OBJECTS)}")
+            out.append(f"{rng.choice(_COUNTS)} {rng.choice(_PLURALS)} playing {rng.choice(_PREPS)} "
+                       f"{rng.choice(_OBJECTS)}")
         else:
             out.append(f"portrait of {rng.choice(_SUBJECTS)} smiling")  # nothing the rules can ask
     return out
@@ -51,7 +52,7 @@ def captions():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised 2-layer GPT-2 + BPE tokenizer, saved like any HF model directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     from unigen.questioner.prompt import PromptTemplate

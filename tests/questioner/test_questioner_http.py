@@ -155,7 +155,8 @@ def test_arguments_validated(kwargs, message):
 
 def test_generation_settings_are_sent(http_server):
     url, state = http_server(lambda state, path, body: (200, {"choices": [{"text": "q? <answer> a"}]}, 0))
-    backend = HTTPBackend(url + "/completions", settings=GenerationSettings(max_new_tokens=7, temperature=0.5, top_p=0.9),
+    backend = HTTPBackend(url + "/completions",
+                          settings=GenerationSettings(max_new_tokens=7, temperature=0.5, top_p=0.9),
                           api_key="sk-test")
     try:
         assert backend.generate(["p1", "p2"], ["c1", "c2"]) == ["q? <answer> a"] * 2

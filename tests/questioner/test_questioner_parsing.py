@@ -20,7 +20,8 @@ def test_well_formed_generation():
 
 
 def test_repeated_question_tag_and_several_pairs():
-    r = judge("<question> What does the worker sit on? <answer> a bench <question> Who sits on a bench? <answer> A Worker")
+    r = judge("<question> What does the worker sit on? <answer> a bench "
+              "<question> Who sits on a bench? <answer> A Worker")
     assert r.pairs == [("What does the worker sit on?", "a bench"), ("Who sits on a bench?", "A Worker")]
 
 

@@ -106,7 +106,8 @@ def test_unreadable_inputs_are_named(tmp_path):
 
 @pytest.mark.parametrize(
     "name, fmt",
-    [("a.tar", "wds"), ("a.tar.gz", "wds"), ("a.jsonl", "jsonl"), ("A.JSON", "jsonl"), ("a.tsv", "tsv"), ("a.txt", "text"), ("a", "text")],
+    [("a.tar", "wds"), ("a.tar.gz", "wds"), ("a.jsonl", "jsonl"), ("A.JSON", "jsonl"),
+     ("a.tsv", "tsv"), ("a.txt", "text"), ("a", "text")],
 )
 def test_detect_format(name, fmt):
     assert detect_format(name) == fmt

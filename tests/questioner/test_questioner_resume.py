@@ -49,7 +49,10 @@ def _interrupt_after(monkeypatch, n_batches):
 
 def _assert_same_as_reference(out, reference):
     got = rows(out)
-    assert Counter(json.dumps(r, sort_keys=True) for r in got) == Counter(json.dumps(r, sort_keys=True) for r in reference)
+    def counts(rs):
+        return Counter(json.dumps(r, sort_keys=True) for r in rs)
+
+    assert counts(got) == counts(reference)
     assert out.read_bytes().endswith(b"\n")
 
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from unigen.training.config import LoggingConfig
-from unigen.training.metrics import (PEAK_FLOPS, MetricLogger, estimate_mfu, format_metrics,
-                                     peak_flops, peak_memory_gib)
+from unigen.training.metrics import PEAK_FLOPS, MetricLogger, estimate_mfu, format_metrics, peak_flops, peak_memory_gib
 
 
 def test_mfu_estimate():

@@ -11,8 +11,14 @@ import torch
 
 from unigen.training import Recipe, StepOutput, Trainer
 from unigen.training import checkpointing as ckpt
-from unigen.training.config import (CheckpointConfig, DistributedConfig, LoggingConfig,
-                                    OptimConfig, RunConfig, ScheduleConfig)
+from unigen.training.config import (
+    CheckpointConfig,
+    DistributedConfig,
+    LoggingConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+)
 from unigen.training.distributed import DistEnv
 
 

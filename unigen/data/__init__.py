@@ -15,9 +15,17 @@ malformed file and skips, counts and logs a corrupt sample. See ``docs/data.md``
 from .collate import collate_task_batch, decode_batch_images, pack_token_ids
 from .config import DataConfig
 from .errors import CorruptSampleError, DataFormatError, FilteredSampleError, SkipStats
-from .image_pipeline import (CLIP_MEAN, CLIP_STD, DaliImageDecoder, DaliWebdatasetLoader,
-                             ImageSpec, PilImageDecoder, PilImageTransform, dali_available,
-                             make_image_decoder)
+from .image_pipeline import (
+                             CLIP_MEAN,
+                             CLIP_STD,
+                             DaliImageDecoder,
+                             DaliWebdatasetLoader,
+                             ImageSpec,
+                             PilImageDecoder,
+                             PilImageTransform,
+                             dali_available,
+                             make_image_decoder,
+)
 from .mixing import DataPosition, MixedTaskDataset, TaskMixer
 from .multilingual_captions import MultilingualCaptionStream
 from .qa import QAStream
@@ -25,8 +33,13 @@ from .sharding import ShardSpec, resolve_shard
 from .stream import RecordStream, take
 from .synthetic_world import WorldFiles, write_synthetic_world
 from .text_pairs import CCLMTextPairStream, WikiMatrixStream
-from .webdataset_images import (ImageStore, WebdatasetImageTextStream, ensure_wds_indices,
-                                read_wds_index, write_wds_index)
+from .webdataset_images import (
+                             ImageStore,
+                             WebdatasetImageTextStream,
+                             ensure_wds_indices,
+                             read_wds_index,
+                             write_wds_index,
+)
 
 __all__ = [
     "CCLMTextPairStream", "CLIP_MEAN", "CLIP_STD", "CorruptSampleError", "DaliImageDecoder",

@@ -11,8 +11,8 @@ from .mixing import MixedTaskDataset, TaskMixer
 from .multilingual_captions import MultilingualCaptionStream
 from .qa import QAStream
 from .sharding import ShardSpec
-from .text_pairs import CCLMTextPairStream, WikiMatrixStream
 from .task_tokenizer import TaskTokenizer
+from .text_pairs import CCLMTextPairStream, WikiMatrixStream
 from .webdataset_images import ImageStore, WebdatasetImageTextStream
 
 # distinct per-task seed offsets: the shuffles of the task streams are independent

@@ -17,6 +17,7 @@ from unigen.model.batch import UniGenBatch
 from unigen.model.config import TASK_IDS, TASK_NAMES
 from unigen.model.image_encoder import preprocess_images
 
+
 @dataclass
 class Example:
     """One training example, before tokenisation (what a data pipeline yields per record).

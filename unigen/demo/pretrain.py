@@ -42,11 +42,10 @@ def _write_inputs(out: str, args) -> tuple:
 
 
 def _train_config(name: str, world, tok, out: str, args):
-    from unigen.model.config import UniGenConfig
     from unigen.data.config import DataConfig
+    from unigen.model.config import UniGenConfig
     from unigen.pretraining import PretrainConfig
-    from unigen.training.config import (CheckpointConfig, LoggingConfig, OptimConfig, RunConfig,
-                                        ScheduleConfig)
+    from unigen.training.config import CheckpointConfig, LoggingConfig, OptimConfig, RunConfig, ScheduleConfig
 
     model = UniGenConfig.tiny()
     # There is no pre-trained CLIP to freeze in a world made up on the spot: the tiny ViT
@@ -176,8 +175,8 @@ def _qa_chance(split) -> float:
 def _evaluate(configs: dict, world) -> dict:
     import torch
 
-    from unigen.scoring.world import evaluate_world, load_eval_split, scores_to_dicts
     from unigen.model import UniGen
+    from unigen.scoring.world import evaluate_world, load_eval_split, scores_to_dicts
 
     torch.set_num_threads(2)
     results = {}

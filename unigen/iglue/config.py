@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from unigen.configuration import Flag, check_choices, check_int
-from unigen.training.config import (CheckpointConfig, DistributedConfig, LoggingConfig,
-                                    OptimConfig, RunConfig, ScheduleConfig)
+from unigen.training.config import (
+    CheckpointConfig,
+    DistributedConfig,
+    LoggingConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+)
 
 from .readers import check_task
 

@@ -35,6 +35,7 @@ from unigen.kernels.prefix_lm_attention import prefix_lm_attention
 from unigen.model.config import DecoderConfig
 from unigen.model.packing import packed_to_padded, padded_to_packed
 
+
 @dataclass
 class KVCache:
     """Keys and values of every block for the tokens seen so far, each ``[B, n_head, S, head_dim]``."""

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from unigen.model.config import TASK_NAMES, LossConfig
 from unigen.kernels import contrastive_loss, fused_linear_cross_entropy
 from unigen.model.baselines import lavis_contrastive_loss, materialized_cross_entropy_per_task
+from unigen.model.config import TASK_NAMES, LossConfig
 
 
 def task_coefficients(cfg: LossConfig, device) -> torch.Tensor:

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unigen.model.config import TASK_NAMES, UniGenConfig
 from unigen.model.batch import TASK_IDS, UniGenBatch
+from unigen.model.config import TASK_NAMES, UniGenConfig
 from unigen.model.gpt2_decoder import GPT2Decoder
 from unigen.model.image_encoder import ImageEncoder, preprocess_images
 from unigen.model.losses import generative_losses, pair_contrastive
@@ -245,14 +245,16 @@ class UniGen(nn.Module):
         sample = torch.repeat_interleave(torch.arange(S, device=dev), seq_len, output_size=T)
         p = torch.arange(T, device=dev) - cu[sample]
 
-        parts, base = [], 0
+        # One table of every source row: image prefixes, text prefixes, task tokens, targets.
         img_rows = img_prefix.reshape(-1, D) if img_prefix is not None else torch.zeros(0, D, device=dev)
-        img_base = base; parts.append(img_rows); base += img_rows.shape[0]
         txt_rows = txt_prefix if txt_prefix is not None else torch.zeros(0, D, device=dev)
-        txt_base = base; parts.append(txt_rows); base += txt_rows.shape[0]
-        task_base = base; parts.append(self._task_embeddings()); base += len(TASK_NAMES)
-        tgt_base = base; parts.append(self.decoder.wte(target_ids))
-        table = torch.cat([x.to(parts[2].dtype) for x in parts], 0)
+        task_rows = self._task_embeddings()
+        parts = [img_rows, txt_rows, task_rows, self.decoder.wte(target_ids)]
+        img_base = 0
+        txt_base = img_base + img_rows.shape[0]
+        task_base = txt_base + txt_rows.shape[0]
+        tgt_base = task_base + len(TASK_NAMES)
+        table = torch.cat([x.to(task_rows.dtype) for x in parts], 0)
 
         txt_cu = torch.zeros(txt_lens.numel() + 1, dtype=torch.long, device=dev)
         txt_cu[1:] = torch.cumsum(txt_lens, 0)

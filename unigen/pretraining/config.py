@@ -15,8 +15,14 @@ from dataclasses import dataclass, field
 
 from unigen.data.config import DataConfig
 from unigen.model.config import UniGenConfig
-from unigen.training.config import (CheckpointConfig, DistributedConfig, LoggingConfig,
-                                    OptimConfig, RunConfig, ScheduleConfig)
+from unigen.training.config import (
+    CheckpointConfig,
+    DistributedConfig,
+    LoggingConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+)
 
 
 @dataclass(kw_only=True)

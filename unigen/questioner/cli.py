@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--device", help="hf: torch device (default cuda if available, else cpu)")
-    g.add_argument("--dtype", default="auto", help="hf/vllm: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    g.add_argument("--dtype", default="auto",
+                   help="hf/vllm: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     g.add_argument("--trust-remote-code", action="store_true", help="hf/vllm: allow model code from the model dir")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm")

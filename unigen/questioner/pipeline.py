@@ -95,7 +95,8 @@ def run(
         prompts = [template.render(r.caption) for r in batch]
         generations = backend.generate(prompts, [r.caption for r in batch])
         if len(generations) != len(batch):
-            raise BackendError(f"backend {backend.name} returned {len(generations)} generations for {len(batch)} prompts")
+            raise BackendError(f"backend {backend.name} returned {len(generations)} generations "
+                               f"for {len(batch)} prompts")
         results = []
         last_failure = None
         for rec, gen in zip(batch, generations):

@@ -3,8 +3,7 @@ sections, the :class:`Recipe` interface, and the parts the loop is made of (opti
 schedule, checkpoints, metrics, distributed set-up, signals). See :mod:`unigen.training.recipe`
 for what a recipe plugs in."""
 
-from .config import (CheckpointConfig, DistributedConfig, LoggingConfig, OptimConfig,
-                     RunConfig, ScheduleConfig)
+from .config import CheckpointConfig, DistributedConfig, LoggingConfig, OptimConfig, RunConfig, ScheduleConfig
 from .optim import trainable_param_groups
 from .recipe import Recipe, StepOutput
 from .schedule import build_scheduler, lr_multiplier

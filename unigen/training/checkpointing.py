@@ -23,9 +23,15 @@ import shutil
 import numpy as np
 import torch
 
-from unigen.model.pretrained import (CONFIG_NAME, DECODER_TOKENIZER_DIR, TEXT_TOKENIZER_DIR,
-                                     WEIGHTS_NAME, CheckpointError, check_state_dict,
-                                     read_weights)
+from unigen.model.pretrained import (
+    CONFIG_NAME,
+    DECODER_TOKENIZER_DIR,
+    TEXT_TOKENIZER_DIR,
+    WEIGHTS_NAME,
+    CheckpointError,
+    check_state_dict,
+    read_weights,
+)
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"

@@ -204,9 +204,11 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, dcfg: D
     """Unsharded CPU copies of the model and optimizer state, on rank 0 (None elsewhere).
     Under FSDP every rank must call this (the parameters are gathered)."""
     if env.is_distributed and dcfg.parallelism == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         msd = get_model_state_dict(model, options=opts)
@@ -222,9 +224,11 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
                           optim_sd: dict, dcfg: DistributedConfig, env: DistEnv) -> None:
     """Load unsharded state dicts (as :func:`full_state_dicts` saved them) on every rank."""
     if env.is_distributed and dcfg.parallelism == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, model_sd, options=opts)

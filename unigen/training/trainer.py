@@ -31,9 +31,18 @@ import torch
 from unigen.configuration import ConfigError, config_to_dict, save_config
 
 from . import checkpointing as ckpt
-from .distributed import (DistEnv, all_reduce_sum, any_rank, average_gradients, barrier,
-                          clip_grad_norm, full_state_dicts, gather_objects, load_full_state_dicts,
-                          parallelize)
+from .distributed import (
+    DistEnv,
+    all_reduce_sum,
+    any_rank,
+    average_gradients,
+    barrier,
+    clip_grad_norm,
+    full_state_dicts,
+    gather_objects,
+    load_full_state_dicts,
+    parallelize,
+)
 from .metrics import MetricLogger, peak_memory_gib
 from .optim import autocast_dtype, build_optimizer
 from .recipe import Recipe, StepOutput

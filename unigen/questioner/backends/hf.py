@@ -120,7 +120,8 @@ class HFBackend(Backend):
                 [prompts[i] for i in todo], return_tensors="pt", padding=True
             ).to(self.device)
             s = self.settings
-            sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p} if s.temperature > 0 else {"do_sample": False}
+            sampling = ({"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
+                        if s.temperature > 0 else {"do_sample": False})
             with torch.inference_mode():
                 out = self.model.generate(
                     **enc,

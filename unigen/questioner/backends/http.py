@@ -142,7 +142,8 @@ class HTTPBackend(Backend):
             except urllib.error.HTTPError as exc:
                 detail = f"HTTP {exc.code}: {_excerpt(exc.read() or b'')}"
                 if exc.code in _FATAL_STATUS:
-                    raise BackendError(f"--endpoint {self.url} answered {detail}; check the URL, --model and the API key") from exc
+                    raise BackendError(f"--endpoint {self.url} answered {detail}; check the URL, "
+                                       f"--model and the API key") from exc
                 if exc.code in _INVALID_REQUEST_STATUS:
                     return Failure("endpoint_rejected_request", retryable=False, detail=detail)
                 last = detail

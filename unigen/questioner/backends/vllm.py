@@ -14,7 +14,6 @@ from ..errors import UsageError
 from .base import Backend, Failure, Generation, GenerationSettings
 from .hf import check_model_dir
 
-
 _MISSING = "--backend vllm needs vLLM, which is not installed here"
 
 
