@@ -30,7 +30,7 @@ import yaml
 
 __all__ = ["ConfigError", "config_to_dict", "config_from_dict", "load_config", "save_config",
            "apply_overrides", "parse_override_args", "config_from_argv", "check_int",
-           "check_number", "check_choices", "Flag", "config_help"]
+           "check_number", "check_choices", "Flag", "config_help", "run_cli"]
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -550,3 +550,23 @@ def check_choices(obj, owner: str) -> None:
                 continue
             if value not in typing.get_args(tp):
                 raise ValueError(f"{owner}.{name} must be {_type_name(tp)}, got {value!r}")
+
+
+def run_cli(cls, run, argv: Sequence[str] | None = None, *, prog: str, description: str = "",
+            aliases: Mapping[str, str | Flag] | None = None,
+            errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)) -> int:
+    """An entry point's front: ``--help`` prints :func:`config_help`; otherwise the config read
+    by :func:`config_from_argv` goes to ``run``. The ``errors`` (a bad config, a missing file)
+    print one line and give exit status 2; returns the exit status."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help(cls, prog=prog, description=description, aliases=aliases))
+        return 0
+    try:
+        run(config_from_argv(cls, argv, aliases))
+    except errors as e:
+        print(f"{prog.split()[-1]}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0

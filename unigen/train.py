@@ -23,29 +23,25 @@ from __future__ import annotations
 import os
 import sys
 
-from unigen.configuration import ConfigError, config_from_argv, config_help
+from unigen.configuration import ConfigError, run_cli
 from unigen.pretraining import PretrainConfig, pretrain
 
 train = pretrain
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m unigen.train --config FILE [--section.key=value ...]``; returns the exit
-    status (2 for a bad config)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(config_help(PretrainConfig, prog="python -m unigen.train", description=__doc__))
-        return 0
-    try:
-        result = pretrain(config_from_argv(PretrainConfig, argv))
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"unigen.train: error: {e}", file=sys.stderr, flush=True)
-        return 2
+def _run(config: PretrainConfig) -> None:
+    result = pretrain(config)
     if os.environ.get("RANK", "0") == "0":
         print(f"[unigen.train] done: {result.step} steps, run folder {result.run_dir}"
               + (f" (stopped by {result.stopped_by_signal})" if result.stopped_by_signal
                  else ""), flush=True)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m unigen.train --config FILE [--section.key=value ...]``; returns the exit
+    status (2 for a bad config)."""
+    return run_cli(PretrainConfig, _run, argv, prog="python -m unigen.train", description=__doc__,
+                   errors=(ConfigError, FileNotFoundError))
 
 
 if __name__ == "__main__":

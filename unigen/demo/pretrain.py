@@ -253,17 +253,15 @@ class DemoConfig:
 
 
 def main(argv=None) -> int:
-    from unigen.configuration import ConfigError, config_from_argv, config_help, save_config
+    from unigen.configuration import ConfigError, run_cli
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(config_help(DemoConfig, prog="python -m unigen.demo", description=__doc__))
-        return 0
-    try:
-        args = config_from_argv(DemoConfig, argv)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"unigen.demo: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(DemoConfig, _run, argv, prog="python -m unigen.demo", description=__doc__,
+                   errors=(ConfigError, FileNotFoundError))
+
+
+def _run(args: DemoConfig) -> None:
+    from unigen.configuration import save_config
+
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     save_config(args, os.path.join(args.out, "demo.yaml"))
@@ -289,7 +287,6 @@ def main(argv=None) -> int:
     print(table)
     print(f"[demo] loss curves: {args.out}/loss_curves.png; table: {args.out}/results.md; "
           f"total {time.perf_counter() - start:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

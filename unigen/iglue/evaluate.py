@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import torch
 
-from unigen.configuration import ConfigError, config_from_argv, config_help, config_to_dict
+from unigen.configuration import config_to_dict, run_cli
 from unigen.training.distributed import resolve_device
 
 from .config import EVALUATE_FLAGS, EvaluateConfig, ScoringConfig
@@ -89,14 +88,5 @@ def run_evaluation(cfg: EvaluateConfig, *, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(config_help(EvaluateConfig, prog="python -m unigen.evaluate",
-                          description=__doc__, aliases=EVALUATE_FLAGS))
-        return 0
-    try:
-        run_evaluation(config_from_argv(EvaluateConfig, argv, EVALUATE_FLAGS))
-    except (ValueError, FileNotFoundError, ConfigError) as e:
-        print(f"unigen.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(EvaluateConfig, run_evaluation, argv, prog="python -m unigen.evaluate",
+                   description=__doc__, aliases=EVALUATE_FLAGS)

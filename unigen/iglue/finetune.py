@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from unigen.configuration import ConfigError, config_from_argv, config_help, config_to_dict
+from unigen.configuration import ConfigError, config_from_argv, config_to_dict, run_cli
 from unigen.data.examples import Example, collate_examples
 from unigen.training.distributed import barrier, init_distributed, teardown_distributed
 from unigen.training.recipe import Recipe, StepOutput
@@ -303,14 +302,6 @@ def parse_args(argv: list[str]) -> FinetuneConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(config_help(FinetuneConfig, prog="python -m unigen.finetune",
-                          description=__doc__, aliases=FINETUNE_FLAGS))
-        return 0
-    try:
-        finetune(parse_args(argv))
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-        print(f"unigen.finetune: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(FinetuneConfig, finetune, argv, prog="python -m unigen.finetune",
+                   description=__doc__, aliases=FINETUNE_FLAGS,
+                   errors=(ValueError, FileNotFoundError, FileExistsError, FloatingPointError))
