@@ -4,9 +4,13 @@
 // rows are processed in chunks so that only a [rows, V] block of logits (and one of their
 // softmax) exists at a time, ~16 MiB each; the matmuls go to ATen (BLAS) and the per-row work
 // to ATen's vectorised, OpenMP-parallel kernels (row_chunk_pass below). Math is fp32 for
-// fp16/bf16/fp32 inputs and fp64 for fp64 inputs.
+// fp16/bf16/fp32 inputs and fp64 for fp64 inputs, whatever autocast state the caller is in: every
+// op excludes the autocast dispatch keys (the Python wrapper applies the autocast rule at entry).
+// An optional logit soft-cap (Gemma 2's final_logit_softcapping) replaces the logits z by
+// c·tanh(z/c) before the loss; its gradient factor is 1 − (z'/c)².
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -64,7 +68,11 @@ struct Pass {
 Pass row_chunk_pass(const at::Tensor& hidden, const at::Tensor& weight,
                     const c10::optional<at::Tensor>& bias, const at::Tensor& target,
                     const at::Tensor& row_grad, int64_t ignore_index, double label_smoothing,
-                    double z_loss, bool need_h, bool need_w, bool need_b) {
+                    double z_loss, double softcap, bool need_h, bool need_w, bool need_b) {
+  // The matmuls below must run in the math dtype: under autocast they would be re-cast to
+  // bf16/fp16 and their blocks would no longer fit the fp32 outputs.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  TORCH_CHECK(softcap >= 0, "fused_linear_cross_entropy (cpp): softcap must be >= 0, got ", softcap);
   const auto acc = math_type(hidden.scalar_type());
   const int64_t n = hidden.size(0), vocab = weight.size(0);
   need_b = need_b && bias.has_value();
@@ -103,6 +111,8 @@ Pass row_chunk_pass(const at::Tensor& hidden, const at::Tensor& weight,
     } else {
       at::mm_out(z, h, wt);
     }
+    // soft-cap in place, the same three steps as the transformers models (divide, tanh, scale)
+    if (softcap > 0) z.div_(softcap).tanh_().mul_(softcap);
     auto [z_max, arg_max] = at::max(z, 1, /*keepdim=*/true);
     const at::Tensor z_target = z.gather(1, t).squeeze(1);
     at::Tensor p = p_buf.narrow(0, 0, k);
@@ -120,6 +130,8 @@ Pass row_chunk_pass(const at::Tensor& hidden, const at::Tensor& weight,
     p.mul_((z_loss > 0 ? g * (1.0 + 2.0 * z_loss * lse) : g).unsqueeze(1));
     if (label_smoothing > 0) p.sub_((g * (label_smoothing / double(vocab))).unsqueeze(1));
     p.scatter_add_(1, t, (-(1.0 - label_smoothing) * g).unsqueeze(1));
+    // chain rule through the cap: ∂z'/∂z = 1 − (z'/c)², formed in place on the capped logits
+    if (softcap > 0) p.mul_(z.div_(softcap).square_().neg_().add_(1.0));
     if (need_h) out.grad_h.index_copy_(0, r, at::mm(p, w));
     if (need_w) out.grad_w.addmm_(p.t(), h);
     if (need_b) out.grad_b.add_(p.sum(0));
@@ -136,10 +148,11 @@ at::Tensor grad_or_empty(const at::Tensor& grad, const at::Tensor& like) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& target, int64_t ignore_index, double label_smoothing, double z_loss) {
+    const at::Tensor& target, int64_t ignore_index, double label_smoothing, double z_loss,
+    double softcap) {
   check_inputs(hidden, weight, bias, target);
   Pass pass = row_chunk_pass(hidden, weight, bias, target, at::Tensor(), ignore_index,
-                             label_smoothing, z_loss, false, false, false);
+                             label_smoothing, z_loss, softcap, false, false, false);
   return {pass.loss, pass.lse, pass.correct};
 }
 
@@ -148,12 +161,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse,
-    int64_t ignore_index, double label_smoothing, double z_loss, std::array<bool, 3> output_mask) {
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+    std::array<bool, 3> output_mask) {
   check_inputs(hidden, weight, bias, target);
   check_row_vector(grad_rows, hidden.size(0), "grad_rows");
   check_row_vector(lse, hidden.size(0), "lse");
   Pass pass = row_chunk_pass(hidden, weight, bias, target, grad_rows, ignore_index,
-                             label_smoothing, z_loss, output_mask[0], output_mask[1], output_mask[2]);
+                             label_smoothing, z_loss, softcap, output_mask[0], output_mask[1], output_mask[2]);
   return {grad_or_empty(pass.grad_h, hidden), grad_or_empty(pass.grad_w, weight),
           bias.has_value() ? grad_or_empty(pass.grad_b, *bias) : at::empty({0}, hidden.options())};
 }
@@ -165,12 +179,13 @@ fused_linear_cross_entropy_reduced_cpu(const at::Tensor& hidden, const at::Tenso
                                        const c10::optional<at::Tensor>& bias,
                                        const at::Tensor& target, const at::Tensor& row_scale,
                                        int64_t ignore_index, double label_smoothing, double z_loss,
-                                       std::array<bool, 3> output_mask) {
+                                       double softcap, std::array<bool, 3> output_mask) {
   check_inputs(hidden, weight, bias, target);
   check_row_vector(row_scale, hidden.size(0), "row_scale");
   Pass pass = row_chunk_pass(hidden, weight, bias, target, row_scale, ignore_index,
-                             label_smoothing, z_loss, output_mask[0], output_mask[1], output_mask[2]);
+                             label_smoothing, z_loss, softcap, output_mask[0], output_mask[1], output_mask[2]);
   // ignored rows carry no loss, whatever their scale holds
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   at::Tensor total = at::where(target.ne(ignore_index), row_scale.to(pass.loss.scalar_type()) * pass.loss,
                                at::zeros({}, pass.loss.options())).sum();
   return {total, pass.lse, pass.correct, grad_or_empty(pass.grad_h, hidden),
@@ -181,15 +196,15 @@ fused_linear_cross_entropy_reduced_cpu(const at::Tensor& hidden, const at::Tenso
 TORCH_LIBRARY_FRAGMENT(unigen, m) {
   m.def(
       "fused_linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
-      "int ignore_index, float label_smoothing, float z_loss) -> (Tensor, Tensor, Tensor)");
+      "int ignore_index, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)");
   m.def(
       "fused_linear_cross_entropy_backward(Tensor grad_rows, Tensor hidden, Tensor weight, "
       "Tensor? bias, Tensor target, Tensor lse, int ignore_index, float label_smoothing, "
-      "float z_loss, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "float z_loss, float softcap, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def(
       "fused_linear_cross_entropy_reduced(Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor target, Tensor row_scale, int ignore_index, float label_smoothing, float z_loss, "
-      "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float softcap, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(unigen, CPU, m) {

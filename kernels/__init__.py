@@ -13,11 +13,13 @@ if __name__ != "unigen.kernels":
     __file__ = None
 else:
     from ._backend import BACKENDS, triton_available
+    from .clip_loss import ClipLoss
     from .contrastive_loss import ContrastiveLoss, ContrastiveLossOutput, contrastive_loss
     from .fused_linear_cross_entropy import (
         FusedLinearCrossEntropyLoss,
         fused_linear_cross_entropy,
     )
+    from .hf_patch import SUPPORTED_MODEL_TYPES, patch_hf_model, patched_hf_model, unpatch_hf_model
     from .prefix_lm_attention import PrefixLMAttention, prefix_lm_attention
 
 __all__ = [
@@ -30,4 +32,10 @@ __all__ = [
     "ContrastiveLossOutput",
     "prefix_lm_attention",
     "PrefixLMAttention",
+    # drop-in API for other models (transformers is imported only when a model is patched)
+    "patch_hf_model",
+    "unpatch_hf_model",
+    "patched_hf_model",
+    "SUPPORTED_MODEL_TYPES",
+    "ClipLoss",
 ]

@@ -35,6 +35,11 @@ columns; it recomputes the transposed tile instead of sharing it with the row sw
 would need a cross-program reduction (atomics, or an O(B²/BLOCK) partial buffer), and
 recomputing a [32, D] × [D, 32] tile costs less than either. Nothing of size B×B is ever
 stored: extra memory is O(B·D).
+
+Autocast (``torch.autocast``, CPU and CUDA): the features are cast to the autocast dtype at entry,
+as autocast casts the inputs of the similarity matmul this op fuses; the op's math (fp32
+normalisation, log-sum-exp and accumulation) runs with autocast disabled on every backend, and
+the loss is fp32, as autocast's ``cross_entropy`` returns (see :mod:`unigen.kernels._autocast`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._autocast import autocast_dtype, autocast_free, cast_inputs
 from ._backend import resolve_backend, triton_available, triton_interpreting
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
@@ -654,7 +660,8 @@ def _triton_fwd(image, text, inv, ids, scale, seeds, row_start, n_local, keep, s
     return loss, neg, lse, pos_cnt
 
 
-def _triton_bwd(grad_loss, image, text, inv, ids, scale, lse, pos_cnt, row_start, keep, smooth):
+def _triton_bwd(grad_loss, image, text, inv, ids, scale, lse, pos_cnt, row_start, keep, smooth,
+                normalize=True):
     """Gradients of (image, text) in their dtype and of logit_scale (fp32/fp64).
 
     One process (every row local): one row sweep per direction yields both whole gradients, and
@@ -680,6 +687,11 @@ def _triton_bwd(grad_loss, image, text, inv, ids, scale, lse, pos_cnt, row_start
     _rows_bwd_kernel[(triton.cdiv(n_local, block_m), 2, row_splits)](
         *common, dq, dscale, *sizes, row_width, SYMMETRIC=symmetric, **meta)
     d_scale = dscale.sum()
+    if symmetric and not normalize:
+        # raw dot products (inv = 1): the row sweeps' sums are the feature gradients themselves
+        d_feats = dq[0] if row_splits == 1 else dq.sum(0)
+        # copies: two views of one buffer would alias each other (custom ops may not return that)
+        return d_feats[0].to(image.dtype, copy=True), d_feats[1].to(text.dtype, copy=True), d_scale
     if symmetric:
         d_image, d_text = torch.empty_like(image), torch.empty_like(text)
         rows = _row_block(block_d)
@@ -692,7 +704,7 @@ def _triton_bwd(grad_loss, image, text, inv, ids, scale, lse, pos_cnt, row_start
     _cols_bwd_kernel[(triton.cdiv(n, block_n), 2, col_splits)](*common, dk, *sizes, col_width, **meta)
     dk = dk[0] if col_splits == 1 else dk.sum(0)
     dq = dq[0] if row_splits == 1 else dq.sum(0)
-    return (*_combine_distributed(image, text, inv, dq, dk, row_start), d_scale)
+    return (*_combine_distributed(image, text, inv, dq, dk, row_start, normalize), d_scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -759,7 +771,7 @@ def _torch_grad_logits(q, k, inv_q, inv_k, ids_q, ids_k, scale, weight, lse, pos
 # ----------------------------------------------------------------------------------------------
 
 
-def _combine_distributed(image, text, inv, dq, dk, row_start):
+def _combine_distributed(image, text, inv, dq, dk, row_start, normalize=True):
     """Gradients of (image, text) from the local rows' dq [2, n_local, D] and the gathered
     columns' dk [2, N, D] (w.r.t. the normalised features), through the normalisation."""
     rows = slice(row_start, row_start + dq.shape[1])
@@ -769,6 +781,9 @@ def _combine_distributed(image, text, inv, dq, dk, row_start):
     d_hat_text[rows] += dq[1]
     grads = []
     for x, inv_x, dh in ((image, inv[0], d_hat_image), (text, inv[1], d_hat_text)):
+        if not normalize:  # raw dot products: the features are the "normalised" ones
+            grads.append(dh.to(x.dtype, copy=True))  # a view of dk would alias the other output
+            continue
         # Backward of x̂ = x / ||x||: dx = (dx̂ - x̂ (x̂·dx̂)) / ||x||  (O(B·D), fp32).
         x_hat = x.to(dh.dtype) * inv_x[:, None]
         dx = (dh - x_hat * (x_hat * dh).sum(-1, keepdim=True)) * inv_x[:, None]
@@ -776,25 +791,31 @@ def _combine_distributed(image, text, inv, dq, dk, row_start):
     return grads
 
 
+@autocast_free  # the op's own dtype rules hold under autocast (its rule is applied at entry)
 def _forward_impl(image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start, n_local,
-                  label_smoothing, mode, backend):
+                  label_smoothing, mode, backend, normalize=True):
     """Returns (loss, negatives [2, n_local], lse [2, n_local], pos_cnt [2, n_local], inv [2, N]).
 
     ``image``/``text`` are the gathered [N, D] features, the local rows are
     ``row_start:row_start + n_local``; row 0 of the [2, n_local] outputs is the image→text
     direction, row 1 text→image. lse, pos_cnt and the inverse norms are what the backward
-    recomputes the tiles from. ``ids`` None: pair i is the only positive of i."""
+    recomputes the tiles from. ``ids`` None: pair i is the only positive of i. ``normalize``
+    False: raw dot products (inv = 1, the prep pass still checks the features are finite)."""
     n = image.shape[0]
     keep, smooth = 1.0 - label_smoothing, label_smoothing / n
     if backend == "triton":
         image, text = image.contiguous(), text.contiguous()
         inv, ok, blocks = _triton_prep(image, text, logit_scale)
         _check_prep_flags(ok, blocks, logit_scale)
+        if not normalize:
+            inv = torch.ones_like(inv)
         loss, neg, lse, pos_cnt = _triton_fwd(image, text, inv, ids, logit_scale, seeds, row_start,
                                               n_local, keep, smooth, mode)
         return loss, neg, lse, pos_cnt, inv
     inv, ok, blocks = _torch_prep(image, text, logit_scale)
     _check_prep_flags(ok, blocks, logit_scale)
+    if not normalize:
+        inv = torch.ones_like(inv)
     if ids is None:
         ids = torch.arange(n, device=image.device)
     rows = slice(row_start, row_start + n_local)
@@ -810,8 +831,9 @@ def _forward_impl(image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, ro
     return row_loss.sum() * (0.5 / n_local), neg, lse, pos_cnt, inv
 
 
+@autocast_free
 def _backward_impl(grad_loss, image, text, logit_scale, ids, inv, lse, pos_cnt, row_start,
-                   label_smoothing, backend):
+                   label_smoothing, backend, normalize=True):
     """Gradients of the loss w.r.t. the gathered image and text features and logit_scale."""
     n, dim = image.shape
     n_local = lse.shape[1]
@@ -820,7 +842,7 @@ def _backward_impl(grad_loss, image, text, logit_scale, ids, inv, lse, pos_cnt, 
     if backend == "triton":
         d_image, d_text, d_scale = _triton_bwd(
             grad_loss.to(acc).reshape(()), image.contiguous(), text.contiguous(), inv, ids,
-            logit_scale, lse, pos_cnt, row_start, keep, smooth)
+            logit_scale, lse, pos_cnt, row_start, keep, smooth, normalize)
         return d_image, d_text, d_scale.to(logit_scale.dtype)
     if ids is None:
         ids = torch.arange(n, device=image.device)
@@ -838,7 +860,7 @@ def _backward_impl(grad_loss, image, text, logit_scale, ids, inv, lse, pos_cnt, 
         dq[d] = s * (g @ (k.to(acc) * inv_k[:, None]))
         dk[d] = s * (g.t() @ (q[rows].to(acc) * inv_q[rows, None]))
         d_scale = d_scale + (g * cos).sum()
-    d_image, d_text = _combine_distributed(image, text, inv, dq, dk, row_start)
+    d_image, d_text = _combine_distributed(image, text, inv, dq, dk, row_start, normalize)
     return d_image, d_text, d_scale.to(logit_scale.dtype)
 
 
@@ -856,15 +878,16 @@ def _contrastive_fwd_op(
     label_smoothing: float,
     mode: int,
     backend: str,
+    normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_forward_impl`` as one opaque node for torch.compile."""
     return _forward_impl(image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start,
-                         n_local, label_smoothing, mode, backend)
+                         n_local, label_smoothing, mode, backend, normalize)
 
 
 @_contrastive_fwd_op.register_fake
 def _(image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start, n_local,
-      label_smoothing, mode, backend):
+      label_smoothing, mode, backend, normalize):
     acc = _acc_dtype(image.dtype)
     return (image.new_empty((), dtype=acc), image.new_empty((2, n_local), dtype=torch.int64),
             image.new_empty((2, n_local), dtype=acc), image.new_empty((2, n_local), dtype=acc),
@@ -884,29 +907,31 @@ def _contrastive_bwd_op(
     row_start: int,
     label_smoothing: float,
     backend: str,
+    normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_backward_impl`` as one opaque node for torch.compile."""
     return _backward_impl(grad_loss, image, text, logit_scale, ids, inv, lse, pos_cnt, row_start,
-                          label_smoothing, backend)
+                          label_smoothing, backend, normalize)
 
 
 @_contrastive_bwd_op.register_fake
 def _(grad_loss, image, text, logit_scale, ids, inv, lse, pos_cnt, row_start, label_smoothing,
-      backend):
+      backend, normalize):
     return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
 
 
 def _setup_context(ctx, inputs, output):
-    image, text, logit_scale, ids, _, _, _, row_start, _, label_smoothing, _, backend = inputs
+    image, text, logit_scale, ids, _, _, _, row_start, _, label_smoothing, _, backend, normalize = inputs
     _, _, lse, pos_cnt, inv = output
     ctx.save_for_backward(image, text, logit_scale, ids, inv, lse, pos_cnt)
     ctx.row_start, ctx.label_smoothing, ctx.backend = row_start, label_smoothing, backend
+    ctx.normalize = normalize
 
 
 def _backward(ctx, grad_loss, *unused_grads):
     d_image, d_text, d_scale = _contrastive_bwd_op(
-        grad_loss, *ctx.saved_tensors, ctx.row_start, ctx.label_smoothing, ctx.backend)
-    return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None
+        grad_loss, *ctx.saved_tensors, ctx.row_start, ctx.label_smoothing, ctx.backend, ctx.normalize)
+    return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None, None
 
 
 _contrastive_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -923,9 +948,9 @@ class _ContrastiveLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start, n_local,
-                label_smoothing, mode, backend):
+                label_smoothing, mode, backend, normalize):
         inputs = (image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start, n_local,
-                  label_smoothing, mode, backend)
+                  label_smoothing, mode, backend, normalize)
         output = _forward_impl(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(*output[1:])
@@ -936,8 +961,8 @@ class _ContrastiveLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, *unused_grads):
         d_image, d_text, d_scale = _backward_impl(
-            grad_loss, *ctx.saved_tensors, ctx.row_start, ctx.label_smoothing, ctx.backend)
-        return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None
+            grad_loss, *ctx.saved_tensors, ctx.row_start, ctx.label_smoothing, ctx.backend, ctx.normalize)
+        return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -998,6 +1023,7 @@ def contrastive_loss(
     generator: Optional[torch.Generator] = None,
     process_group=None,
     backend: str = "auto",
+    normalize: bool = True,
 ) -> ContrastiveLossOutput:
     """Symmetric InfoNCE on ``logit_scale · cos(image_feats, text_feats)`` with hard-negative mining.
 
@@ -1014,12 +1040,21 @@ def contrastive_loss(
         process_group: all-gather over this group (default: the default group when
             ``torch.distributed`` is initialised with more than one rank).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` (``"cpp"`` raises: no C++ op).
+        normalize: True (default): similarity = cosine. False: raw dot products
+            ``logit_scale · image_feats @ text_featsᵀ`` for features the caller has normalised
+            itself (open_clip's convention), with the exact gradient of that formula (no
+            projection through a normalisation).
 
     Returns:
         ``ContrastiveLossOutput(loss, neg_text_for_image, neg_image_for_text)``; the negatives are
         int64 indices into the gathered batch (``[B]`` local rows), -1 where a row has no
         non-positive candidate.
+
+    Autocast: under ``torch.autocast`` the features are cast to the autocast dtype (as the
+    similarity matmul would be); the math stays fp32 and the loss is fp32.
     """
+    if isinstance(image_feats, torch.Tensor):
+        image_feats, text_feats = cast_inputs(autocast_dtype(image_feats.device), image_feats, text_feats)
     check_tensor(image_feats, "image_feats", op=_OP, ndim=2, dtypes=FLOAT_DTYPES)
     device = image_feats.device
     check_tensor(text_feats, "text_feats", op=_OP, ndim=2, dtypes=FLOAT_DTYPES, device=device)
@@ -1040,6 +1075,8 @@ def contrastive_loss(
     if negatives not in _NEGATIVE_MODES:
         raise ValueError(f"{_OP}: negatives must be 'sample', 'hardest' or None, got {negatives!r}")
     mode = _NEGATIVE_MODES[negatives]
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{_OP}: normalize must be a bool, got {type(normalize).__name__}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"{_OP}: label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
     if ids is not None:
@@ -1084,6 +1121,17 @@ def contrastive_loss(
         loss = (image_all.sum() + text_all.sum()) * 0.0 * logit_scale
         none = torch.full((n_local,), -1, dtype=torch.int64, device=device)
         return ContrastiveLossOutput(loss, *((None, None) if mode == 0 else (none, none.clone())))
+    return _contrastive_on_gathered(image_all, text_all, logit_scale, ids_all, row_start, n_local,
+                                    float(label_smoothing), mode, generator, be, backend, normalize)
+
+
+def _contrastive_on_gathered(image_all, text_all, logit_scale, ids_all, row_start, n_local,
+                             label_smoothing, mode, generator, be, backend, normalize):
+    """The op on an already gathered batch: the loss of rows ``row_start:row_start + n_local``
+    (both directions) against all N columns, with the exact gradient w.r.t. ``image_all`` and
+    ``text_all``. ``contrastive_loss`` gathers first; ``ClipLoss`` gathers the way open_clip does."""
+    n, dim = image_all.shape
+    device = image_all.device
     # The kernels keep a feature row on chip (D ≤ 1024) and index with int32 (2·N·D < 2^31).
     if be == "triton" and (dim > _TRITON_MAX_DIM or 2 * n * dim >= 2**31):
         if backend == "triton":
@@ -1099,7 +1147,7 @@ def contrastive_loss(
             seeds = torch.randint(0, 2**62, (2,), generator=generator, device=device, dtype=torch.int64)
         else:
             # Gumbel noise -log(E), E ~ Exp(1): argmax(s - log E) is an exact draw from softmax(s).
-            acc = _acc_dtype(image_feats.dtype)
+            acc = _acc_dtype(image_all.dtype)
             noise_i2t = -torch.empty(n_local, n, dtype=acc, device=device).exponential_(generator=generator).log()
             noise_t2i = -torch.empty(n_local, n, dtype=acc, device=device).exponential_(generator=generator).log()
 
@@ -1107,7 +1155,7 @@ def contrastive_loss(
     # step at training batch sizes costs: see _ContrastiveLossFunction).
     op = _contrastive_fwd_op if torch.compiler.is_compiling() else _ContrastiveLossFunction.apply
     loss, neg, _, _, _ = op(image_all, text_all, logit_scale, ids_all, seeds, noise_i2t, noise_t2i,
-                            row_start, n_local, float(label_smoothing), mode, be)
+                            row_start, n_local, label_smoothing, mode, be, normalize)
     if mode == 0:
         return ContrastiveLossOutput(loss, None, None)
     return ContrastiveLossOutput(loss, neg[0], neg[1])

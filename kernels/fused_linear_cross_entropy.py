@@ -14,12 +14,20 @@ Per valid row n (target t = target[n] != ignore_index), with logits z = h_n·W�
 
     loss_n = lse(z) - (1-ε)·z_t - (ε/V)·Σ_j z_j + z_loss·lse(z)²
 
-which equals PyTorch's label-smoothed cross-entropy plus the z-loss of PaLM. The ops return the
-unreduced row losses; the reduction and ``token_weights`` are applied on top with ordinary torch
-ops, so autograd hands the backward a per-row gradient ``g_n`` and every reduction gets exact
-gradients from the same kernels:
+which equals PyTorch's label-smoothed cross-entropy plus the z-loss of PaLM. With ``softcap`` c > 0
+(Gemma 2's ``final_logit_softcapping``) every logit is first replaced by z' = c·tanh(z/c), the
+loss is that of z', and the logit gradient below is multiplied by ∂z'/∂z = 1 - (z'/c)².
+
+The ops return the unreduced row losses; the reduction and ``token_weights`` are applied on top
+with ordinary torch ops, so autograd hands the backward a per-row gradient ``g_n`` and every
+reduction gets exact gradients from the same kernels:
 
     ∂loss/∂z_nj = g_n·[softmax(z)_j·(1 + 2·z_loss·lse) - (1-ε)·[j = t] - ε/V]
+
+Autocast (``torch.autocast``, CPU and CUDA): hidden, weight and bias are cast to the autocast
+dtype at entry, as autocast casts the inputs of the ``F.linear`` this op fuses; the math inside
+stays fp32 (every backend runs with autocast disabled) and the loss comes back in fp32, as
+autocast's ``F.cross_entropy`` does (see :mod:`unigen.kernels._autocast`).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 
 from unigen._extension import cpp_ops_available
 
+from ._autocast import autocast_disabled, autocast_dtype, cast_inputs
 from ._backend import resolve_backend, triton_available, triton_interpreting
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, needs_wide_index
 
@@ -65,7 +74,7 @@ class CrossEntropyStats(NamedTuple):
 
 
 def _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, label_smoothing,
-                  z_loss, reduction):
+                  z_loss, reduction, softcap=0.0):
     check_tensor(hidden, "hidden", op=OP, dtypes=FLOAT_DTYPES)
     check_tensor(weight, "weight", op=OP, ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device)
     check_tensor(target, "target", op=OP, dtypes=INDEX_DTYPES, device=hidden.device)
@@ -101,6 +110,9 @@ def _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, lab
         raise ValueError(f"{OP}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
     if not (isinstance(z_loss, (int, float)) and z_loss >= 0.0 and math.isfinite(z_loss)):
         raise ValueError(f"{OP}: z_loss must be a finite float >= 0, got {z_loss!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+                                    and softcap >= 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"{OP}: softcap must be None or a finite float >= 0 (0 = no cap), got {softcap!r}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
     _check_target_range(target, vocab, ignore_index)
@@ -132,8 +144,20 @@ def _math_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _apply_softcap(z, softcap):
+    """z ← c·tanh(z/c) in place (no-op for c = 0), in the transformers models' order of steps."""
+    if softcap > 0.0:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _softcap_slope(z_capped, softcap):
+    """∂z'/∂z = 1 - (z'/c)² from the capped logits (a new tensor)."""
+    return 1.0 - (z_capped / softcap).square_()
+
+
 def reference_forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
-                      vocab_chunk=None):
+                      softcap=0.0, vocab_chunk=None):
     """Row losses, lse and argmax-correctness; fp32 math one vocabulary chunk at a time."""
     n, vocab = target.shape[0], weight.shape[0]
     acc = _math_dtype(hidden.dtype)
@@ -157,6 +181,7 @@ def reference_forward(hidden, weight, bias, target, ignore_index, label_smoothin
         z = h @ weight[start:stop].to(acc).t()
         if bias is not None:
             z += bias[start:stop].to(acc)
+        _apply_softcap(z, softcap)
         chunk_max, chunk_arg = z.max(dim=1)
         m_new = torch.maximum(m, chunk_max)
         s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)
@@ -194,7 +219,7 @@ def _logit_grad_chunk(z, lse, t_local, in_chunk, g, label_smoothing, z_loss, voc
 
 
 def reference_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
-                       z_loss, need_hidden, need_weight, need_bias, vocab_chunk=None):
+                       z_loss, need_hidden, need_weight, need_bias, softcap=0.0, vocab_chunk=None):
     """Gradients for hidden, weight and bias given the per-row loss gradient ``grad_rows``."""
     vocab = weight.shape[0]
     acc = _math_dtype(hidden.dtype)
@@ -215,9 +240,12 @@ def reference_backward(grad_rows, hidden, weight, bias, target, lse, ignore_inde
             z = h @ w.t()
             if bias is not None:
                 z += bias[start:stop].to(acc)
+            slope = _softcap_slope(_apply_softcap(z, softcap), softcap) if softcap > 0.0 else None
             in_chunk = (t >= start) & (t < stop)
             local = (t - start).clamp(0, stop - start - 1)
             dz = _logit_grad_chunk(z, row_lse, local, in_chunk, g, label_smoothing, z_loss, vocab)
+            if slope is not None:
+                dz.mul_(slope)
             if need_hidden:
                 gh += dz @ w
             if need_weight:
@@ -235,7 +263,7 @@ def reference_backward(grad_rows, hidden, weight, bias, target, lse, ignore_inde
 
 def reference_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index,
                               label_smoothing, z_loss, need_hidden, need_weight, need_bias,
-                              row_chunk=None):
+                              softcap=0.0, row_chunk=None):
     """``Σ_n row_scale_n·loss_n`` and, when asked, its gradients, from ONE pass over the logits.
 
     For "mean" and "sum" the gradient of every row is known up to the scalar upstream gradient
@@ -261,6 +289,7 @@ def reference_forward_reduced(hidden, weight, bias, target, row_scale, ignore_in
         t = target.index_select(0, r).long()
         scale = row_scale.index_select(0, r).to(acc)
         z = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+        _apply_softcap(z, softcap)
         lse = torch.logsumexp(z, dim=1)
         loss = lse - (1.0 - label_smoothing) * z.gather(1, t[:, None]).squeeze(1)
         if label_smoothing > 0.0:
@@ -271,8 +300,11 @@ def reference_forward_reduced(hidden, weight, bias, target, row_scale, ignore_in
         lse_out[r] = lse
         correct[r] = z.argmax(dim=1) == t
         if need_hidden or need_weight or need_bias:
+            slope = _softcap_slope(z, softcap) if softcap > 0.0 else None
             dz = _logit_grad_chunk(z, lse, t, torch.ones_like(t, dtype=torch.bool), scale,
                                    label_smoothing, z_loss, vocab)
+            if slope is not None:
+                dz.mul_(slope)
             if need_hidden:
                 grad_h[r] = dz @ w
             if need_weight:
@@ -295,10 +327,15 @@ if triton_available():
 
     @triton.jit
     def _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, dim, stride_h, stride_w,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                    WIDE_INDEX: tl.constexpr):
-        """fp32 logits of a [BLOCK_N rows, BLOCK_V vocabulary] tile: h[rows] · W[cols]ᵀ (+ b)."""
+                    softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    UPCAST_DOT: tl.constexpr, WIDE_INDEX: tl.constexpr):
+        """fp32 logits of a [BLOCK_N rows, BLOCK_V vocabulary] tile: h[rows] · W[cols]ᵀ (+ b),
+        soft-capped to c·tanh(z/c) when ``HAS_SOFTCAP``.
+
+        The cap costs ~5 FLOPs and one exp per logit on top of the 2·D of the dot product, and no
+        memory traffic (it is applied to the tile in registers).
+        """
         offs_d = tl.arange(0, BLOCK_D)
         if WIDE_INDEX:
             # rows·stride would overflow int32 (N·D or V·D >= 2^31, e.g. 1M tokens × 4096); the
@@ -319,6 +356,10 @@ if triton_available():
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_SOFTCAP:
+            # tanh(x) = 2·sigmoid(2x) - 1: tl.sigmoid exists in every supported triton (tanh is
+            # only in the per-backend libdevice) and saturates to ±1 without overflow
+            acc = softcap * (2.0 * tl.sigmoid(acc * (2.0 / softcap)) - 1.0)
         return acc
 
     @triton.jit
@@ -326,8 +367,8 @@ if triton_available():
         h_ptr, w_ptr, b_ptr, target_ptr, order_ptr, n_valid_ptr,
         part_lse_ptr, part_best_ptr, part_arg_ptr, part_zt_ptr, part_zsum_ptr,
         n_rows, vocab, dim, vocab_per_split,
-        stride_h, stride_w,
-        HAS_BIAS: tl.constexpr, SMOOTHING: tl.constexpr,
+        stride_h, stride_w, softcap,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ):
@@ -358,8 +399,8 @@ if triton_available():
             offs_v = v0 + tl.arange(0, BLOCK_V)
             col_mask = offs_v < v_end
             acc = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, dim,
-                              stride_h, stride_w, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D,
-                              DOT_PRECISION, UPCAST_DOT, WIDE_INDEX)
+                              stride_h, stride_w, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V,
+                              BLOCK_D, DOT_PRECISION, UPCAST_DOT, WIDE_INDEX)
             if SMOOTHING:
                 zsum += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
             zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
@@ -386,8 +427,8 @@ if triton_available():
         h_ptr, w_ptr, b_ptr, target_ptr, order_ptr, n_valid_ptr, lse_ptr, grad_ptr, dz_ptr,
         vocab, dim, v_start, chunk,
         stride_h, stride_w, stride_dz,
-        label_smoothing, z_loss,
-        HAS_BIAS: tl.constexpr,
+        label_smoothing, z_loss, softcap,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ):
@@ -413,10 +454,14 @@ if triton_available():
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
         acc = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, dim,
-                          stride_h, stride_w, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D,
-                          DOT_PRECISION, UPCAST_DOT, WIDE_INDEX)
+                          stride_h, stride_w, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V,
+                          BLOCK_D, DOT_PRECISION, UPCAST_DOT, WIDE_INDEX)
         p = tl.exp(acc - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
         dz = p - label_smoothing / vocab - tl.where(offs_v[None, :] == tgt[:, None], 1.0 - label_smoothing, 0.0)
+        if HAS_SOFTCAP:
+            # chain rule through the cap, from the capped tile: ∂z'/∂z = 1 - (z'/c)² (3 FLOPs)
+            capped = acc / softcap
+            dz = dz * (1.0 - capped * capped)
         dz = tl.where(col_mask[None, :], dz * g[:, None], 0.0)
         if WIDE_INDEX:
             rows = rows.to(tl.int64)
@@ -475,7 +520,7 @@ def _launch(kernel, grid, *args, cfg, **constexprs):
 
 
 def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
-                   compacted=None, config=None):
+                   softcap=0.0, compacted=None, config=None):
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cfg = _triton_config(config)
@@ -500,8 +545,8 @@ def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, 
         hidden, weight, bias if bias is not None else weight, target, order, n_valid,
         part_lse, part_best, part_arg, part_zt, part_zsum,
         n, vocab, dim, vocab_per_split,
-        hidden.stride(0), weight.stride(0),
-        cfg=cfg, HAS_BIAS=bias is not None, SMOOTHING=label_smoothing > 0,
+        hidden.stride(0), weight.stride(0), float(softcap) if softcap > 0 else 1.0,
+        cfg=cfg, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, SMOOTHING=label_smoothing > 0,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
         WIDE_INDEX=_wide_index(hidden, weight),
     )
@@ -526,7 +571,8 @@ def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, 
 
 
 def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
-                    z_loss, need_hidden, need_weight, need_bias, compacted=None, config=None):
+                    z_loss, need_hidden, need_weight, need_bias, softcap=0.0, compacted=None,
+                    config=None):
     """Gradients for hidden, weight and bias, one vocabulary chunk at a time.
 
     Working memory beyond the gradients themselves: the fp32 dH accumulator (4·N·D bytes; one
@@ -556,8 +602,8 @@ def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, 
             grad_rows, dz,
             vocab, dim, v_start, width,
             hidden.stride(0), weight.stride(0), dz.stride(0),
-            float(label_smoothing), float(z_loss),
-            cfg=cfg, HAS_BIAS=bias is not None,
+            float(label_smoothing), float(z_loss), float(softcap) if softcap > 0 else 1.0,
+            cfg=cfg, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
             DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
             WIDE_INDEX=wide,
         )
@@ -576,18 +622,18 @@ def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, 
 
 
 def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
-                           z_loss, need_hidden, need_weight, need_bias, config=None):
+                           z_loss, need_hidden, need_weight, need_bias, softcap=0.0, config=None):
     """Reduced loss with its gradients computed right away (backward only rescales them)."""
     compacted = _compact_rows(target, ignore_index)  # shared by both passes
     rows, lse, correct = triton_forward(hidden, weight, bias, target, ignore_index,
-                                        label_smoothing, z_loss, compacted, config)
+                                        label_smoothing, z_loss, softcap, compacted, config)
     scale = row_scale.to(rows.dtype)
     total = (torch.where(target != ignore_index, scale, 0.0) * rows).sum()
     grads = (None, None, None)
     if need_hidden or need_weight or need_bias:
         grads = triton_backward(scale, hidden, weight, bias, target, lse, ignore_index,
                                 label_smoothing, z_loss, need_hidden, need_weight, need_bias,
-                                compacted, config)
+                                softcap, compacted, config)
     return (total, lse, correct) + tuple(grads)
 
 
@@ -654,15 +700,19 @@ def _backward_impl(impl):
     return triton_backward if impl == "triton" else reference_backward
 
 
+# Every op body runs with autocast disabled: its matmuls must stay in the dtypes it chose (the
+# autocast rule is applied once, at the entry of fused_linear_cross_entropy).
 @torch.library.custom_op("unigen::flce_forward", mutates_args=())
 def _flce_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(impl)(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss)
+                     softcap: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with autocast_disabled(hidden.device):
+        return _forward_impl(impl)(hidden, weight, bias, target, ignore_index, label_smoothing,
+                                   z_loss, softcap)
 
 
 @_flce_forward_op.register_fake
-def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, impl):
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, impl):
     n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
             hidden.new_empty(n, dtype=torch.bool))
@@ -671,27 +721,31 @@ def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, impl)
 @torch.library.custom_op("unigen::flce_backward", mutates_args=())
 def _flce_backward_op(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None, target: torch.Tensor, lse: torch.Tensor,
-                      ignore_index: int, label_smoothing: float, z_loss: float, impl: str,
-                      need_hidden: bool, need_weight: bool, need_bias: bool
+                      ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                      impl: str, need_hidden: bool, need_weight: bool, need_bias: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _backward_impl(impl)(grad_rows, hidden, weight, bias, target, lse, ignore_index,
-                                 label_smoothing, z_loss, need_hidden, need_weight, need_bias)
+    with autocast_disabled(hidden.device):
+        grads = _backward_impl(impl)(grad_rows, hidden, weight, bias, target, lse, ignore_index,
+                                     label_smoothing, z_loss, need_hidden, need_weight, need_bias,
+                                     softcap)
     # custom ops cannot return None: an unneeded gradient is an empty tensor
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @_flce_backward_op.register_fake
-def _(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, impl,
-      need_hidden, need_weight, need_bias):
+def _(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, softcap,
+      impl, need_hidden, need_weight, need_bias):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
             torch.empty_like(bias) if need_bias else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, ignore_index, label_smoothing, z_loss = inputs[:7]
-    ctx.impl = inputs[7] if len(inputs) > 7 else "cpp"
+    # shared by the Python op (…, z_loss, softcap, impl) and the C++ op (…, z_loss, softcap)
+    hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap = inputs[:8]
+    ctx.impl = inputs[8] if len(inputs) > 8 else "cpp"
     ctx.ignore_index, ctx.label_smoothing, ctx.z_loss = ignore_index, label_smoothing, z_loss
+    ctx.softcap = softcap
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, bias, target, output[1])
 
@@ -701,17 +755,17 @@ def _backward(ctx, grad_rows, _grad_lse, _grad_correct):
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
     if not (need_h or need_w or need_b):
-        return (None,) * (8 if ctx.impl != "cpp" else 7)
+        return (None,) * (9 if ctx.impl != "cpp" else 8)
     if ctx.impl == "cpp":
         gh, gw, gb = torch.ops.unigen.fused_linear_cross_entropy_backward(
             grad_rows, hidden, weight, bias, target, lse, ctx.ignore_index, ctx.label_smoothing,
-            ctx.z_loss, [need_h, need_w, need_b])
+            ctx.z_loss, ctx.softcap, [need_h, need_w, need_b])
     else:
         gh, gw, gb = _flce_backward_op(grad_rows, hidden, weight, bias, target, lse,
-                                       ctx.ignore_index, ctx.label_smoothing, ctx.z_loss, ctx.impl,
-                                       need_h, need_w, need_b)
+                                       ctx.ignore_index, ctx.label_smoothing, ctx.z_loss,
+                                       ctx.softcap, ctx.impl, need_h, need_w, need_b)
     grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None,
-             None, None, None, None)
+             None, None, None, None, None)
     return grads + ((None,) if ctx.impl != "cpp" else ())
 
 
@@ -727,12 +781,14 @@ def _forward_reduced_impl(impl):
 @torch.library.custom_op("unigen::flce_forward_reduced", mutates_args=())
 def _flce_forward_reduced_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              target: torch.Tensor, row_scale: torch.Tensor, ignore_index: int,
-                             label_smoothing: float, z_loss: float, impl: str, need_hidden: bool,
-                             need_weight: bool, need_bias: bool
+                             label_smoothing: float, z_loss: float, softcap: float, impl: str,
+                             need_hidden: bool, need_weight: bool, need_bias: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor, torch.Tensor]:
-    out = _forward_reduced_impl(impl)(hidden, weight, bias, target, row_scale, ignore_index,
-                                      label_smoothing, z_loss, need_hidden, need_weight, need_bias)
+    with autocast_disabled(hidden.device):
+        out = _forward_reduced_impl(impl)(hidden, weight, bias, target, row_scale, ignore_index,
+                                          label_smoothing, z_loss, need_hidden, need_weight,
+                                          need_bias, softcap)
     return out[:3] + tuple(g if g is not None else hidden.new_empty(0) for g in out[3:])
 
 
@@ -747,7 +803,7 @@ def _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_s
 
 
 @_flce_forward_reduced_op.register_fake
-def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, impl,
+def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, impl,
       need_hidden, need_weight, need_bias):
     return _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
                          z_loss, need_hidden, need_weight, need_bias)
@@ -789,14 +845,14 @@ torch.library.register_autograd("unigen::flce_forward_reduced", _backward_reduce
 def _register_cpp_op():
     """Fake kernels and autograd for the C++ op ``torch.ops.unigen.fused_linear_cross_entropy``."""
     @torch.library.register_fake("unigen::fused_linear_cross_entropy")
-    def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss):
+    def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap):
         n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
         return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
                 hidden.new_empty(n, dtype=torch.bool))
 
     @torch.library.register_fake("unigen::fused_linear_cross_entropy_backward")
     def _(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing, z_loss,
-          output_mask):
+          softcap, output_mask):
         return (torch.empty_like(hidden) if output_mask[0] else hidden.new_empty(0),
                 torch.empty_like(weight) if output_mask[1] else hidden.new_empty(0),
                 torch.empty_like(bias) if (output_mask[2] and bias is not None) else hidden.new_empty(0))
@@ -805,7 +861,7 @@ def _register_cpp_op():
                                     setup_context=_setup_context)
 
     @torch.library.register_fake("unigen::fused_linear_cross_entropy_reduced")
-    def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss,
+    def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
           output_mask):
         return _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index,
                              label_smoothing, z_loss, *output_mask)
@@ -825,7 +881,7 @@ if cpp_ops_available():
 
 def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
                                label_smoothing=0.0, z_loss=0.0, token_weights=None,
-                               reduction="mean", backend="auto", return_stats=False):
+                               reduction="mean", backend="auto", return_stats=False, softcap=None):
     """Loss of ``F.cross_entropy(F.linear(hidden, weight, bias), target)`` without the N×V logits.
 
     Args:
@@ -836,6 +892,8 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         ignore_index: rows with this target carry no loss and are dropped before any matmul.
         label_smoothing: ε of PyTorch's label smoothing (uniform over all V classes).
         z_loss: coefficient of ``lse²`` added to every row's loss (0 disables it).
+        softcap: logit soft-cap c: the loss is that of ``c·tanh(logits/c)`` (Gemma 2's
+            ``final_logit_softcapping``); None or 0 disables it.
         token_weights: optional ``[...]`` per-row weights multiplying each row's loss. With
             ``reduction="sum"`` weights ``coef_task / n_task`` give ``Σ_task coef_task·mean_task``;
             with ``"mean"`` the result is ``Σ w·loss / Σ w`` over non-ignored rows (PyTorch's
@@ -846,11 +904,18 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         return_stats: also return :class:`CrossEntropyStats` (per-row lse and argmax-correctness,
             detached) for logging.
 
+    Autocast: under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype (as
+    the ``F.linear`` this op fuses would be), the math stays fp32 and the loss is fp32 (as
+    autocast's ``F.cross_entropy``), on every backend and for every reduction.
+
     Returns:
-        the loss in ``hidden``'s dtype, and the stats when ``return_stats``.
+        the loss in ``hidden``'s dtype (fp32 under autocast), and the stats when ``return_stats``.
     """
+    cast_to = autocast_dtype(hidden.device) if isinstance(hidden, torch.Tensor) else None
+    hidden, weight, bias = cast_inputs(cast_to, hidden, weight, bias)
     _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, label_smoothing,
-                  z_loss, reduction)
+                  z_loss, reduction, softcap)
+    cap = float(softcap or 0.0)
     impl = resolve_backend(backend, hidden.device, op=OP)
     if impl == "triton" and hidden.dtype == torch.float64:
         raise TypeError(f"{OP}: backend='triton' supports float16, bfloat16 and float32 inputs; "
@@ -869,17 +934,17 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         scale = w.to(acc) if w is not None else torch.ones(t1.shape[0], dtype=acc, device=h2.device)
         if impl == "cpp":
             total, lse, correct, *_ = torch.ops.unigen.fused_linear_cross_entropy_reduced(
-                h2, weight, bias, t1, scale, ignore_index, ls, zl, need)
+                h2, weight, bias, t1, scale, ignore_index, ls, zl, cap, need)
         else:
             total, lse, correct, *_ = _flce_forward_reduced_op(
-                h2, weight, bias, t1, scale, ignore_index, ls, zl, impl, *need)
+                h2, weight, bias, t1, scale, ignore_index, ls, zl, cap, impl, *need)
         loss = total if reduction == "sum" else _safe_mean(total, torch.where(valid, scale, 0.0).sum())
     else:
         if impl == "cpp":
             rows, lse, correct = torch.ops.unigen.fused_linear_cross_entropy(
-                h2, weight, bias, t1, ignore_index, ls, zl)
+                h2, weight, bias, t1, ignore_index, ls, zl, cap)
         else:
-            rows, lse, correct = _flce_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, impl)
+            rows, lse, correct = _flce_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, cap, impl)
         if w is not None:
             rows = rows * w.to(rows.dtype)
         if reduction == "none":
@@ -889,7 +954,8 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         else:
             denom = torch.where(valid, w.to(rows.dtype), 0.0).sum() if w is not None else valid.sum(dtype=rows.dtype)
             loss = _safe_mean(rows.sum(), denom)
-    loss = loss.to(hidden.dtype)
+    # under autocast the loss stays in the math dtype, as autocast's F.cross_entropy returns fp32
+    loss = loss.to(hidden.dtype) if cast_to is None else loss
     if return_stats:
         return loss, CrossEntropyStats(lse.detach().reshape(lead_shape), correct.reshape(lead_shape))
     return loss
@@ -906,11 +972,12 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
     ``nn.CrossEntropyLoss()(F.linear(hidden, weight, bias), target)``."""
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
-                 backend="auto"):
+                 backend="auto", softcap=None):
         super().__init__()
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+        self.softcap = softcap
         self.reduction = reduction
         self.backend = backend
 
@@ -918,8 +985,10 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         return fused_linear_cross_entropy(
             hidden, weight, target, bias, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, token_weights=token_weights,
-            reduction=self.reduction, backend=self.backend, return_stats=return_stats)
+            reduction=self.reduction, backend=self.backend, return_stats=return_stats,
+            softcap=self.softcap)
 
     def extra_repr(self):
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-                f"z_loss={self.z_loss}, reduction={self.reduction!r}, backend={self.backend!r}")
+                f"z_loss={self.z_loss}, softcap={self.softcap}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")

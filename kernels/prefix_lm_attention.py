@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._autocast import autocast_disabled, autocast_dtype, autocast_free, cast_inputs
 from ._backend import resolve_backend, triton_available, triton_interpreting
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, needs_wide_index
 
@@ -730,6 +731,7 @@ def triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scal
 # ---------------------------------------------------------------------------------------------
 
 
+@autocast_free  # the kernels keep their own dtypes under autocast (its rule is applied at entry)
 def _forward_impl(q, k, v, cu_seqlens, prefix_lens, softmax_scale):
     """(out, lse, seq_id): the sample ids are computed once here and saved for the backward."""
     seq_id = triton_sample_ids(cu_seqlens, q.shape[0])
@@ -758,8 +760,8 @@ def _prefix_lm_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
                                 cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
                                 seq_id: torch.Tensor, max_seqlen: int, softmax_scale: float
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scale,
-                           seq_id=seq_id)
+    return autocast_free(triton_backward)(do, q, k, v, out, lse, cu_seqlens, prefix_lens,
+                                          softmax_scale, seq_id=seq_id)
 
 
 @_prefix_lm_attention_bwd_op.register_fake
@@ -806,8 +808,9 @@ class _PrefixLMAttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, *unused_grads):
         q, k, v, out, lse, cu_seqlens, prefix_lens, seq_id = ctx.saved_tensors
-        dq, dk, dv = triton_backward(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens,
-                                     prefix_lens, ctx.softmax_scale, seq_id=seq_id)
+        dq, dk, dv = autocast_free(triton_backward)(grad_out.contiguous(), q, k, v, out, lse,
+                                                    cu_seqlens, prefix_lens, ctx.softmax_scale,
+                                                    seq_id=seq_id)
         return dq, dk, dv, None, None, None, None
 
 
@@ -865,9 +868,15 @@ def prefix_lm_attention(q, k, v, cu_seqlens, prefix_lens, *, max_seqlen, softmax
             the check would cost a device sync per call, so it is off unless asked for (the
             Triton kernels clamp every index, so bad values give wrong numbers, never a crash).
 
+    Autocast: under ``torch.autocast`` q, k and v are cast to the autocast dtype (as autocast casts
+    ``scaled_dot_product_attention``'s), every backend then runs with autocast disabled (fp32
+    softmax statistics as without autocast), and the output has the autocast dtype.
+
     Returns:
-        ``[total_tokens, heads, head_dim]`` in the dtype of ``q``.
+        ``[total_tokens, heads, head_dim]`` in the dtype of ``q`` (the autocast dtype under autocast).
     """
+    if isinstance(q, torch.Tensor):
+        q, k, v = cast_inputs(autocast_dtype(q.device), q, k, v)
     check_tensor(q, "q", op=OP, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor(k, "k", op=OP, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
     check_tensor(v, "v", op=OP, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
@@ -899,6 +908,12 @@ def prefix_lm_attention(q, k, v, cu_seqlens, prefix_lens, *, max_seqlen, softmax
         check_cu_seqlens(cu_seqlens, prefix_lens, T, max_seqlen=max_seqlen)
 
     be = _resolve(backend, q)
+    with autocast_disabled(q.device):
+        return _dispatch(be, q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale)
+
+
+def _dispatch(be, q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale):
+    T = q.shape[0]
     if be == "triton":
         # torch.compile traces the custom op; eager mode skips its dispatcher
         op = (_prefix_lm_attention_fwd_op if _is_compiling()

@@ -22,7 +22,7 @@ void expect_close(const at::Tensor& a, const at::Tensor& b, double tol, const ch
   }
 }
 
-void run_case(int64_t n, int64_t d, int64_t v, double smoothing, double z_loss) {
+void run_case(int64_t n, int64_t d, int64_t v, double smoothing, double z_loss, double softcap = 0.0) {
   torch::manual_seed(0);
   auto opts = torch::TensorOptions().dtype(torch::kDouble);
   auto hidden = torch::randn({n, d}, opts);
@@ -35,20 +35,21 @@ void run_case(int64_t n, int64_t d, int64_t v, double smoothing, double z_loss) 
                  .findSchemaOrThrow("unigen::fused_linear_cross_entropy", "")
                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                     const at::Tensor&, int64_t, double, double)>();
+                     const at::Tensor&, int64_t, double, double, double)>();
   auto bwd = c10::Dispatcher::singleton()
                  .findSchemaOrThrow("unigen::fused_linear_cross_entropy_backward", "")
                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
                      const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                     int64_t, double, double, std::array<bool, 3>)>();
-  auto [rows, lse, correct] = fwd.call(hidden, weight, bias, target, -100, smoothing, z_loss);
+                     int64_t, double, double, double, std::array<bool, 3>)>();
+  auto [rows, lse, correct] = fwd.call(hidden, weight, bias, target, -100, smoothing, z_loss, softcap);
 
   // reference with autograd on materialised logits
   auto h = hidden.clone().requires_grad_();
   auto w = weight.clone().requires_grad_();
   auto b = bias.clone().requires_grad_();
   auto logits = torch::nn::functional::linear(h, w, b);
+  if (softcap > 0) logits = softcap * torch::tanh(logits / softcap);
   auto valid = target.ne(-100);
   auto ref_rows = torch::nn::functional::cross_entropy(
       logits, target,
@@ -57,11 +58,11 @@ void run_case(int64_t n, int64_t d, int64_t v, double smoothing, double z_loss) 
   auto upstream = torch::randn({n}, opts);
   (ref_rows * upstream).sum().backward();
 
-  auto [gh, gw, gb] = bwd.call(upstream, hidden, weight, bias, target, lse, -100, smoothing, z_loss,
+  auto [gh, gw, gb] = bwd.call(upstream, hidden, weight, bias, target, lse, -100, smoothing, z_loss, softcap,
                                std::array<bool, 3>{true, true, true});
   char name[128];
-  std::snprintf(name, sizeof(name), "N=%lld D=%lld V=%lld eps=%.2f z=%.0e", (long long)n,
-                (long long)d, (long long)v, smoothing, z_loss);
+  std::snprintf(name, sizeof(name), "N=%lld D=%lld V=%lld eps=%.2f z=%.0e cap=%.1f", (long long)n,
+                (long long)d, (long long)v, smoothing, z_loss, softcap);
   std::printf("case %s\n", name);
   expect_close(rows, ref_rows.detach(), 1e-10, "row losses");
   expect_close(gh, h.grad(), 1e-10, "grad hidden");
@@ -75,6 +76,7 @@ int main() {
   run_case(1, 8, 33, 0.0, 0.0);
   run_case(37, 19, 5001, 0.1, 1e-3);  // V spans several vocabulary chunks
   run_case(64, 48, 257, 0.0, 1e-2);
+  run_case(29, 16, 300, 0.1, 1e-3, 0.5);  // a soft-cap that saturates (Gemma 2 uses 30)
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

@@ -66,9 +66,10 @@ def cross_entropy_kernels(dtype: str):
     def arg_type(name):
         if name.endswith("_ptr"):
             return pointers.get(name, "*fp32")
-        return "fp32" if name in ("label_smoothing", "z_loss") else "i32"
+        return "fp32" if name in ("label_smoothing", "z_loss", "softcap") else "i32"
 
-    common = dict(HAS_BIAS=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
+    # HAS_SOFTCAP: the capped variant (the cap's extra registers are what could spill)
+    common = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
                   BLOCK_D=cfg["BLOCK_D"], DOT_PRECISION=m._dot_precision(TORCH_DTYPES[dtype]),
                   UPCAST_DOT=False, WIDE_INDEX=False)
     for kernel, extra in ((m._flce_forward_kernel, {"SMOOTHING": True}),

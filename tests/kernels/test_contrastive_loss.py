@@ -414,8 +414,8 @@ def test_torch_compile_fullgraph_triton_backend():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("with_ids", [True, False])
-def test_opcheck_custom_ops(backend, with_ids):
+@pytest.mark.parametrize("with_ids,normalize", [(True, True), (False, True), (False, False)])
+def test_opcheck_custom_ops(backend, with_ids, normalize):
     img, txt, s = _inputs(9, 6, torch.float32)
     ids = torch.arange(9) // 2 if with_ids else None
     if backend == "torch":
@@ -424,14 +424,14 @@ def test_opcheck_custom_ops(backend, with_ids):
         noise, seeds = None, torch.tensor([1, 2])
     torch.library.opcheck(
         torch.ops.unigen.contrastive_loss_fwd.default,
-        (img, txt, s, ids, seeds, noise, noise, 0, 9, 0.1, 1, backend))
+        (img, txt, s, ids, seeds, noise, noise, 0, 9, 0.1, 1, backend, normalize))
     with torch.no_grad():
         img, txt, s = img.detach(), txt.detach(), s.detach()
         _, _, lse, pos_cnt, inv = torch.ops.unigen.contrastive_loss_fwd(
-            img, txt, s, ids, seeds, noise, noise, 0, 9, 0.1, 1, backend)
+            img, txt, s, ids, seeds, noise, noise, 0, 9, 0.1, 1, backend, normalize)
     torch.library.opcheck(
         torch.ops.unigen.contrastive_loss_bwd.default,
-        (torch.tensor(1.0), img, txt, s, ids, inv, lse, pos_cnt, 0, 0.1, backend))
+        (torch.tensor(1.0), img, txt, s, ids, inv, lse, pos_cnt, 0, 0.1, backend, normalize))
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -462,7 +462,7 @@ def test_eager_function_equals_custom_op():
     op (what torch.compile traces) gives the same loss, negatives and gradients."""
     img, txt, s = _inputs(37, 12, torch.float64)
     ids = torch.arange(37) // 3
-    args = (ids, torch.tensor([5, 7]), None, None, 0, 37, 0.1, 1, "triton")
+    args = (ids, torch.tensor([5, 7]), None, None, 0, 37, 0.1, 1, "triton", True)
     eager = cl_module._ContrastiveLossFunction.apply(img, txt, s, *args)
     op = cl_module._contrastive_fwd_op(img, txt, s, *args)
     for a, b in zip(eager, op):

@@ -398,22 +398,23 @@ def test_opcheck_cpp_op():
     t = torch.randint(0, 50, (8,), generator=g)
     t[0] = -100
     op = torch.ops.unigen.fused_linear_cross_entropy.default
-    torch.library.opcheck(op, (h, w, b, t, -100, 0.1, 0.01))
-    torch.library.opcheck(op, (h.detach(), w.detach(), None, t, -100, 0.0, 0.0))
+    torch.library.opcheck(op, (h, w, b, t, -100, 0.1, 0.01, 0.0))
+    torch.library.opcheck(op, (h, w, b, t, -100, 0.0, 0.0, 2.0))  # soft-capped
+    torch.library.opcheck(op, (h.detach(), w.detach(), None, t, -100, 0.0, 0.0, 0.0))
     scale = torch.rand(8, dtype=torch.float64, generator=g)
     reduced = torch.ops.unigen.fused_linear_cross_entropy_reduced.default
-    torch.library.opcheck(reduced, (h, w, b, t, scale, -100, 0.1, 0.01, [True, True, True]))
-    torch.library.opcheck(reduced, (h.detach(), w.detach(), None, t, scale, -100, 0.0, 0.0, [False, False, False]))
+    torch.library.opcheck(reduced, (h, w, b, t, scale, -100, 0.1, 0.01, 2.0, [True, True, True]))
+    torch.library.opcheck(reduced, (h.detach(), w.detach(), None, t, scale, -100, 0.0, 0.0, 0.0, [False, False, False]))
 
 
 def test_opcheck_python_op():
     h = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 50, (8,))
-    torch.library.opcheck(torch.ops.unigen.flce_forward.default, (h, w, None, t, -100, 0.0, 0.0, "torch"))
+    torch.library.opcheck(torch.ops.unigen.flce_forward.default, (h, w, None, t, -100, 0.0, 0.0, 0.0, "torch"))
     scale = torch.rand(8, dtype=torch.float64)
     torch.library.opcheck(torch.ops.unigen.flce_forward_reduced.default,
-                          (h, w, None, t, scale, -100, 0.1, 0.0, "torch", True, True, False))
+                          (h, w, None, t, scale, -100, 0.1, 0.0, 2.0, "torch", True, True, False))
 
 
 @pytest.mark.parametrize("bad,match", [

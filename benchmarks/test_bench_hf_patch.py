@@ -1,0 +1,97 @@
+"""One training step (forward + backward) of a transformers Llama, unpatched vs patched for fused
+cross-entropy: time and extra peak memory per provider.
+
+Providers: ``torch`` (the model as transformers builds it: full logits, ForCausalLMLoss), ``ours``
+(``unigen.kernels.patch_hf_model``), and, when installed (GPU only), ``liger`` (Liger-Kernel's
+instance patch) and ``cut_cross_entropy`` (CCE's ``cce_patch``).
+
+GPU: a 1B-class Llama (Llama 3.2 1B shapes: D = 2048, 16 layers, V = 128256) with random weights,
+batch 1 × sequence 4096, bf16 autocast over fp32 weights. CPU: a small Llama (D = 256, 2 layers,
+V = 32000), batch 2 × 512, fp32. ``peak_mem_mb`` is the peak above the model during the step, the
+parameter gradients included (``outputs_mb``); the logits of the unpatched step are
+``logits_mb``. Nothing downloads: the models are built from configs.
+Run: ``pytest benchmarks/test_bench_hf_patch.py --benchmark-only``.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from benchmarks.conftest import bench_device, device_name, sync
+from unigen.memory import PeakMemory
+
+transformers = pytest.importorskip("transformers")
+
+DEVICE = bench_device()
+ON_GPU = DEVICE.type == "cuda"
+if ON_GPU:
+    CONFIG = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True)
+    BATCH, SEQ, AUTOCAST = 1, 4096, torch.bfloat16
+else:
+    CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=32000, max_position_embeddings=512)
+    BATCH, SEQ, AUTOCAST = 2, 512, None
+
+
+def _patch_ours(model):
+    from unigen.kernels import patch_hf_model
+
+    return patch_hf_model(model)
+
+
+def _patch_liger(model):
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+    return model
+
+
+def _patch_cce(model):
+    from cut_cross_entropy.transformers import cce_patch
+
+    return cce_patch(model)
+
+
+PROVIDERS = {"torch": lambda m: m, "ours": _patch_ours, "liger": _patch_liger, "cut_cross_entropy": _patch_cce}
+REQUIRES = {"liger": "liger_kernel", "cut_cross_entropy": "cut_cross_entropy"}
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**CONFIG, bos_token_id=1, eos_token_id=2)
+    with torch.device(DEVICE):  # initialised in place: a 1B model builds in seconds on a GPU
+        model = transformers.LlamaForCausalLM(cfg)
+    return model.train()
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_hf_llama_train_step(benchmark, provider):
+    if provider in REQUIRES:
+        if not ON_GPU:
+            pytest.skip("GPU-only provider")
+        if importlib.util.find_spec(REQUIRES[provider]) is None:
+            pytest.skip(f"{REQUIRES[provider]} not installed")
+    model = PROVIDERS[provider](_model())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, CONFIG["vocab_size"], (BATCH, SEQ), generator=g).to(DEVICE)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE.type, dtype=AUTOCAST, enabled=AUTOCAST is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        sync(DEVICE)
+
+    step()  # warm-up: kernel compilation, lazily built state
+    model.zero_grad(set_to_none=True)
+    with PeakMemory(DEVICE) as mem:
+        step()
+    outputs_mb = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None) / 2**20
+    benchmark.group = "hf_llama_train_step"
+    benchmark.extra_info.update(
+        device=device_name(DEVICE), dtype=str(AUTOCAST or torch.float32).replace("torch.", ""),
+        tokens=BATCH * SEQ, vocab=CONFIG["vocab_size"], peak_mem_mb=mem.extra_mb, outputs_mb=outputs_mb,
+        logits_mb=BATCH * SEQ * CONFIG["vocab_size"] * 4 / 2**20)
+    benchmark.pedantic(step, rounds=3 if ON_GPU else 2, warmup_rounds=0, iterations=1)
