@@ -25,3 +25,16 @@ def save_image(root, name, color, size=(40, 30)):
     path = os.path.join(root, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.new("RGB", size, RGB[color]).save(path)
+
+
+def reranked(sim, match):
+    """A RetrievalResult of similarity ``sim`` [images, captions] re-ranked by ``match``, as
+    ``UniGen.retrieve`` returns with k = everything (for metrics checked by hand)."""
+    from unigen.model.unigen_model import RetrievalResult
+
+    def rank(s, m):
+        top_sim, top = s.topk(s.shape[1], dim=1)
+        order = m.gather(1, top).argsort(dim=1, descending=True)
+        return top.gather(1, order), m.gather(1, top).gather(1, order), top_sim.gather(1, order)
+
+    return RetrievalResult(*rank(sim, match), *rank(sim.t(), match.t()))

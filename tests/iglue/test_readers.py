@@ -10,10 +10,9 @@ import torch
 from unigen.data.errors import DataFormatError
 from unigen.iglue.images import ImageResolver
 from unigen.iglue.readers import read_iglue
-from unigen.model.unigen_model import RetrievalResult
 from unigen.scoring import recall_at_1
 
-from .conftest import RGB, save_image, write_lines
+from .conftest import RGB, reranked, save_image, write_lines
 
 
 # ---- readers ------------------------------------------------------------------------------------
@@ -43,11 +42,13 @@ def test_xgqa_marvl_nlvr2_and_xflickrco(tmp_path):
     assert (r.uid, r.images, r.texts, r.answer) == ("202158849", ("n406334.jpg",),
                                                     ("Ist der Bus schwarz?",), "no")
     p = write_lines(tmp_path / "m.jsonl", [
-        {"caption": "Terdapat tutup panci", "left_img": "39-Panci/39-n-5.jpg",
+        {"concept": "39-Panci", "caption": "Terdapat tutup panci", "left_img": "39-Panci/39-n-5.jpg",
          "right_img": "39-Panci/39-n-2.jpg", "id": "id-0", "label": True, "language": "id"},
         {"identifier": "dev-850-0-1", "sentence": "Gambar kanan", "label": "False"}])
     a, b = read_iglue("marvl", p).records
-    assert (a.uid, a.images, a.answer) == ("id-0", ("39-Panci/39-n-5.jpg", "39-Panci/39-n-2.jpg"), "yes")
+    assert (a.uid, a.images, a.answer) == ("id-0", ("id/39-Panci/39-n-5.jpg", "id/39-Panci/39-n-2.jpg"),
+                                           "yes")
+    assert (a.language, a.concept) == ("id", "39-Panci")
     assert (b.uid, b.images, b.texts, b.answer) == (
         "dev-850-0-1", ("dev-850-0-img0.png", "dev-850-0-img1.png"), ("Gambar kanan",), "no")
     p = write_lines(tmp_path / "x.jsonl", [
@@ -65,7 +66,8 @@ def test_xgqa_marvl_nlvr2_and_xflickrco(tmp_path):
      r"field 'sentence2' must be a non-empty string"),
     ("xvnli", [{"gold_label": "-", "sentence2": "s", "Flikr30kID": "1"}],
      r"no usable xvnli records \(1 skipped"),
-    ("marvl", [{"caption": "c", "left_img": "l", "right_img": "r", "label": "maybe"}],
+    ("marvl", [{"caption": "c", "left_img": "l", "right_img": "r", "label": "maybe",
+                "language": "id", "concept": "1-A"}],
      r"label must be true/false"),
     ("xflickrco", [{"img_path": "a.jpg", "sentences": []}], r"'sentences' must be a non-empty list"),
     ("xvnli", [[1, 2]], r"expected a JSON object"),
@@ -111,12 +113,7 @@ def test_recall_at_1_with_several_captions_per_image():
     sim = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.7]])
     match = torch.tensor([[0.1, 0.9, 0.95], [0.05, 0.1, 0.9]])
 
-    def rank(s, m):
-        top_sim, top = s.topk(s.shape[1], dim=1)
-        order = m.gather(1, top).argsort(dim=1, descending=True)
-        return top.gather(1, order), m.gather(1, top).gather(1, order), top_sim.gather(1, order)
-
-    result = RetrievalResult(*rank(sim, match), *rank(sim.t(), match.t()))
+    result = reranked(sim, match)
     correct = torch.tensor([[True, True, False], [False, False, True]])
     s = recall_at_1(result, correct)
     assert s.i2t_contrastive == 0.5  # image 1's most similar caption (1) is image 0's

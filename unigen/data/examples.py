@@ -30,6 +30,8 @@ class Example:
               `images` (encoded once) and their pairs are positives of each other.
     pair_text: when set, (image, pair_text) is an image-text pair for L_CL and the mined [match]
               (e.g. a caption, in any language, of the image of a cap example).
+    second_image, second_image_id: a second image the sample reads after ``image`` (a qus or
+              match example over an image pair: E_v(left) ⊕ E_v(right)), and its identity.
     """
 
     task: str | None
@@ -38,6 +40,8 @@ class Example:
     text: str | None = None
     image_id: Any = None
     pair_text: str | None = None
+    second_image: Any = None
+    second_image_id: Any = None
 
 
 def collate_examples(examples: Sequence[Example], *, text_tokenizer, decoder_tokenizer,
@@ -60,13 +64,14 @@ def collate_examples(examples: Sequence[Example], *, text_tokenizer, decoder_tok
     text_rows: dict[str, int] = {}
     texts: list[str] = []
 
-    def image_row(ex: Example, i: int) -> int:
-        if ex.image is None:
+    def image_row(ex: Example, i: int, image=None, image_id=None) -> int:
+        image, image_id = (ex.image, ex.image_id) if image is None else (image, image_id)
+        if image is None:
             raise ValueError(f"collate_examples: example {i} ({ex.task}) needs an image")
-        key = ("id", ex.image_id) if ex.image_id is not None else ("obj", id(ex.image))
+        key = ("id", image_id) if image_id is not None else ("obj", id(image))
         if key not in image_rows:
             image_rows[key] = len(images)
-            images.append(ex.image)
+            images.append(image)
         return image_rows[key]
 
     def text_row(text: str | None, i: int, what: str) -> int:
@@ -77,7 +82,7 @@ def collate_examples(examples: Sequence[Example], *, text_tokenizer, decoder_tok
             texts.append(text)
         return text_rows[text]
 
-    task, img_idx, txt_idx, targets = [], [], [], []
+    task, img_idx, txt_idx, targets, second_idx = [], [], [], [], []
     pair_img, pair_txt, pair_key = [], [], []
     for i, ex in enumerate(examples):
         if not isinstance(ex, Example):
@@ -93,6 +98,11 @@ def collate_examples(examples: Sequence[Example], *, text_tokenizer, decoder_tok
             uses_txt = ex.task in ("trans", "qus", "match")
             task.append(TASK_IDS[ex.task])
             img_idx.append(image_row(ex, i) if uses_img else -1)
+            if ex.second_image is not None and ex.task not in ("qus", "match"):
+                raise ValueError(f"collate_examples: example {i} ({ex.task}) cannot read a "
+                                 f"second image (qus and match can)")
+            second_idx.append(image_row(ex, i, ex.second_image, ex.second_image_id)
+                              if ex.second_image is not None else -1)
             txt_idx.append(text_row(ex.text, i, "text") if uses_txt else -1)
             if ex.target is None:
                 raise ValueError(f"collate_examples: example {i} ({ex.task}) has no target")
@@ -133,6 +143,8 @@ def collate_examples(examples: Sequence[Example], *, text_tokenizer, decoder_tok
         pair_image_index=torch.tensor(pair_img, dtype=torch.long),
         pair_text_index=torch.tensor(pair_txt, dtype=torch.long),
         pair_ids=torch.tensor(pair_ids, dtype=torch.long),
+        second_image_index=(torch.tensor(second_idx, dtype=torch.long)
+                            if any(r >= 0 for r in second_idx) else None),
     )
     batch.validate(image_size=image_size, max_text_length=max_text_length)
     return batch

@@ -30,14 +30,27 @@ from .readers import check_task
 DECODES = ("generate", "rank")
 # The tasks whose answers are a closed set of keywords (decode="rank" ranks them).
 KEYWORD_TASKS = ("xvnli", "marvl")
+TRAINABLE = ("all", "decoder")
 
 
-def check_decode(task: str, decode: str, op: str) -> None:
+def check_pair_images(task: str, pair_images: str, op: str) -> None:
+    if pair_images == "two_prefixes" and task != "marvl":
+        raise ValueError(f"{op}: pair_images=two_prefixes is for marvl (two images per "
+                         f"statement), not {task}")
+
+
+def check_decode(task: str, decode: str, op: str, answers: str = "") -> None:
     if decode not in DECODES:
         raise ValueError(f"{op}: decode must be one of {DECODES}, got {decode!r}")
-    if decode == "rank" and task not in KEYWORD_TASKS:
+    if answers and task != "xgqa":
+        raise ValueError(f"{op}: scoring.answers (a closed answer set) is for xgqa, not {task}")
+    if answers and decode != "rank":
+        raise ValueError(f"{op}: scoring.answers ranks the closed answer set; it needs "
+                         f"scoring.decode=rank (--decode rank)")
+    if decode == "rank" and task not in KEYWORD_TASKS and not (task == "xgqa" and answers):
         raise ValueError(f"{op}: decode='rank' needs a closed set of answers; {task} answers "
-                         f"are generated (xvnli and marvl have keywords)")
+                         f"are generated (xvnli and marvl have keywords; xgqa takes IGLUE's "
+                         f"label→answer JSON as scoring.answers)")
 
 
 @dataclass(kw_only=True)
@@ -50,8 +63,12 @@ class ScoringConfig:
     workers: int = 2
     """DataLoader processes decoding images."""
     decode: Literal["generate", "rank"] = "generate"
-    """"generate" answers (the paper's protocol), or "rank" the keywords (xvnli, marvl): the
-    keyword of highest log-probability, never off-label."""
+    """"generate" answers (the paper's protocol), or "rank" a closed set: the keywords (xvnli,
+    marvl) or, for xgqa, the answers of ``answers``; the candidate of highest log-probability,
+    never off-label."""
+    answers: str = ""
+    """xgqa with decode=rank: IGLUE's closed answer set, a label→answer JSON
+    (``gqa/annotations/trainval_label2ans.json``)."""
     max_new_tokens: int = 8
     """Longest generated answer."""
     num_beams: int = 1
@@ -95,10 +112,18 @@ class FinetuneConfig:
     """Everything one fine-tuning run needs (``python -m unigen.finetune``)."""
 
     task: str
-    """The IGLUE task: xvnli, xgqa, marvl or xflickrco."""
+    """The IGLUE task: xvnli, xgqa, marvl, xflickrco or wit."""
     model: str
     """The pre-trained model: a directory written by ``UniGen.save_pretrained`` (with its
     tokenizers)."""
+    trainable: Literal["all", "decoder"] = "all"
+    """"all": every part the pre-training trained (the middle decoder layers and the ViT stay
+    frozen); "decoder": the decoder alone (§4.2, "fine-tune the decoder"; for retrieval only
+    [match] then learns, L_CL's encoders and projections stay as pre-trained)."""
+    pair_images: Literal["side_by_side", "two_prefixes"] = "side_by_side"
+    """MaRVL/NLVR2's two images: "side_by_side", one image left | right (one 32-query prefix,
+    the layout pre-training taught the decoder), or "two_prefixes", E_v(left) ⊕ E_v(right),
+    each image at full resolution (twice the prefix). Score with the same choice."""
     data: FinetuneDataConfig
     """Training and dev files."""
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -123,7 +148,9 @@ class FinetuneConfig:
 
     def __post_init__(self):
         check_task(self.task, "finetune")
-        check_decode(self.task, self.scoring.decode, "finetune")
+        check_choices(self, "finetune")
+        check_decode(self.task, self.scoring.decode, "finetune", self.scoring.answers)
+        check_pair_images(self.task, self.pair_images, "finetune")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("finetune: model must name a pre-trained model directory")
         if self.distributed.parallelism != "ddp":
@@ -142,7 +169,7 @@ FINETUNE_FLAGS = {
     "seed": "run.seed", "stop_at_step": "run.stop_at_step", "log_every": "logging.every",
     "save_every": "checkpoint.every", "resume": Flag("checkpoint.resume", const="auto"),
     "max_new_tokens": "scoring.max_new_tokens", "num_beams": "scoring.num_beams",
-    "k": "scoring.k", "decode": "scoring.decode",
+    "k": "scoring.k", "decode": "scoring.decode", "answers": "scoring.answers",
 }
 
 
@@ -151,7 +178,7 @@ class EvaluateConfig:
     """Everything one scoring run needs (``python -m unigen.evaluate``)."""
 
     task: str
-    """The IGLUE task: xvnli, xgqa, marvl or xflickrco."""
+    """The IGLUE task: xvnli, xgqa, marvl, xflickrco or wit."""
     model: str
     """The model directory (``UniGen.save_pretrained``)."""
     tests: tuple[str, ...]
@@ -166,13 +193,16 @@ class EvaluateConfig:
     """"auto" = cuda when available; or a torch device ("cpu", "cuda:1")."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """"auto" = bf16 autocast on CUDA, fp32 elsewhere."""
+    pair_images: Literal["side_by_side", "two_prefixes"] = "side_by_side"
+    """MaRVL's two images as fine-tuned (:class:`FinetuneConfig`)."""
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     """Batching and decoding."""
 
     def __post_init__(self):
         check_task(self.task, "evaluate")
         check_choices(self, "evaluate")
-        check_decode(self.task, self.scoring.decode, "evaluate")
+        check_decode(self.task, self.scoring.decode, "evaluate", self.scoring.answers)
+        check_pair_images(self.task, self.pair_images, "evaluate")
         self.tests = tuple(self.tests)
         if not self.tests:
             raise ValueError("evaluate: no --test file")
@@ -202,5 +232,5 @@ class EvaluateConfig:
 EVALUATE_FLAGS = {
     "test": "tests", "batch_size": "scoring.batch_size", "workers": "scoring.workers",
     "max_new_tokens": "scoring.max_new_tokens", "num_beams": "scoring.num_beams",
-    "k": "scoring.k", "decode": "scoring.decode",
+    "k": "scoring.k", "decode": "scoring.decode", "answers": "scoring.answers",
 }

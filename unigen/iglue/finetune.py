@@ -7,8 +7,12 @@ a recipe on the training core (:mod:`unigen.training`).
 
 The tasks keep UniGen's single generative objective: XVNLI, xGQA and MaRVL/NLVR2 are [qus]
 samples (image ⊕ encoder text ⊕ [qus] → the keyword or the answer, the same fused
-cross-entropy as pre-training); xFlickr&CO trains the retrieval heads, L_CL with mined
-hard negatives and the [match] task built from them (file formats: :mod:`unigen.iglue.readers`).
+cross-entropy as pre-training); xFlickr&CO and WIT train the retrieval heads, L_CL with mined
+hard negatives and the [match] task built from them, one pair per caption (an empty caption
+has nothing to learn from: it is left out of training and counted in the log; file formats:
+:mod:`unigen.iglue.readers`). ``trainable: decoder`` fine-tunes the decoder alone (§4.2);
+``all`` (the default) every part pre-training trained. Every image is resolved before the
+model is built (:mod:`unigen.iglue.images`).
 Zero-shot transfer fine-tunes on the English files and evaluates on the others
 (``python -m unigen.evaluate``); few-shot continues from that model on a target language's
 ``train_<n>`` file. Config and defaults: :mod:`unigen.iglue.config`.
@@ -43,13 +47,15 @@ from unigen.training.trainer import Trainer
 
 from .config import FINETUNE_FLAGS, FinetuneConfig
 from .images import ImageResolver
-from .readers import IGLUERecord, read_iglue
+from .readers import RETRIEVAL_TASKS, IGLUERecord, read_answer_set, read_iglue
 from .scoring import evaluate_file, headline
 
 MODEL_DIR = "model"
 # What must not change between an interrupted run and its resumption (the batches follow them).
-_RESUME_KEYS = (("task",), ("model",), ("data", "train"), ("data", "dev"), ("data", "images"),
-                ("data", "batch_size"), ("run", "seed"))
+_RESUME_KEYS = (("task",), ("model",), ("trainable",), ("pair_images",), ("data", "train"),
+                ("data", "dev"), ("data", "images"), ("data", "batch_size"), ("run", "seed"))
+# What "trainable: decoder" leaves frozen besides what pre-training froze (§4.2).
+_ENCODER_PARTS = ("image_encoder", "text_encoder", "image_proj", "text_proj", "logit_scale")
 
 
 @dataclass
@@ -68,13 +74,19 @@ class FinetuneResult:
 
 
 class _Examples(torch.utils.data.Dataset):
-    """Records as collate-ready :class:`Example` s: one per record, or one per caption for
-    retrieval (each caption pairs with its image; an image's captions are positives)."""
+    """Records as collate-ready :class:`Example` s: one per record, or one per non-empty caption
+    for retrieval (each caption pairs with its image; an image's captions are positives).
+    ``files`` are the records' resolved image files."""
 
-    def __init__(self, task: str, records: list[IGLUERecord], resolver: ImageResolver, size: int):
-        self.task, self.records, self.resolver, self.size = task, records, resolver, size
+    def __init__(self, task: str, records: list[IGLUERecord], files: list[tuple[str, ...]],
+                 resolver: ImageResolver, size: int, pair_images: str = "side_by_side"):
+        self.task, self.records, self.files = task, records, files
+        self.two_prefixes = pair_images == "two_prefixes"
+        self.resolver, self.size = resolver, size
+        self.retrieval = task in RETRIEVAL_TASKS
         self.items = [(r, t) for r, rec in enumerate(records)
-                      for t in range(len(rec.texts) if task == "xflickrco" else 1)]
+                      for t in (range(len(rec.texts)) if self.retrieval else (0,))
+                      if not self.retrieval or rec.texts[t].strip()]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -82,8 +94,13 @@ class _Examples(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Example:
         r, t = self.items[i]
         rec = self.records[r]
-        image = self.resolver.tensor(rec.images, self.size)
-        if self.task == "xflickrco":
+        files = self.files[r]
+        if self.two_prefixes and len(files) == 2:  # E_v(left) ⊕ E_v(right)
+            left, right = (self.resolver.files_tensor((f,), self.size) for f in files)
+            return Example("qus", target=rec.answer, image=left, text=rec.texts[0],
+                           image_id=files[0], second_image=right, second_image_id=files[1])
+        image = self.resolver.files_tensor(files, self.size)
+        if self.retrieval:
             return Example(None, image=image, image_id=rec.images, pair_text=rec.texts[t])
         return Example("qus", target=rec.answer, image=image, text=rec.texts[0],
                        image_id=rec.images)
@@ -136,6 +153,11 @@ class FinetuneRecipe(Recipe):
         self.resolver = ImageResolver(cfg.data.images)
         self.train_files = [read_iglue(cfg.task, p) for p in cfg.data.train]
         self.dev_files = [read_iglue(cfg.task, p) for p in cfg.data.dev]
+        self.train_images = [f for tf in self.train_files
+                             for f in self.resolver.check(tf.path, tf.records)]
+        for f in self.dev_files:
+            self.resolver.check(f.path, f.records)
+        self.answer_set = read_answer_set(cfg.scoring.answers) if cfg.scoring.answers else None
         self.run = {"dev": [], "best": -1.0, "best_epoch": None}
         self.best_model = None
 
@@ -144,7 +166,10 @@ class FinetuneRecipe(Recipe):
         for what, files in (("train", self.train_files), ("dev", self.dev_files)):
             for f in files:
                 trainer.log(f"{what} {f.path}: {len(f.records)} records"
-                            + (f" ({f.skipped} skipped: no usable label)" if f.skipped else ""))
+                            + (f" ({f.skipped} skipped: no usable label)" if f.skipped else "")
+                            + (f" ({f.empty_texts} empty captions"
+                               + (", not trained on)" if what == "train" else ", kept as queries)")
+                               if f.empty_texts else ""))
 
     def build_model(self):
         from unigen.model.unigen_model import UniGen
@@ -154,10 +179,17 @@ class FinetuneRecipe(Recipe):
         if model.text_tokenizer is None or model.decoder_tokenizer is None:
             raise ValueError(f"finetune: {cfg.model!r} holds no tokenizers (save the model with "
                              f"them attached)")
+        if cfg.trainable == "decoder":
+            for part in _ENCODER_PARTS:
+                getattr(model, part).requires_grad_(False)
         mc = model.config
         records = [r for f in self.train_files for r in f.records]
-        self.data = _Examples(cfg.task, records, self.resolver, mc.vision.image_size)
-        retrieval = cfg.task == "xflickrco"
+        self.data = _Examples(cfg.task, records, self.train_images, self.resolver,
+                              mc.vision.image_size, cfg.pair_images)
+        retrieval = cfg.task in RETRIEVAL_TASKS
+        if retrieval and len({r for r, _ in self.data.items}) < 2:
+            raise ValueError("finetune: retrieval needs captioned images of at least 2 images "
+                             "(an in-batch negative); the training files hold fewer")
         if len(self.data) < max(world, 2 if retrieval else 1):
             raise ValueError(f"finetune: {len(self.data)} training examples are too few"
                              + (" for retrieval (at least 2 image-caption pairs)" if retrieval
@@ -183,7 +215,8 @@ class FinetuneRecipe(Recipe):
             + f", lr {o.lr} ({s.decay}"
             + (f", {s.warmup_steps} warm-up steps" if s.warmup_steps else "")
             + f"), {self.env.device.type}"
-            + (" bf16" if self.trainer.amp_dtype is not None else ""))
+            + (" bf16" if self.trainer.amp_dtype is not None else "")
+            + f", {model.num_parameters():,} trainable parameters ({cfg.trainable})")
         return model
 
     def micro_batches_per_epoch(self) -> int:
@@ -239,7 +272,10 @@ class FinetuneRecipe(Recipe):
                                                   batch_size=sc.batch_size,
                                                   max_new_tokens=sc.max_new_tokens,
                                                   num_beams=sc.num_beams, k=sc.k,
-                                                  workers=sc.workers, decode=sc.decode)
+                                                  workers=sc.workers, decode=sc.decode,
+                                                  answer_set=self.answer_set,
+                                                  pair_images=self.cfg.pair_images,
+                                                  log=trainer.log)
         return sum(headline(self.cfg.task, m) for m in scores.values()) / len(scores), scores
 
     def finish(self, trainer) -> str | None:

@@ -26,6 +26,9 @@ Layout (N_img images, N_txt encoder texts, S generative samples, P image-text pa
     pair_ids         int64 [P]                pairs with equal ids are positives of each other
                                               (e.g. an image id: its captions in 6 languages);
                                               excluded from each other's negatives
+    second_image_index int64 [S] or None      a second image the sample reads right after its
+                                              first (E_v(left) ⊕ E_v(right): MaRVL/NLVR2's pair,
+                                              each image at full resolution), -1 = none
 
 Which inputs each task reads (decoder prefix, then the task token, then the target; §3.3):
 
@@ -65,6 +68,7 @@ class UniGenBatch:
     pair_image_index: torch.Tensor | None = None
     pair_text_index: torch.Tensor | None = None
     pair_ids: torch.Tensor | None = None
+    second_image_index: torch.Tensor | None = None
 
     def __post_init__(self):
         dev = self.task.device if isinstance(self.task, torch.Tensor) else None
@@ -121,7 +125,7 @@ class UniGenBatch:
 
     # ---- validation --------------------------------------------------------------------------
     def validate(self, *, image_size: int | None = None, max_text_length: int | None = None,
-                 decoder_vocab_size: int | None = None) -> None:
+                 decoder_vocab_size: int | None = None, text_vocab_size: int | None = None) -> None:
         """Raise a ValueError/TypeError naming the field on any malformed part."""
 
         def tensor(name, ndim, dtypes):
@@ -175,6 +179,10 @@ class UniGenBatch:
             if max_text_length is not None and ti.shape[1] > max_text_length:
                 raise ValueError(f"UniGenBatch.text_ids has {ti.shape[1]} tokens per row, more "
                                  f"than text.max_length = {max_text_length}")
+            if text_vocab_size is not None and ti.numel() and (
+                    int(ti.min()) < 0 or int(ti.max()) >= text_vocab_size):
+                raise ValueError(f"UniGenBatch.text_ids must be in [0, {text_vocab_size}), got "
+                                 f"values in [{int(ti.min())}, {int(ti.max())}]")
             lengths = tm.bool().sum(1)
             if ti.shape[0] and bool((lengths < 1).any()):
                 raise ValueError("UniGenBatch.text_mask: every text needs at least one token")
@@ -204,6 +212,18 @@ class UniGenBatch:
                         f"UniGenBatch: {t} samples must have "
                         f"{'an' if want_img else 'no'} image and {'a' if want_txt else 'no'} text "
                         f"(image_index / text_index = -1 means none)")
+
+        if self.second_image_index is not None:
+            second = tensor("second_image_index", 1, ints)
+            if second.numel() != S:
+                raise ValueError(f"UniGenBatch.second_image_index has {second.numel()} entries, "
+                                 f"task has {S}")
+            if S and (int(second.min()) < -1 or int(second.max()) >= n_img):
+                raise ValueError(f"UniGenBatch.second_image_index must be in [-1, {n_img}) "
+                                 f"(-1 = none), got values in [{int(second.min())}, "
+                                 f"{int(second.max())}]")
+            if S and bool(((second >= 0) & (self.image_index < 0)).any()):
+                raise ValueError("UniGenBatch: a sample with a second image needs a first one")
 
         P = tensor("pair_image_index", 1, ints).numel()
         for name in ("pair_text_index", "pair_ids"):
