@@ -3,10 +3,16 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
+# Where that torch comes from: empty = pip's configured index. PyPI's Linux torch wheel is a
+# CUDA build; for the CPU build elsewhere: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+# DALI is optional (its tests skip without it): DALI= leaves it out, nvidia-dali-cuda120==2.4.0
+# is the CUDA 12 wheel. Its CPU pipelines run on any machine.
+DALI    ?= nvidia-dali-cuda130==2.4.0
 # The whole suite runs its Triton kernels on CPU through Triton's interpreter.
 TEST_ENV := TRITON_INTERPRET=1 OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 
-.PHONY: bootstrap demo test test-fast lint bench ext cmake-test clean
+.PHONY: test-transformers-floor bootstrap demo test test-fast lint bench ext cmake-test clean
 
 bootstrap: $(VENV)/.bootstrapped
 
@@ -14,8 +20,9 @@ $(VENV)/.bootstrapped: setup.py pyproject.toml requirements-dev.txt $(wildcard c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	@# Pin a CPU torch only when none is installed (a GPU machine keeps its own).
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(if $(DALI),$(PY) -m pip install -q "$(DALI)")
 	@# --no-build-isolation: build unigen._C against the torch installed above.
 	$(PY) -m pip install -q --no-build-isolation -e .
 	@$(PY) -c "from unigen._extension import cpp_ops_available as a, cpp_ops_error as e; print('[unigen] C++ ops:', 'built' if a() else 'not built (' + str(e()) + ')')"
@@ -37,6 +44,18 @@ lint: bootstrap
 
 test-fast: bootstrap
 	$(TEST_ENV) $(VENV)/bin/pytest tests -q -x -m "not slow"
+
+# The model tests on the oldest transformers setup.py declares (unigen/model/hf_versions.py):
+# that release and the hub/tokenizers versions it pins go into an overlay put first on
+# PYTHONPATH, the venv's own transformers untouched.
+TRANSFORMERS_FLOOR := 5.6.0
+FLOOR_DIR := build/transformers-$(TRANSFORMERS_FLOOR)
+test-transformers-floor: bootstrap
+	$(VENV)/bin/pip install --quiet --target $(FLOOR_DIR)/deps "huggingface_hub>=1.5,<2" \
+		"tokenizers>=0.22,<=0.23.0" typer-slim
+	$(VENV)/bin/pip install --quiet --no-deps --target $(FLOOR_DIR)/tf transformers==$(TRANSFORMERS_FLOOR)
+	PYTHONPATH=$(CURDIR)/$(FLOOR_DIR)/tf:$(CURDIR)/$(FLOOR_DIR)/deps $(TEST_ENV) $(VENV)/bin/pytest \
+		tests/model -q -m "not slow" -p no:cacheprovider
 
 bench: bootstrap
 	OUT=$(CURDIR)/benchmarks/results PYTHONPATH=$(CURDIR) $(VENV)/bin/pytest benchmarks --benchmark-only -q

@@ -171,3 +171,66 @@ def test_a_section_keeps_the_defaults_of_its_enclosing_field(tmp_path):
     cfg = load_config(Recipe, path)
     assert (cfg.optim.lr, cfg.optim.betas) == (3e-5, (0.8, 0.9))
     assert load_config(Recipe).optim.lr == 3e-5
+
+
+@dataclass(kw_only=True)
+class Net:
+    width: int = 768
+    depth: int = 12
+
+    @classmethod
+    def config_presets(cls):
+        return {"paper": cls, "tiny": lambda: cls(width=32, depth=2)}
+
+
+@dataclass(kw_only=True)
+class WithNet:
+    net: Net = field(default_factory=Net)
+    lr: float = 1e-4
+
+
+def test_a_section_may_be_a_preset_name_with_changes(tmp_path):
+    assert load_config(WithNet, overrides=["--net=tiny"]).net == Net(width=32, depth=2)
+    assert load_config(WithNet, overrides=["--net.preset=tiny"]).net == Net(width=32, depth=2)
+    # later field overrides change the preset, in either order
+    for args in (["--net=tiny", "--net.depth=3"], ["--net.depth=3", "--net=tiny"]):
+        assert load_config(WithNet, overrides=args).net == Net(width=32, depth=3)
+    (tmp_path / "a.yaml").write_text("net: tiny\n")
+    assert load_config(WithNet, tmp_path / "a.yaml", ["--net.width=64"]).net == Net(width=64, depth=2)
+    (tmp_path / "b.yaml").write_text("net:\n  preset: tiny\n  depth: 5\n")
+    assert load_config(WithNet, tmp_path / "b.yaml").net == Net(width=32, depth=5)
+    with pytest.raises(ConfigError, match="bad value 'huge' for 'net': expected one of paper, tiny"):
+        load_config(WithNet, overrides=["--net=huge"])
+    with pytest.raises(ConfigError, match="'net.preset': expected one of paper, tiny"):
+        config_from_dict(WithNet, {"net": {"preset": "big"}})
+    # a section without presets takes no name
+    with pytest.raises(ConfigError, match="'optim' is a section"):
+        load_config(Train, overrides=["--optim=fast"])
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    from unigen.configuration import run_cli
+
+    ran = []
+    assert run_cli(WithNet, ran.append, ["--net=tiny", "--lr=0.5", "--print-config"],
+                   prog="prog") == 0
+    assert ran == [] and yaml.safe_load(capsys.readouterr().out) == {
+        "net": {"width": 32, "depth": 2}, "lr": 0.5}
+    assert run_cli(WithNet, ran.append, ["--net=tiny"], prog="prog") == 0
+    assert ran == [WithNet(net=Net(width=32, depth=2))]
+    assert run_cli(WithNet, ran.append, ["--help"], prog="prog") == 0
+    assert "net.*  Or a preset: --net=paper|tiny." in capsys.readouterr().out
+
+
+def test_the_model_presets_of_the_entry_points(capsys):
+    from unigen.model.config import UniGenConfig
+    from unigen.train import main
+
+    assert main(["--model=tiny", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert UniGenConfig.from_dict(printed["model"]) == UniGenConfig.tiny()
+    # the data pipeline's sizes follow the model's unless set
+    assert printed["data"]["image_size"] == 32 and printed["data"]["max_encoder_len"] == 16
+    assert main(["--model=paper", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["image_size"] == 224 and printed["data"]["max_encoder_len"] == 40

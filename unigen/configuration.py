@@ -243,13 +243,32 @@ def config_to_dict(cfg) -> dict:
     return plain(cfg)
 
 
+PRESET_KEY = "preset"
+
+
+def _presets(cls) -> dict[str, Any]:
+    """A section's named presets: ``cls.config_presets()`` (name → factory), if it has one."""
+    make = getattr(cls, "config_presets", None)
+    return make() if callable(make) else {}
+
+
+def _preset_base(cls, name, key: str):
+    presets = _presets(cls)
+    if name not in presets:
+        raise ConfigError(f"bad value {name!r} for {key!r}: expected one of "
+                          f"{', '.join(sorted(presets))}")
+    return presets[name]()
+
+
 def config_from_dict(cls, data: dict, *, prefix: str = "", base=None):
     """Build ``cls`` from a (possibly partial) dict; unknown keys and bad values raise.
 
     Keys the dict leaves out keep their value in ``base`` (an instance of ``cls``) when given,
     else the field's default. A nested section starts from the enclosing default: a field
     declared ``optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))`` keeps
-    ``lr=3e-5`` when a file sets only ``optim.weight_decay``.
+    ``lr=3e-5`` when a file sets only ``optim.weight_decay``. A section whose class has
+    ``config_presets()`` may be a preset's name (``model: tiny``) or hold ``preset: NAME``
+    beside fields, which then change that preset.
     """
     if not _is_dataclass_type(cls):
         raise TypeError(f"config_from_dict needs a dataclass type, got {cls!r}")
@@ -257,12 +276,18 @@ def config_from_dict(cls, data: dict, *, prefix: str = "", base=None):
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, "
                           f"got {type(data).__name__}")
     hints, fields = _hints(cls), _fields(cls)
+    if PRESET_KEY in data and PRESET_KEY not in fields and _presets(cls):
+        data = dict(data)
+        base = _preset_base(cls, data.pop(PRESET_KEY),
+                            f"{prefix}.{PRESET_KEY}" if prefix else PRESET_KEY)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
             raise _unknown_key(key, fields, repr(prefix) if prefix else cls.__name__)
         section = _unwrap_optional(hints[name])
+        if _is_dataclass_type(section) and isinstance(value, str) and _presets(section):
+            value = {PRESET_KEY: value}
         if _is_dataclass_type(section) and isinstance(value, dict):
             start = getattr(base, name) if base is not None else _field_default(cls, name)
             kwargs[name] = config_from_dict(section, value, prefix=key,
@@ -353,13 +378,27 @@ def apply_overrides(cls, data: dict, overrides: Sequence[str] | Sequence[tuple[s
                 raise _unknown_key(path, fields, where)
             tp = _hints(node_cls)[part]
             last = depth == len(parts) - 1
+            inner = _unwrap_optional(tp)
+            has_presets = _is_dataclass_type(inner) and bool(_presets(inner))
+            if _is_dataclass_type(inner) and isinstance(node.get(part), str) and has_presets:
+                node[part] = {PRESET_KEY: node[part]}  # ``model: tiny`` in the file
+            if last and has_presets and isinstance(raw, str):
+                # --model=tiny: the section starts from that preset; its other keys stay
+                _preset_base(inner, raw, path)
+                section = node.get(part) if isinstance(node.get(part), dict) else {}
+                node[part] = {**section, PRESET_KEY: raw}
+                break
             if last:
                 node[part] = _to_plain(_coerce(raw, tp, path, from_string=True))
                 break
-            inner = _unwrap_optional(tp)
             if _is_dataclass_type(inner):
                 if not isinstance(node.get(part), dict):
                     node[part] = {}
+                if (parts[depth + 1] == PRESET_KEY and depth + 1 == len(parts) - 1
+                        and has_presets and PRESET_KEY not in _fields(inner)):
+                    _preset_base(inner, raw, f"{path}.{PRESET_KEY}")  # --model.preset=tiny
+                    node[part][PRESET_KEY] = raw
+                    break
                 node_cls, node = inner, node[part]
                 continue
             if typing.get_origin(inner) is dict and depth == len(parts) - 2:
@@ -405,10 +444,24 @@ def _to_plain(v):
     return v
 
 
-def _read_file(path: str | os.PathLike) -> dict:
+EXTENDS_KEY = "extends"
+"""A config file's top-level ``extends: OTHER.yaml`` (relative to the file) starts it from
+that file: its mappings are merged key by key into the other's, any other value replaces the
+other's (an ablation is the paper's preset and the lines that differ)."""
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_file(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+        raise FileNotFoundError(f"config file {path!r} does not exist"
+                                + (f" (extended by {_chain[-1]})" if _chain else ""))
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
@@ -418,7 +471,21 @@ def _read_file(path: str | os.PathLike) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level of a config file must be a mapping")
+    if EXTENDS_KEY in data:
+        data = dict(data)
+        parent = data.pop(EXTENDS_KEY)
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"{path}: {EXTENDS_KEY} must name a config file, got {parent!r}")
+        parent = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), parent))
+        if parent in _chain or parent == os.path.abspath(path):
+            raise ConfigError(f"{path}: {EXTENDS_KEY} makes a cycle through {parent}")
+        data = _merge(_read_file(parent, _chain + (os.path.abspath(path),)), data)
     return data
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A config file as a plain dict (``extends`` resolved), for tools that read one section."""
+    return _read_file(path)
 
 
 def load_config(cls, yaml_path: str | os.PathLike | None = None,
@@ -501,7 +568,7 @@ def config_help(cls, *, prog: str, description: str = "",
     and docstring), then the short flags of ``aliases``."""
     import textwrap
 
-    lines = [f"usage: {prog} [--config FILE.yaml] [--section.key=VALUE ...]"]
+    lines = [f"usage: {prog} [--config FILE.yaml] [--section.key=VALUE ...] [--print-config]"]
     if description:
         lines += ["", description.strip()]
     lines += ["", "Keys (a YAML file sets any of them; --key=VALUE overrides one; lists take "
@@ -515,7 +582,10 @@ def config_help(cls, *, prog: str, description: str = "",
             tp = _unwrap_optional(hints[name])
             default = getattr(base, name) if base is not None else _field_default(c, name)
             if _is_dataclass_type(tp):
-                lines.append(f"  {key}.*  {docs.get(name, '')}".rstrip())
+                presets = sorted(_presets(tp))
+                also = f"Or a preset: --{key}={'|'.join(presets)}." if presets else ""
+                text = " ".join(t for t in (docs.get(name, ""), also) if t)
+                lines.append(f"  {key}.*  {text}".rstrip())
                 walk(tp, default if isinstance(default, tp) else None, key + ".")
                 continue
             shown = ("(required)" if f.default is dataclasses.MISSING
@@ -555,18 +625,29 @@ def check_choices(obj, owner: str) -> None:
 def run_cli(cls, run, argv: Sequence[str] | None = None, *, prog: str, description: str = "",
             aliases: Mapping[str, str | Flag] | None = None,
             errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)) -> int:
-    """An entry point's front: ``--help`` prints :func:`config_help`; otherwise the config read
-    by :func:`config_from_argv` goes to ``run``. The ``errors`` (a bad config, a missing file)
-    print one line and give exit status 2; returns the exit status."""
+    """An entry point's front: ``--help`` prints :func:`config_help`; ``--print-config``
+    prints the resolved config (defaults ← file ← overrides) as YAML and runs nothing;
+    otherwise the config read by :func:`config_from_argv` goes to ``run``. The ``errors`` (a
+    bad config, a missing file) print one line and give exit status 2; returns the exit
+    status."""
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(config_help(cls, prog=prog, description=description, aliases=aliases))
         return 0
+    print_only = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
     try:
-        run(config_from_argv(cls, argv, aliases))
+        cfg = config_from_argv(cls, argv, aliases)
+        if print_only:
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True),
+                  end="")
+            return 0
+        run(cfg)
     except errors as e:
-        print(f"{prog.split()[-1]}: error: {e}", file=sys.stderr, flush=True)
+        # one line, whatever the message (tarfile's, for one, spans several)
+        message = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+        print(f"{prog.split()[-1]}: error: {message}", file=sys.stderr, flush=True)
         return 2
     return 0

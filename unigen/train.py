@@ -24,6 +24,8 @@ import os
 import sys
 
 from unigen.configuration import ConfigError, run_cli
+from unigen.data.drops import TooManyDroppedSamples
+from unigen.data.errors import DataFormatError
 from unigen.pretraining import PretrainConfig, pretrain
 
 train = pretrain
@@ -39,9 +41,10 @@ def _run(config: PretrainConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m unigen.train --config FILE [--section.key=value ...]``; returns the exit
-    status (2 for a bad config)."""
+    status (2 for a bad config or bad data: one line naming the key or the file)."""
     return run_cli(PretrainConfig, _run, argv, prog="python -m unigen.train", description=__doc__,
-                   errors=(ConfigError, FileNotFoundError))
+                   errors=(ConfigError, FileNotFoundError, DataFormatError,
+                           TooManyDroppedSamples, FloatingPointError))
 
 
 if __name__ == "__main__":

@@ -37,14 +37,15 @@ def test_data_config_from_overrides_validates(world):
 
 def test_mixed_dataset_batches_on_the_world(world, tiny_tokenizer_dirs):
     cfg = load(world, "--data.batch_size=12", "--data.image_backend=pil",
-               "--data.image_size=32", "--data.mixing=interleave", "--data.shuffle_buffer=16")
+               "--data.image_size=32", "--data.max_encoder_len=40", "--data.mixing=interleave",
+               "--data.shuffle_buffer=16")
     streams = build_task_streams(cfg, ShardSpec(0, 1))
     assert set(streams) == {"trans", "cap", "qus", "match"}
     tok = TaskTokenizer(*tiny_tokenizer_dirs, max_encoder_len=cfg.max_encoder_len)
     ds = build_mixed_dataset(cfg, tok, rank=0, world_size=1)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0)))
-    assert set(batch) == {"trans", "cap", "qus", "match", "dropped", "data_state"}
-    assert batch["dropped"] == 0
+    assert set(batch) == {"trans", "cap", "qus", "match", "dropped", "dropped_samples", "data_state"}
+    assert batch["dropped"] == 0 and batch["dropped_samples"] == []
     assert sum(len(batch[t]["key"]) for t in ("trans", "cap", "qus", "match")) == 12
     assert batch["cap"]["images"].shape[1:] == (3, 32, 32) and "encoder" not in batch["cap"]
     assert batch["match"]["encoder"]["input_ids"].shape[1] <= 40

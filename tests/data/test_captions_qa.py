@@ -44,6 +44,31 @@ def test_cc6l_fraction_extremes_and_language_restriction(world, store):
         MultilingualCaptionStream(world.cc6l, images=store, multilingual_fraction=1.5)
 
 
+def test_cc6l_all_languages_uses_every_caption_of_every_image(world, store):
+    """Table 2's "100% CC6L": each image once per caption language, the position exact."""
+    langs = ("en",) + tuple(world.image_languages)
+    s = MultilingualCaptionStream(world.cc6l, images=store, all_languages=langs)
+    samples = list(s)
+    with open(world.cc6l) as f:
+        rows = {r["key"]: r["captions"] for r in map(json.loads, f)}
+    expected = {(k, lang) for k, caps in rows.items() for lang in caps if lang in langs}
+    assert {(x["key"], x["lang"]) for x in samples} == expected
+    assert len(samples) == len(expected)
+    assert all(x["caption"] == rows[x["key"]][x["lang"]] for x in samples)
+    # a language no line has is filtered, not an error; resuming mid-way continues exactly
+    s = MultilingualCaptionStream(world.cc6l, images=store, all_languages=("en", "xx"))
+    assert len(list(s)) == len(rows) and s.filtered == len(rows)
+    s = MultilingualCaptionStream(world.cc6l, images=store, all_languages=langs)
+    it = iter(s)
+    head = [next(it) for _ in range(7)]
+    resumed = MultilingualCaptionStream(world.cc6l, images=store, all_languages=langs)
+    resumed.load_state_dict(s.state_dict())
+    assert [(x["key"], x["lang"]) for x in head + list(resumed)] == [
+        (x["key"], x["lang"]) for x in samples]
+    with pytest.raises(ValueError, match="all_languages"):
+        MultilingualCaptionStream(world.cc6l, images=store, all_languages=("de",))
+
+
 def test_cc6l_flat_form_missing_image_and_malformed_lines(tmp_path, world, store):
     key = next(iter(store.keys()))
     p = write_jsonl(tmp_path / "cc6l.jsonl", [

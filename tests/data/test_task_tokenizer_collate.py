@@ -70,7 +70,10 @@ def test_collate_groups_tasks_and_decodes_images(world, tok):
     samples[3] = dict(samples[3], image=b"corrupt")
     kw = dict(encoder_pad_id=tok.encoder_pad_id, decoder_pad_id=tok.decoder_pad_id)
     batch = collate_task_batch(samples, image_decoder=PilImageDecoder(ImageSpec(size=64)), **kw)
-    assert set(batch) == {"trans", "qus", "dropped"} and batch["dropped"] == 1
+    assert set(batch) == {"trans", "qus", "dropped", "dropped_samples"} and batch["dropped"] == 1
+    # where the dropped sample's image is: its shard and key, from the image store
+    assert batch["dropped_samples"] == [store.origin(samples[3]["key"])]
+    assert batch["dropped_samples"][0].endswith(f".tar[{samples[3]['key']}]")
     assert batch["trans"]["encoder"]["input_ids"].shape[0] == 3
     assert batch["qus"]["images"].shape == (1, 3, 64, 64)
     assert batch["qus"]["target"]["packed_ids"].tolist() == samples[4]["target_ids"]
@@ -79,6 +82,7 @@ def test_collate_groups_tasks_and_decodes_images(world, tok):
     assert isinstance(lazy["qus"]["images"], list)
     decode_batch_images(lazy, PilImageDecoder(ImageSpec(size=64)), **kw)
     assert lazy["dropped"] == 1 and torch.equal(lazy["qus"]["images"], batch["qus"]["images"])
+    assert lazy["dropped_samples"] == batch["dropped_samples"]
     assert lazy["qus"]["key"] == batch["qus"]["key"]
     assert torch.equal(lazy["qus"]["encoder"]["input_ids"], batch["qus"]["encoder"]["input_ids"])
     with pytest.raises(KeyError, match="tokenise samples"):

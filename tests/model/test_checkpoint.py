@@ -3,6 +3,7 @@ checkpoints; building from local pre-trained parts (HF directories written here,
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -131,8 +132,10 @@ def test_build_from_local_pretrained_parts(tokenizers, tmp_path):
     xlmr.save_pretrained(tmp_path / "xlmr")
     shutil.copytree(tokenizers.text_dir, tmp_path / "xlmr", dirs_exist_ok=True)
     d = base.decoder
+    # 6 blocks where the config says 4: the checkpoint's depth wins, and the frozen blocks are
+    # the middle half of it
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizers.decoder_vocab_size, n_positions=d.n_positions,
-                                      n_embd=d.n_embd, n_layer=d.n_layer, n_head=d.n_head))
+                                      n_embd=d.n_embd, n_layer=6, n_head=d.n_head))
     gpt2.save_pretrained(tmp_path / "gpt2")
     shutil.copytree(tokenizers.decoder_dir, tmp_path / "gpt2", dirs_exist_ok=True)
     # A GPT-2 tokenizer directory without the task tokens (as the real gpt2 one).
@@ -141,8 +144,13 @@ def test_build_from_local_pretrained_parts(tokenizers, tmp_path):
     plain = AutoTokenizer.from_pretrained(tokenizers.decoder_dir)
     assert plain.convert_tokens_to_ids("[cap]") == tokenizers.decoder_vocab_size + 1
 
-    m = UniGen.from_pretrained_parts(clip_dir=tmp_path / "clip", xlmr_dir=tmp_path / "xlmr",
-                                     gpt2_dir=tmp_path / "gpt2", config=base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tiny Q-Former without a checkpoint is no surprise
+        m = UniGen.from_pretrained_parts(clip_dir=tmp_path / "clip", xlmr_dir=tmp_path / "xlmr",
+                                         gpt2_dir=tmp_path / "gpt2", config=base)
+    assert m.config.decoder.n_layer == 6 and m.config.decoder.frozen_blocks == (1, 2, 3)
+    assert [b.attn.c_attn.weight.requires_grad for b in m.decoder.h] == [True, False, False, False,
+                                                                         True, True]
     ours = m.image_encoder.clip.state_dict()
     n_used = base.vision.num_layers_used
     ref = {k: v for k, v in clip.state_dict().items() if "vision_model" in k}
@@ -161,3 +169,28 @@ def test_build_from_local_pretrained_parts(tokenizers, tmp_path):
     assert m.text_tokenizer is not None and m.config.tasks.eos_token_id == plain.eos_token_id
     assert m.config.tasks.match_yes_ids == tuple(plain("yes", add_special_tokens=False)["input_ids"])
 
+
+
+def test_from_pretrained_is_in_eval_mode_and_a_run_folder_gets_a_hint(tokenizers, tmp_path):
+    m = trained_model(tokenizers)
+    assert m.training
+    run = tmp_path / "run"
+    m.save_pretrained(run / "checkpoints" / "step_00000010" / "model")
+    m.save_pretrained(run / "final_model")
+    back = UniGen.from_pretrained(run / "final_model")
+    assert not back.training and not any(mod.training for mod in back.modules())
+    with pytest.raises(CheckpointError, match=r"training run or checkpoint folder: the model is in "
+                                              r"'.*final_model' or '.*step_00000010.model'"):
+        UniGen.from_pretrained(run)
+    with pytest.raises(CheckpointError, match=r"no config.json in '[^']*'$"):
+        UniGen.from_pretrained(tmp_path / "elsewhere")
+
+
+def test_a_paper_size_qformer_without_its_checkpoint_is_announced():
+    from unigen.model.config import QFormerConfig
+
+    base = UniGenConfig.tiny()
+    cfg = UniGenConfig.tiny(qformer=QFormerConfig(num_query_tokens=4))  # BLIP-2's size
+    cfg.loss.contrastive_dim = base.loss.contrastive_dim
+    with pytest.warns(UserWarning, match="Q-Former starts from random weights"):
+        UniGen.from_pretrained_parts(config=cfg, load_tokenizers=False)

@@ -73,9 +73,11 @@ def _hf_gpt2(tmp_path, *, lm_head: bool, bin_format: bool):
 @pytest.mark.parametrize("lm_head,bin_format", [(True, False), (False, True)])
 def test_matches_transformers_gpt2(tmp_path, lm_head, bin_format):
     hf = _hf_gpt2(tmp_path, lm_head=lm_head, bin_format=bin_format)
-    # GPT-2 base's default frozen_layers (3..8) do not exist in a 4-layer model.
-    ours = GPT2Decoder.from_pretrained_gpt2(tmp_path, frozen_layers=(1, 2)).eval()
-    assert ours.config.n_layer == 4 and ours.vocab_size == 512 and ours.config.frozen_layers == (1, 2)
+    # frozen_layers left None: the middle half of this checkpoint's 4 blocks
+    ours = GPT2Decoder.from_pretrained_gpt2(tmp_path).eval()
+    assert ours.config.n_layer == 4 and ours.vocab_size == 512 and ours.config.frozen_blocks == (1, 2)
+    ours.freeze_configured_layers()
+    assert [b.ln_1.weight.requires_grad for b in ours.h] == [True, False, False, True]
     body = hf.transformer if lm_head else hf
 
     lengths = torch.tensor([7, 3, 1, 5])
@@ -233,7 +235,7 @@ def test_freeze_configured_layers():
     expected = {f"h.{i}.{name}" for i in (1, 2) for name, _ in model.h[i].named_parameters()}
     assert frozen == expected
     # Paper default: the middle 6 of 12.
-    assert DecoderConfig().frozen_layers == (3, 4, 5, 6, 7, 8)
+    assert DecoderConfig().frozen_layers is None and DecoderConfig().frozen_blocks == (3, 4, 5, 6, 7, 8)
 
 
 def test_add_tokens_grows_the_tied_head():
@@ -340,8 +342,9 @@ def test_bad_state_dict(tmp_path):
     torch.save(hf_style, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="unknown config overrides"):
         GPT2Decoder.from_pretrained_gpt2(tmp_path, frozen_layer=(1,))
-    with pytest.raises(ValueError, match="frozen_layers"):
-        GPT2Decoder.from_pretrained_gpt2(tmp_path)  # GPT-2 base's layers 3..8 in a 4-layer model
+    with pytest.raises(ValueError, match="frozen_layers"):  # GPT-2 base's blocks 3..8 of 4
+        GPT2Decoder.from_pretrained_gpt2(tmp_path, frozen_layers=(3, 4, 5, 6, 7, 8))
+    assert GPT2Decoder.from_pretrained_gpt2(tmp_path).config.frozen_blocks == (1, 2)  # derived
     loaded = GPT2Decoder.from_pretrained_gpt2(
         tmp_path, frozen_layers=(1, 2), prefix_attention="bidirectional"
     )

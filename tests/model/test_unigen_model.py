@@ -252,7 +252,7 @@ def test_frozen_parameters_do_not_change_others_do(tokenizers):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model(collate(model, make_examples())).loss.backward()
     opt.step()
-    frozen_layers = model.config.decoder.frozen_layers
+    frozen_layers = model.config.decoder.frozen_blocks
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     for n, p in model.named_parameters():
         is_frozen = n.startswith("image_encoder.clip.") or any(
@@ -346,6 +346,10 @@ def test_config_json_round_trip_and_validation(tmp_path):
     cfg = UniGenConfig.tiny().with_naive_baselines()
     cfg.loss.alpha = 0.25
     cfg.tasks.match_yes_ids, cfg.tasks.match_no_ids = (4, 5), (6,)
+    cfg.save(tmp_path / "c.json")
+    back = UniGenConfig.load(tmp_path / "c.json")
+    assert back == cfg and back.decoder.frozen_layers is None  # the middle half, derived
+    cfg.decoder.frozen_layers = (0, 3)
     cfg.save(tmp_path / "c.json")
     back = UniGenConfig.load(tmp_path / "c.json")
     assert back == cfg and isinstance(back.decoder.frozen_layers, tuple)

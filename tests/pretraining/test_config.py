@@ -40,7 +40,29 @@ def test_cross_section_validation(make_config, tmp_path, override, message):
         load_config(PretrainConfig, path, [override])
 
 
-def test_epochs_are_refused_for_endless_streams(make_config, tmp_path):
+def test_epochs_need_the_image_shards(make_config, tmp_path):
     path = save_config(make_config(), tmp_path / "c.yaml")
-    with pytest.raises(ConfigError, match="pre-training's task streams are endless"):
-        load_config(PretrainConfig, path, ["--schedule.steps=0", "--schedule.epochs=2"])
+    with pytest.raises(ConfigError, match="one pass over the image-text pairs of data.image_shards"):
+        load_config(PretrainConfig, path, ["--schedule.steps=0", "--schedule.epochs=2",
+                                           "--data.image_shards=[]", "--data.ratios.cap=0",
+                                           "--data.ratios.qus=0", "--data.ratios.match=0"])
+
+
+def test_epochs_become_steps_from_the_shards_sizes(make_config, train_world):
+    """An epoch is as many samples as the image shards hold pairs: 120 pairs at 12 samples
+    per micro-batch and 2 micro-batches per step are 5 steps; 3 epochs are 15."""
+    from unigen.pretraining.recipe import PretrainRecipe
+    from unigen.training.distributed import init_distributed, teardown_distributed
+    from unigen.training.trainer import Trainer
+
+    cfg = make_config(schedule={"steps": 0, "epochs": 3, "warmup_steps": 2},
+                      optim={"grad_accum_steps": 2}, logging={"console": True})
+    cfg.schedule.__post_init__()
+    lines = []
+    env = init_distributed(cfg.distributed, cfg.run)
+    try:
+        trainer = Trainer(PretrainRecipe(cfg), cfg, env, log=lines.append)
+    finally:
+        teardown_distributed(env)
+    assert (trainer.micro_per_epoch, trainer.steps_per_epoch, trainer.total_steps) == (10, 5, 15)
+    assert any("120 image-text pairs" in line for line in lines)

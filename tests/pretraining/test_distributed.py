@@ -78,6 +78,26 @@ def test_two_process_fsdp_resume_matches_ddp(ddp_run):
         assert fsdp["history"][key] == pytest.approx(ddp["history"][key], rel=1e-5), key
 
 
+def test_two_process_fsdp_sharded_checkpoint_resume_matches_ddp(ddp_run):
+    """checkpoint.format=sharded: each rank writes its own shards (torch.distributed.checkpoint),
+    nothing gathered; the resumed run equals the uninterrupted one."""
+    path, root, _, ddp = ddp_run
+    run_dir = os.path.join(root, "fsdp_sharded")
+    common = (f"--run.output_dir={run_dir}", "--distributed.parallelism=fsdp",
+              "--checkpoint.format=sharded")
+    _torchrun(path, *common, "--run.stop_at_step=3")
+    saved = ckpt.latest_checkpoint(ckpt.checkpoint_root(run_dir))
+    files = os.listdir(os.path.join(saved, ckpt.SHARDED_DIR))
+    assert sum(f.endswith(".distcp") for f in files) == 2  # one file of shards per rank
+    assert not os.path.exists(os.path.join(saved, ckpt.MODEL_DIR, "model.safetensors"))
+    out = _torchrun(path, *common)
+    assert "resumed from" in out
+    state = _trainer_state(run_dir)
+    assert state["step"] == 6
+    for key in ("loss", "cl", "trans", "cap", "qus", "match", "grad_norm"):
+        assert state["history"][key] == pytest.approx(ddp["history"][key], rel=1e-5), key
+
+
 def test_two_process_random_mixing_with_uneven_pairs(ddp_run):
     """Random task draws give the ranks different numbers of image-text pairs per step, some
     none at all; the contrastive all-gather must still line up (no hang, no size mismatch)."""

@@ -187,3 +187,27 @@ def test_corrupt_ledger_is_refused_with_its_name(tmp_path, source):
     ledger_path(out).write_text("".join(lines))
     with pytest.raises(UsageError, match=r"out.jsonl.done.jsonl line 6 is not a ledger record"):
         OutputStore(out, run_header={"backend": "rule", "shard": "0/1"}).open()
+
+
+def test_summary_counts_the_batch_being_written_when_a_signal_arrives(tmp_path, captions, monkeypatch):
+    """Ctrl-C during a batch's write is held until the write is done; the summary printed then
+    counts that batch (it was one batch behind the files before)."""
+    src = tmp_path / "caps.txt"
+    src.write_text("\n".join(captions(80, seed=7)) + "\n")
+    out = tmp_path / "out.jsonl"
+    writes = {"n": 0}
+    original = OutputStore._write_lines
+
+    def write_then_interrupt(f, lines):
+        original(f, lines)
+        writes["n"] += 1
+        if writes["n"] == 5:  # the output lines of the third batch
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(OutputStore, "_write_lines", staticmethod(write_then_interrupt))
+    assert cli(src, out) == 130
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    ledger = [r for r in rows(ledger_path(out)) if "key" in r]  # the first line is the header
+    assert 0 < len(ledger) < 80 and len(ledger) % 16 == 0
+    assert summary["total"]["captions"] == len(ledger) == summary["this_run"]["captions_generated"]
+    assert summary["total"]["pairs_kept"] == len(rows(out)) == summary["this_run"]["pairs_kept"]

@@ -27,7 +27,7 @@ def test_logger_writes_console_and_jsonl(tmp_path):
     log.log(10, {"loss/total": 1.5, "loss/cap": None, "lr": 1e-4, "mfu": None,
                  "samples_per_s": float("nan")})
     log.close()
-    assert lines == ["step 10 | total 1.5000 | lr 1.000e-04 | nan samples/s"]
+    assert lines == ["step 10 | objective 1.5000 | lr 1.000e-04 | nan samples/s"]
     rec = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert rec == {"step": 10, "loss/total": 1.5, "loss/cap": None, "lr": 1e-4, "mfu": None,
                    "samples_per_s": None}  # NaN is not JSON: written as null

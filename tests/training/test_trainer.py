@@ -170,3 +170,64 @@ def test_epochs_need_finite_data(tmp_path):
 
     with pytest.raises(ValueError, match="schedule.epochs: toy's data is endless"):
         fit(Endless(), config(tmp_path / "endless"))
+
+
+class BadData(ValueError):
+    """Stands for a recipe's data error (a malformed line met mid-run)."""
+
+
+class BreaksAt(LineRecipe):
+    """The loader raises at micro-batch ``at`` (0-based, over the run)."""
+
+    data_errors = (BadData,)
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def batches(self, epoch, done):
+        inner = super().batches(epoch, done)
+
+        def gen():
+            for i, rows in enumerate(inner):
+                if i == self.at:
+                    raise BadData("data.jsonl:7: not valid JSON")
+                yield rows
+
+        return gen()
+
+
+def test_a_data_error_mid_run_checkpoints_the_steps_done_first(tmp_path):
+    lines = []
+    cfg = config(tmp_path / "run", logging=LoggingConfig(every=1, tensorboard=False,
+                                                         progress_bar=False))
+    with pytest.raises(BadData, match="data.jsonl:7"):
+        fit(BreaksAt(3), cfg, log=lines.append)  # step 2's second micro-batch
+    saved = ckpt.list_checkpoints(ckpt.checkpoint_root(str(tmp_path / "run")))
+    assert [s for s, _ in saved] == [1]
+    assert any(line.startswith("[toy] data error at step 2: the 1 steps done are saved in")
+               for line in lines)
+    # the checkpoint continues the run: resumed with the data fixed, it equals the whole run
+    whole = fit(LineRecipe(), config(tmp_path / "whole"))
+    resumed = fit(LineRecipe(), config(tmp_path / "run"))
+    assert resumed.resumed_from.endswith("step_00000001") and resumed.history == whole.history
+
+
+def test_an_error_before_the_first_step_leaves_no_run_folder(tmp_path):
+    with pytest.raises(BadData):
+        fit(BreaksAt(0), config(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    # a folder that was there before is not removed
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(BadData):
+        fit(BreaksAt(0), config(tmp_path / "mine"))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Written to a file, the bar's carriage returns tear the step lines apart."""
+    fit(LineRecipe(), config(tmp_path / "run", logging=LoggingConfig(
+        every=1, tensorboard=False, progress_bar=True, console=True)))
+    out = capsys.readouterr()
+    assert "\r" not in out.err + out.out and "step 9" in out.out

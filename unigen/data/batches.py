@@ -133,6 +133,8 @@ class LoaderBatch:
     mined [match] samples the model adds are not counted."""
     dropped: int = 0
     """Samples dropped from the batch."""
+    dropped_samples: list[str] = dataclasses.field(default_factory=list)
+    """Where the dropped samples' images are, ``"<shard>[<key>]"`` each (for the run's log)."""
     batch: UniGenBatch | None = None
     """The packed model batch (images decoded in the loader workers), or None while ``groups``
     still holds encoded images."""
@@ -170,7 +172,8 @@ class UniGenCollate:
     def __call__(self, samples: list[dict]) -> LoaderBatch:
         groups = self.task_collate(samples)
         dropped = int(groups.get("dropped", 0))
-        item = LoaderBatch(num_samples=len(samples) - dropped, dropped=dropped)
+        item = LoaderBatch(num_samples=len(samples) - dropped, dropped=dropped,
+                           dropped_samples=list(groups.get("dropped_samples", [])))
         if _has_encoded_images(groups):
             item.groups = groups
         else:
@@ -193,11 +196,13 @@ def finish_batch(item: LoaderBatch, *, image_decoder=None, encoder_pad_id: int =
     if image_decoder is None:
         raise ValueError("the batch's images are still encoded but no image decoder was given")
     before = int(item.groups.get("dropped", 0))
+    seen = len(item.groups.get("dropped_samples", []))
     groups = decode_batch_images(item.groups, image_decoder, encoder_pad_id=encoder_pad_id,
                                  decoder_pad_id=decoder_pad_id)
     newly_dropped = int(groups.get("dropped", 0)) - before
     item.dropped += newly_dropped
     item.num_samples -= newly_dropped
+    item.dropped_samples.extend(groups.get("dropped_samples", [])[seen:])
     item.batch = batch_from_task_groups(_task_groups(groups), encoder_pad_id=encoder_pad_id)
     item.groups = None
     return item.batch

@@ -8,7 +8,7 @@ from .collate import collate_task_batch
 from .config import DataConfig
 from .image_pipeline import ImageSpec, PilImageDecoder, dali_available
 from .mixing import MixedTaskDataset, TaskMixer
-from .multilingual_captions import MultilingualCaptionStream
+from .multilingual_captions import CC6L_TRANSLATIONS, MultilingualCaptionStream
 from .qa import QAStream
 from .sharding import ShardSpec
 from .task_tokenizer import TaskTokenizer
@@ -51,11 +51,20 @@ def build_task_streams(cfg: DataConfig, shard: ShardSpec) -> dict[str, object]:
         if cfg.cc6l:
             streams["match"] = MultilingualCaptionStream(
                 list(cfg.cc6l), images=store, multilingual_fraction=cfg.multilingual_fraction,
-                languages=cfg.image_languages, task="match", **common("match"))
+                languages=cfg.image_languages, task="match",
+                all_languages=(("en",) + tuple(cfg.image_languages or CC6L_TRANSLATIONS)
+                               if cfg.cc6l_captions == "all" else None),
+                **common("match"))
         else:
             streams["match"] = WebdatasetImageTextStream(list(cfg.image_shards), task="match",
                                                          **common("match"))
     return streams
+
+
+def image_spec(cfg: DataConfig, rank: int = 0) -> ImageSpec:
+    """The training images' :class:`ImageSpec` (resize rule, optional crop, per-rank seed)."""
+    return ImageSpec(cfg.image_size, cfg.interpolation, crop_scale=cfg.random_resized_crop,
+                     seed=cfg.seed * 1_000_003 + rank)
 
 
 def build_mixed_dataset(cfg: DataConfig, tokenizer: TaskTokenizer, *, rank: int | None = None,
@@ -67,8 +76,11 @@ def build_mixed_dataset(cfg: DataConfig, tokenizer: TaskTokenizer, *, rank: int 
     :class:`~unigen.data.image_pipeline.DaliImageDecoder` in the main process; with PIL the
     workers decode.
     """
+    if cfg.image_size is None:
+        raise ValueError("data.image_size is unset (a pre-training config sets it to the "
+                         "model's); give the image side the pipeline resizes to")
     use_dali = cfg.image_backend == "dali" or (cfg.image_backend == "auto" and dali_available())
-    decoder = None if use_dali else PilImageDecoder(ImageSpec(cfg.image_size, cfg.interpolation))
+    decoder = None if use_dali else PilImageDecoder(image_spec(cfg, rank or 0))
     collate = functools.partial(collate_task_batch, encoder_pad_id=tokenizer.encoder_pad_id,
                                 decoder_pad_id=tokenizer.decoder_pad_id, image_decoder=decoder)
     return MixedTaskDataset(functools.partial(build_task_streams, cfg), cfg.ratios,

@@ -39,7 +39,8 @@ def collate_task_batch(samples: Sequence[dict], *, encoder_pad_id: int, decoder_
     for ``cap``), ``"images"`` ``[n, 3, H, W]`` for the image tasks, and the per-sample lists
     ``"key"`` and ``"lang"``. Encoded images are decoded with ``image_decoder.decode`` (DALI or
     PIL); a sample whose image fails to decode is dropped from its group, and the number
-    dropped is reported under ``"dropped"``. With ``image_decoder=None`` encoded images stay
+    dropped is reported under ``"dropped"``, where their images were (:func:`image_origin`)
+    under ``"dropped_samples"``. With ``image_decoder=None`` encoded images stay
     a list of bytes (for DALI on the GPU, which belongs in the main process, not in DataLoader
     workers): :func:`decode_batch_images` finishes the job there. Inside a
     :class:`~unigen.data.mixing.MixedTaskDataset` the batch also gets ``"data_state"``.
@@ -53,7 +54,7 @@ def collate_task_batch(samples: Sequence[dict], *, encoder_pad_id: int, decoder_
                 raise KeyError(f"sample from {s.get('origin', '?')} has no {k!r}; "
                                f"tokenise samples (TaskTokenizer) before collating")
         by_task.setdefault(s["task"], []).append(s)
-    out: dict = {"dropped": 0}
+    out: dict = {"dropped": 0, "dropped_samples": []}
     for task, group in by_task.items():
         if "image" in group[0]:
             raw = [s["image"] for s in group]
@@ -64,7 +65,7 @@ def collate_task_batch(samples: Sequence[dict], *, encoder_pad_id: int, decoder_
                 images, ok = list(raw), list(range(len(raw)))
             else:
                 images, ok = image_decoder.decode(raw)
-            out["dropped"] += len(group) - len(ok)
+            _record_dropped(out, [image_origin(s) for s in group], ok)
             group = [group[i] for i in ok]
             if not group:
                 continue
@@ -77,8 +78,22 @@ def collate_task_batch(samples: Sequence[dict], *, encoder_pad_id: int, decoder_
             entry["encoder"] = pack_token_ids([s["encoder_ids"] for s in group], encoder_pad_id)
         if images is not None:
             entry["images"] = images
+            entry["origin"] = [image_origin(s) for s in group]
         out[task] = entry
     return out
+
+
+def image_origin(sample: dict) -> str:
+    """Where a sample's image comes from: ``"<shard>[<key>]"`` (from the image store for CC6L
+    and QA samples; the captioning sample's own location names the shard and key)."""
+    return sample.get("image_origin") or sample.get("origin") or f"key {sample.get('key')!r}"
+
+
+def _record_dropped(batch: dict, origins: list[str], ok: Sequence[int]) -> None:
+    kept = set(ok)
+    lost = [o for i, o in enumerate(origins) if i not in kept]
+    batch["dropped"] += len(lost)
+    batch.setdefault("dropped_samples", []).extend(lost)
 
 
 def _select(packed: dict, keep: list[int], pad_id: int) -> dict:
@@ -95,7 +110,8 @@ def decode_batch_images(batch: dict, image_decoder, *, encoder_pad_id: int,
             continue
         images, ok = image_decoder.decode(entry["images"])
         n = len(entry["images"])
-        batch["dropped"] += n - len(ok)
+        origins = entry.get("origin") or [f"key {k!r}" for k in entry["key"]]
+        _record_dropped(batch, origins, ok)
         if not ok:
             del batch[task]
             continue
@@ -104,6 +120,7 @@ def decode_batch_images(batch: dict, image_decoder, *, encoder_pad_id: int,
             entry["target"] = _select(entry["target"], ok, decoder_pad_id)
             if "encoder" in entry:
                 entry["encoder"] = _select(entry["encoder"], ok, encoder_pad_id)
-            entry["key"] = [entry["key"][i] for i in ok]
-            entry["lang"] = [entry["lang"][i] for i in ok]
+            for name in ("key", "lang", "origin"):
+                if name in entry:
+                    entry[name] = [entry[name][i] for i in ok]
     return batch

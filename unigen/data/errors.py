@@ -22,12 +22,19 @@ logger = logging.getLogger("unigen.data")
 class DataFormatError(ValueError):
     """A data file does not follow its format; the message names the file and the line."""
 
-    def __init__(self, path: str, line: int | str | None, message: str):
+    def __init__(self, path: str, line: int | str | None = None, message: str | None = None):
+        if message is None and line is None and "\n" in str(path):
+            # A DataLoader worker's error reaches the main process as ``DataFormatError(text)``,
+            # text being the worker's formatted traceback; keep its last line, our message.
+            last = str(path).rstrip().rsplit("\n", 1)[-1]
+            super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
+            self.path, self.line, self.reason = "", None, str(self)
+            return
         self.path = str(path)
         self.line = line
-        self.reason = message
+        self.reason = "" if message is None else message
         where = self.path if line is None else f"{self.path}:{line}"
-        super().__init__(f"{where}: {message}")
+        super().__init__(f"{where}: {self.reason}" if message is not None else where)
 
 
 class CorruptSampleError(Exception):

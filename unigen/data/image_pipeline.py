@@ -19,7 +19,11 @@ two libraries' cubic kernels differ), so bilinear is the default.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,8 +51,21 @@ class ImageSpec:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    crop_scale: tuple[float, float] | None = None
+    """BLIP-2's pre-training augmentation, RandomResizedCrop: a crop of a random fraction of the
+    image's area in this range (BLIP-2: 0.5-1) and aspect ratio in [3/4, 4/3] (torchvision's),
+    resized to ``size``; None resizes the whole image. No horizontal flip: captions say left and
+    right."""
+    seed: int = 0
+    """Seeds the crops (a decoder in a DataLoader worker mixes in the worker's id)."""
 
     def __post_init__(self):
+        if self.crop_scale is not None:
+            lo, hi = (float(x) for x in self.crop_scale)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"ImageSpec.crop_scale must be (low, high) with 0 < low <= high "
+                                 f"<= 1, got {self.crop_scale!r}")
+            object.__setattr__(self, "crop_scale", (lo, hi))
         if not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"ImageSpec.size must be a positive int, got {self.size!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -83,14 +100,54 @@ def normalize_rgb(rgb: np.ndarray, spec: ImageSpec) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def random_crop_box(height: int, width: int, scale: tuple[float, float],
+                    rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a RandomResizedCrop box, torchvision's rule: up to 10 draws of an
+    area fraction in ``scale`` and a log-uniform aspect ratio in [3/4, 4/3] until the box fits,
+    else the whole image."""
+    area = height * width
+    log_lo, log_hi = np.log(_ASPECT[0]), np.log(_ASPECT[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        ratio = float(np.exp(rng.uniform(log_lo, log_hi)))
+        w = int(round(np.sqrt(target * ratio)))
+        h = int(round(np.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return 0, 0, height, width
+
+
 class PilImageTransform:
     """The fallback path for one image: bytes → ``[3, size, size]`` float32 (picklable)."""
 
     def __init__(self, spec: ImageSpec | None = None):
         self.spec = spec or ImageSpec()
+        self._rng = None
+
+    def _crop(self, rgb: np.ndarray) -> np.ndarray:
+        if self._rng is None:  # first use in this process: mix in the loader worker's id
+            from torch.utils.data import get_worker_info
+
+            info = get_worker_info()
+            self._rng = np.random.default_rng([self.spec.seed, 0 if info is None else info.id + 1])
+        top, left, h, w = random_crop_box(rgb.shape[0], rgb.shape[1], self.spec.crop_scale,
+                                          self._rng)
+        crop = rgb[top:top + h, left:left + w]
+        if crop.shape[:2] == (self.spec.size, self.spec.size):
+            return np.ascontiguousarray(crop)
+        from PIL import Image
+
+        resample = Image.BILINEAR if self.spec.interpolation == "bilinear" else Image.BICUBIC
+        return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(
+            (self.spec.size, self.spec.size), resample=resample))
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        return normalize_rgb(resize_rgb_pil(decode_rgb_pil(data), self.spec), self.spec)
+        rgb = decode_rgb_pil(data)
+        rgb = self._crop(rgb) if self.spec.crop_scale else resize_rgb_pil(rgb, self.spec)
+        return normalize_rgb(rgb, self.spec)
 
 
 def _dali_device(device: str) -> str:
@@ -109,8 +166,13 @@ def _dali_image_graph(encoded, spec: ImageSpec, device: str, resize: bool = True
 
     images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu",
                                output_type=types.RGB)
-    if resize:
-        interp = types.INTERP_LINEAR if spec.interpolation == "bilinear" else types.INTERP_CUBIC
+    interp = types.INTERP_LINEAR if spec.interpolation == "bilinear" else types.INTERP_CUBIC
+    if spec.crop_scale is not None:  # the same rule as random_crop_box, DALI's random stream
+        images = fn.random_resized_crop(images, size=[spec.size, spec.size],
+                                        random_area=list(spec.crop_scale),
+                                        random_aspect_ratio=list(_ASPECT), interp_type=interp,
+                                        antialias=True, seed=spec.seed)
+    elif resize:
         images = fn.resize(images, resize_x=spec.size, resize_y=spec.size, interp_type=interp,
                            antialias=True)
     return fn.crop_mirror_normalize(
@@ -129,6 +191,23 @@ def _dali_to_torch(tensor_list, device: str) -> torch.Tensor:
     return out
 
 
+@contextlib.contextmanager
+def _stderr_held_back(keep: list[str]):
+    """Collect what native code writes to file descriptor 2 meanwhile into ``keep`` (DALI's
+    C++ logger prints raw lines such as ``[jpeg_parser] Invalid marker`` that name no file)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            keep.append(tmp.read().decode("utf-8", "replace"))
+
+
 class DaliImageDecoder:
     """Batched decode of encoded images already in memory (the mixed-task loader's path).
 
@@ -140,8 +219,8 @@ class DaliImageDecoder:
     def __init__(self, spec: ImageSpec | None = None, *, max_batch_size: int = 256,
                  device: str = "auto", num_threads: int = 2, device_id: int | None = None):
         if not dali_available():
-            raise ImportError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); "
-                              "use PilImageTransform instead")
+            raise ImportError("NVIDIA DALI is not installed (pip install -e '.[dali-cuda13]', or "
+                              "'.[dali-cuda12]' for CUDA 12); use data.image_backend=pil instead")
         self.spec = spec or ImageSpec()
         self.device = _dali_device(device)
         self.max_batch_size = int(max_batch_size)
@@ -167,8 +246,22 @@ class DaliImageDecoder:
     def _run(self, arrays: list[np.ndarray]) -> torch.Tensor:
         if self._pipe is None:
             self._pipe = self._build()
-        self._pipe.feed_input("encoded", arrays)
-        (out,) = self._pipe.run()
+        # A failed batch is retried image by image and each corrupt image reported by name
+        # (see decode), so DALI's own nameless lines about it are dropped; output of a batch
+        # that decodes is passed on.
+        held: list[str] = []
+        with _stderr_held_back(held):
+            try:
+                self._pipe.feed_input("encoded", arrays)
+                (out,) = self._pipe.run()
+                failed = False
+            except RuntimeError:
+                failed = True
+        if failed:
+            raise RuntimeError("DALI could not decode the batch")
+        if held[0]:
+            sys.stderr.write(held[0])
+            sys.stderr.flush()
         return _dali_to_torch(out, self.device)
 
     def decode(self, images: Sequence[bytes]) -> tuple[torch.Tensor, list[int]]:

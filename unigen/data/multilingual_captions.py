@@ -13,6 +13,10 @@ languages hurt the alignment of languages that never appear with images. Which i
 that fraction, and which language each gets, is a pure function of ``(seed, key)``, so the
 choice survives resuming and is the same on every rank.
 
+With ``all_languages`` (the "100% CC6L" row of Table 2) every image is used once per caption
+language instead: each line is read as one unit per language of ``all_languages``, a language
+the line lacks being filtered (counted in ``filtered``), so the position stays exact on resume.
+
 Each sample: ``{"task", "key", "image", "caption", "lang", "english_caption", "origin"}``.
 """
 
@@ -22,9 +26,12 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import CorruptSampleError, DataFormatError
+from .errors import CorruptSampleError, DataFormatError, FilteredSampleError
 from .stream import JsonLinesStream
 from .webdataset_images import ImageStore
+
+CC6L_TRANSLATIONS = ("cs", "de", "fr", "ja", "zh")
+"""The languages UC2 translated CC3M's captions into (CC6L = these and English)."""
 
 
 def _uniform(seed: int, key: str, salt: str) -> float:
@@ -50,8 +57,12 @@ class MultilingualCaptionStream(JsonLinesStream):
     def __init__(self, paths, *, images: ImageStore | Any, multilingual_fraction: float = 0.1,
                  languages: Sequence[str] | None = None,
                  image_transform: Callable[[bytes], Any] | None = None, task: str = "match",
-                 english: str = "en", **kwargs):
+                 english: str = "en", all_languages: Sequence[str] | None = None, **kwargs):
         super().__init__(paths, **kwargs)
+        if all_languages is not None and (not all_languages or english not in all_languages):
+            raise ValueError(f"all_languages must name the captions' languages, {english!r} "
+                             f"included, got {all_languages!r}")
+        self.all_languages = None if all_languages is None else tuple(all_languages)
         if not 0.0 <= float(multilingual_fraction) <= 1.0:
             raise ValueError(f"multilingual_fraction must be in [0, 1], "
                              f"got {multilingual_fraction!r}")
@@ -80,7 +91,18 @@ class MultilingualCaptionStream(JsonLinesStream):
                                                 f"{sorted(caps)})")
         return {lang: text.strip() for lang, text in caps.items() if text.strip()}
 
+    def _units(self, path: str):
+        if self.all_languages is None:
+            yield from super()._units(path)
+            return
+        for location, unit in super()._units(path):
+            for lang in self.all_languages:
+                yield f"{location}[{lang}]", (unit, lang)
+
     def _parse(self, unit, location: str) -> dict:
+        wanted = None
+        if self.all_languages is not None:
+            unit, wanted = unit
         obj = self.load_object(unit)
         key = self.require_str(obj, "key", unit)
         caps = self._captions(obj, unit)
@@ -88,11 +110,16 @@ class MultilingualCaptionStream(JsonLinesStream):
         if not english:
             raise CorruptSampleError("empty_text", location)
         lang = self.english
-        if _uniform(self.seed, key, "fraction") < self.multilingual_fraction:
+        if wanted is not None:
+            if wanted not in caps:
+                raise FilteredSampleError(f"no {wanted!r} caption")
+            lang = wanted
+        elif _uniform(self.seed, key, "fraction") < self.multilingual_fraction:
             pool = sorted(l for l in caps if l != self.english
                           and (self.languages is None or l in self.languages))
             if pool:
                 lang = pool[int(_uniform(self.seed, key, "lang") * len(pool))]
         image = self.images.load(key, self.image_transform, location)
         return {"task": self.task, "key": key, "image": image, "caption": caps[lang],
-                "lang": lang, "english_caption": english, "origin": location}
+                "lang": lang, "english_caption": english, "origin": location,
+                "image_origin": self.images.origin(key)}

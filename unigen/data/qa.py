@@ -43,4 +43,5 @@ class QAStream(JsonLinesStream):
             raise CorruptSampleError("empty_text", location)
         image = self.images.load(key, self.image_transform, location)
         return {"task": "qus", "key": key, "image": image, "question": question,
-                "answer": answer, "caption": caption.strip(), "origin": location}
+                "answer": answer, "caption": caption.strip(), "origin": location,
+                "image_origin": self.images.origin(key)}

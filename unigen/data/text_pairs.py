@@ -23,7 +23,8 @@ from typing import Any
 from .errors import CorruptSampleError, DataFormatError, FilteredSampleError
 from .stream import JsonLinesStream, RecordStream, iter_text_lines
 
-_WIKIMATRIX_NAME = re.compile(r"WikiMatrix\.([A-Za-z_]+)-([A-Za-z_]+)\.tsv(\.gz)?$")
+# an optional part number: the shards `python -m unigen.data.prepare wikimatrix` writes
+_WIKIMATRIX_NAME = re.compile(r"WikiMatrix\.([A-Za-z_]+)-([A-Za-z_]+)(\.\d+)?\.tsv(\.gz)?$")
 _LANG_PAIR_IN_NAME = re.compile(r"(?:^|[._])([A-Za-z_]{2,8})-([A-Za-z_]{2,8})(?:[._])")
 
 
@@ -34,6 +35,19 @@ def wikimatrix_languages(path: str) -> tuple[str, str]:
         raise DataFormatError(path, None, "WikiMatrix file names must look like "
                                           "'WikiMatrix.<lang1>-<lang2>.tsv[.gz]'")
     return m.group(1), m.group(2)
+
+
+def wikimatrix_source_column(path: str, target_lang: str = "en") -> tuple[int, str]:
+    """(column of the non-English sentence, its language) of a WikiMatrix file, from its name;
+    a name that does not parse or a pair without a ``target_lang`` side raises
+    :class:`DataFormatError`."""
+    l1, l2 = wikimatrix_languages(path)
+    if target_lang not in (l1, l2):
+        raise DataFormatError(path, None, f"pair {l1}-{l2} has no {target_lang!r} side; "
+                                          f"UniGen translates into {target_lang!r} only")
+    if l1 == l2:
+        raise DataFormatError(path, None, f"pair {l1}-{l2} has the same language twice")
+    return (2, l2) if l1 == target_lang else (1, l1)
 
 
 class WikiMatrixStream(RecordStream):
@@ -47,16 +61,8 @@ class WikiMatrixStream(RecordStream):
         super().__init__(paths, **kwargs)
         self.min_score = min_score
         self.target_lang = target_lang
-        self._columns: dict[str, tuple[int, str]] = {}
-        for path in self.paths:  # fail on a bad name before any training starts
-            l1, l2 = wikimatrix_languages(path)
-            if target_lang not in (l1, l2):
-                raise DataFormatError(path, None, f"pair {l1}-{l2} has no {target_lang!r} side; "
-                                                  f"UniGen translates into {target_lang!r} only")
-            if l1 == l2:
-                raise DataFormatError(path, None, f"pair {l1}-{l2} has the same language twice")
-            # (column of the source sentence, source language)
-            self._columns[path] = (2, l2) if l1 == target_lang else (1, l1)
+        # fail on a bad name before any training starts
+        self._columns = {path: wikimatrix_source_column(path, target_lang) for path in self.paths}
 
     def _units(self, path: str) -> Iterator[tuple[str, Any]]:
         for lineno, line in iter_text_lines(path):

@@ -226,8 +226,9 @@ class WebdatasetImageTextStream(RecordStream):
                 image = self.image_transform(image)
             except Exception as exc:  # any decoder failure is a corrupt image, never a crash
                 raise CorruptSampleError("image_decode", f"{location}: {exc}") from None
-        return {"task": self.task, "key": key.rsplit("/", 1)[-1], "image": image,
-                "caption": caption, "lang": "en", "meta": meta, "origin": location}
+        key = key.rsplit("/", 1)[-1]
+        return {"task": self.task, "key": key, "image": image, "caption": caption, "lang": "en",
+                "meta": meta, "origin": location, "image_origin": f"{unit[0]}[{key}]"}
 
 
 class ImageStore:
@@ -280,6 +281,10 @@ class ImageStore:
         if len(data) != size:
             raise DataFormatError(self.paths[si], f"key {key!r}", "image data past end of file")
         return data
+
+    def origin(self, key: str) -> str:
+        """Where the image of ``key`` is, ``"<shard>[<key>]"`` (for logs of dropped samples)."""
+        return f"{self.paths[self._where[key][0]]}[{key}]"
 
     def load(self, key: str, transform: Callable[[bytes], Any] | None = None,
              location: str = "") -> Any:

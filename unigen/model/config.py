@@ -209,7 +209,9 @@ class LossConfig:
     """Label smoothing of the InfoNCE targets."""
     hard_negatives: str = "sample"
     """Hard-negative mining for [match] (§3.3, after ALBEF): "sample" draws ∝ softmax(sim),
-    "hardest" takes the argmax, "none" trains [match] on positives only."""
+    "hardest" takes the argmax, "uniform" draws uniformly among the non-positives (no
+    similarity is read: the negatives of a run without L_CL, whose projections never train),
+    "none" trains [match] on positives only."""
     match_negatives: bool = True
     """Add, per image-text pair, one mined negative text and one mined negative image to the
     [match] task (ALBEF's recipe: answers "no"); positives answer "yes"."""
@@ -242,8 +244,8 @@ class LossConfig:
                f"got {self.init_temperature}")
         _check(0.0 <= self.contrastive_label_smoothing < 1.0,
                "LossConfig.contrastive_label_smoothing must be in [0, 1)")
-        _check(self.hard_negatives in ("sample", "hardest", "none"),
-               f"LossConfig.hard_negatives must be 'sample', 'hardest' or 'none', "
+        _check(self.hard_negatives in ("sample", "hardest", "uniform", "none"),
+               f"LossConfig.hard_negatives must be 'sample', 'hardest', 'uniform' or 'none', "
                f"got {self.hard_negatives!r}")
         _check(self.cross_entropy in ("fused", "naive"),
                f"LossConfig.cross_entropy must be 'fused' or 'naive', got {self.cross_entropy!r}")
@@ -317,9 +319,11 @@ class DecoderConfig:
     layer_norm_epsilon: float = 1e-5
     """Epsilon of every LayerNorm (GPT-2 uses 1e-5)."""
 
-    frozen_layers: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
-    """Blocks whose parameters ``freeze_configured_layers`` freezes: the middle 6 of GPT-2 base
-    (paper §4.2, "the intermediate 6 layers of the decoder are frozen")."""
+    frozen_layers: tuple[int, ...] | None = None
+    """Blocks whose parameters ``freeze_configured_layers`` freezes; None: the middle half of
+    the ``n_layer`` blocks (:attr:`frozen_blocks`), for GPT-2 base's 12 the blocks 3..8 (paper
+    §4.2, "the intermediate 6 layers of the decoder are frozen"), and so derived from the depth
+    of whatever GPT-2 checkpoint is loaded."""
 
     prefix_attention: str = "causal"
     """``"causal"``: every token sees only earlier tokens, prefix included, as GPT-2 was
@@ -350,14 +354,15 @@ class DecoderConfig:
                 f"DecoderConfig: layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}"
             )
         # YAML and command-line overrides give lists; the dataclass holds a tuple.
-        self.frozen_layers = tuple(self.frozen_layers)
-        for i in self.frozen_layers:
+        if self.frozen_layers is not None:
+            self.frozen_layers = tuple(self.frozen_layers)
+        for i in self.frozen_layers or ():
             if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.n_layer:
                 raise ValueError(
                     f"DecoderConfig: frozen_layers must hold block indices in [0, {self.n_layer}), "
                     f"got {self.frozen_layers!r}"
                 )
-        if len(set(self.frozen_layers)) != len(self.frozen_layers):
+        if self.frozen_layers is not None and len(set(self.frozen_layers)) != len(self.frozen_layers):
             raise ValueError(f"DecoderConfig: frozen_layers has duplicates: {self.frozen_layers!r}")
         if self.prefix_attention not in PREFIX_ATTENTION_MODES:
             raise ValueError(
@@ -376,10 +381,19 @@ class DecoderConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def frozen_blocks(self) -> tuple[int, ...]:
+        """The blocks frozen: ``frozen_layers``, or when None the middle ``n_layer // 2``."""
+        if self.frozen_layers is not None:
+            return self.frozen_layers
+        k = self.n_layer // 2
+        start = (self.n_layer - k) // 2
+        return tuple(range(start, start + k))
+
     @classmethod
     def tiny(cls, **overrides) -> DecoderConfig:
         """A decoder that runs in milliseconds on a CPU, for tests."""
-        args = dict(vocab_size=512, n_positions=128, n_embd=64, n_layer=4, n_head=4, frozen_layers=(1, 2))
+        args = dict(vocab_size=512, n_positions=128, n_embd=64, n_layer=4, n_head=4)
         args.update(overrides)
         return cls(**args)
 
@@ -419,6 +433,12 @@ class UniGenConfig:
                f"({self.decoder.n_positions})")
 
     # ---- presets -------------------------------------------------------------------------
+    @classmethod
+    def config_presets(cls) -> dict:
+        """The names a config file or override may give the model section (``model: tiny``,
+        ``--model=paper``); fields beside ``preset:`` change the preset."""
+        return {"paper": cls.paper, "tiny": cls.tiny}
+
     @classmethod
     def paper(cls, **overrides) -> "UniGenConfig":
         """The full-size model of §4.2: CLIP ViT-L/14 (224), Q-Former with 32 queries,

@@ -179,11 +179,11 @@ class GPT2Decoder(nn.Module):
         self.wte = wte
 
     def freeze_configured_layers(self) -> None:
-        """Stop gradients into the parameters of the blocks in ``config.frozen_layers``.
+        """Stop gradients into the parameters of the blocks in ``config.frozen_blocks``.
 
         Gradients still flow *through* those blocks to the earlier ones and to the prefix.
         """
-        for i in self.config.frozen_layers:
+        for i in self.config.frozen_blocks:
             self.h[i].requires_grad_(False)
 
     # ----------------------------------------------------------------------------------------

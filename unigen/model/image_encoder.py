@@ -58,6 +58,9 @@ class ImageEncoder(nn.Module):
         super().__init__()
         from transformers import CLIPVisionModel
 
+        from unigen.model.hf_versions import check_transformers_version
+
+        check_transformers_version()
         self.vision_config = vision
         # Only the layers up to `feature_layer` are built: BLIP-2 reads the penultimate layer, so
         # the last ViT layer would be dead weight.

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from unigen.kernels import contrastive_loss, fused_linear_cross_entropy
 from unigen.model.baselines import lavis_contrastive_loss, materialized_cross_entropy_per_task
@@ -51,7 +52,9 @@ def generative_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         means, counts = materialized_cross_entropy_per_task(hidden, weight, labels, task_of_row,
                                                             n_tasks)
         return (coef * means).sum(), means, counts
-    counts = torch.bincount(task_of_row, minlength=n_tasks)
+    # index_add, not bincount: CUDA's bincount reads the input's max on the host (a sync).
+    counts = torch.zeros(n_tasks, dtype=torch.long, device=hidden.device).index_add_(
+        0, task_of_row, torch.ones_like(task_of_row))
     row_weight = (1.0 / counts.clamp(min=1).to(torch.float32))[task_of_row]
     rows = fused_linear_cross_entropy(hidden, weight, labels, token_weights=row_weight.to(hidden.dtype),
                                       reduction="none", backend=cfg.kernel_backend)
@@ -63,7 +66,7 @@ def generative_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 def contrastive(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale: torch.Tensor,
                 ids: torch.Tensor, cfg: LossConfig, generator: torch.Generator | None = None):
     """L_CL and the mined hard negatives (fused op or the LAVIS-style baseline)."""
-    negatives = None if cfg.hard_negatives == "none" else cfg.hard_negatives
+    negatives = None if cfg.hard_negatives in ("none", "uniform") else cfg.hard_negatives
     if cfg.contrastive == "naive":
         return lavis_contrastive_loss(image_feats, text_feats, logit_scale, ids=ids,
                                       label_smoothing=cfg.contrastive_label_smoothing,
@@ -80,8 +83,8 @@ class PairLoss:
     loss: torch.Tensor
     """L_CL (0-d; 0 when no negative exists)."""
     neg_text_for_image: torch.Tensor | None
-    """Per local pair, the local pair whose text is its mined negative text; -1 where none was
-    mined or the negative is another process's pair. None when nothing was mined."""
+    """Per local pair, the local pair whose text is its mined negative text; -1 exactly where the
+    pair has no non-positive local candidate. None when nothing was mined."""
     neg_image_for_text: torch.Tensor | None
     """Likewise for the negative image of each local pair's text."""
 
@@ -91,6 +94,37 @@ def _process_group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+@torch.no_grad()
+def mine_local_negatives(image_feats: torch.Tensor, text_feats: torch.Tensor,
+                         logit_scale: torch.Tensor, pair_ids: torch.Tensor, mode: str,
+                         generator: torch.Generator | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard negatives among this process's ``P`` pairs, with the fused op's law: for image i a
+    text j drawn ∝ softmax_j(s_ij) over the non-positives (``pair_ids`` differ), s = logit_scale ·
+    cos; for text i an image likewise over s_ji; ``mode="hardest"`` takes the argmax,
+    ``mode="uniform"`` draws uniformly among the non-positives (the similarity is not read).
+
+    Returns two int64 ``[P]`` local indices, -1 where every pair is a positive of the row. All on
+    the device (Gumbel-max draw, no host sync); a ``P × P`` similarity, no gradient.
+    """
+    v = F.normalize(image_feats.detach().float(), dim=-1)
+    t = F.normalize(text_feats.detach().float(), dim=-1)
+    s = logit_scale.detach().float() * (v @ t.t())
+    positive = pair_ids[:, None] == pair_ids[None, :]
+    no_candidate = positive.all(1)
+
+    def draw(sim: torch.Tensor) -> torch.Tensor:
+        if mode == "uniform":
+            sim = torch.zeros_like(sim)
+        if mode in ("sample", "uniform"):
+            # argmax(s + Gumbel) is an exact draw from softmax(s); Gumbel = -log(Exp(1)).
+            sim = sim - torch.empty_like(sim).exponential_(generator=generator).log()
+        idx = sim.masked_fill(positive, float("-inf")).argmax(1)
+        return torch.where(no_candidate, torch.full_like(idx, -1), idx)
+
+    return draw(s), draw(s.t())
+
+
 def pair_contrastive(image_feats: torch.Tensor, text_feats: torch.Tensor,
                      logit_scale: torch.Tensor, pair_ids: torch.Tensor, cfg: LossConfig,
                      generator: torch.Generator | None = None) -> PairLoss:
@@ -98,38 +132,48 @@ def pair_contrastive(image_feats: torch.Tensor, text_feats: torch.Tensor,
     ``torch.distributed``, of every process: the data-parallel bookkeeping lives here, not in
     the model's forward.
 
-    With more than one process the fused op all-gathers every process's pairs (negatives come
-    from the global batch). Pair ids are numbered per batch, so each process's are offset by
-    ``rank · 2^32`` (else two processes' pair 0 would count as positives of each other); a
-    process without pairs still joins the gathers with empty features; and the op's mined
-    indices, which address the gathered batch, are mapped back to this process's pairs through
-    its offset there (one all-gather of the pair counts). The naive baseline stays local.
+    With more than one process the fused op all-gathers every process's pairs and each
+    process's loss is weighted so that the processes' mean L_CL — what DDP's gradient average
+    sees — is the one-process loss of the global batch, even with uneven pair counts. Pair ids
+    are numbered per batch, so each process's are offset by ``rank · 2^32`` (else two
+    processes' pair 0 would count as positives of each other); a process without pairs still
+    joins the gathers with empty features.
+
+    The hard negatives are mined among this process's own pairs (ALBEF's choice; with one
+    process that is the whole batch): every pair that has a non-positive local pair gets both
+    its negatives, on any number of processes, and the [match] samples built from them read
+    only encoder outputs this process holds — no second gather of the 32-query image prefixes
+    and the text prefixes, with gradient, for the mined pairs (BLIP-2's way). The price is a
+    candidate pool of the local pairs (64 on 8 GPUs at batch 512) instead of the global batch;
+    docs/model.md has the measured cost of both. The naive baseline's L_CL stays local.
     With one process and fewer than 2 pairs no negative exists: L_CL is 0, nothing is mined.
     """
     world = _process_group_size()
     num_pairs = image_feats.shape[0]
-    offset = 0  # where this process's pairs start in the batch the fused op gathers
+    mode = None if cfg.hard_negatives == "none" else cfg.hard_negatives
     if world > 1:
         dist = torch.distributed
-        pair_ids = pair_ids + dist.get_rank() * (1 << 32)
+        global_ids = pair_ids + dist.get_rank() * (1 << 32)
         if cfg.contrastive == "fused":
-            sizes = [torch.zeros(1, dtype=torch.long, device=pair_ids.device)
-                     for _ in range(world)]
-            dist.all_gather(sizes, torch.tensor([num_pairs], dtype=torch.long,
-                                                device=pair_ids.device))
-            offset = int(sum(sizes[:dist.get_rank()]))
-            if num_pairs == 0:
-                return PairLoss(contrastive(image_feats, text_feats, logit_scale, pair_ids, cfg,
-                                            generator).loss, None, None)
+            loss = contrastive_loss(image_feats, text_feats, logit_scale, ids=global_ids,
+                                    label_smoothing=cfg.contrastive_label_smoothing,
+                                    negatives=None, backend=cfg.kernel_backend).loss
+            # The op's loss is the mean over this rank's rows; weighted by n_local · W / N the
+            # ranks' mean (what DDP's gradient average sees) is the global batch's mean also
+            # when the ranks hold different numbers of pairs. N comes from an all-reduce on the
+            # device (no host read).
+            count = torch.full((1,), float(num_pairs), device=image_feats.device)
+            total = count.clone()
+            dist.all_reduce(total)
+            loss = loss * (count * world / total.clamp(min=1.0)).reshape(())
+            if mode is None or num_pairs == 0:
+                return PairLoss(loss, None, None)
+            return PairLoss(loss, *mine_local_negatives(image_feats, text_feats, logit_scale,
+                                                         pair_ids, mode, generator))
     if num_pairs == 0 or (num_pairs == 1 and world == 1):
         return PairLoss(logit_scale * 0.0, None, None)
     out = contrastive(image_feats, text_feats, logit_scale, pair_ids, cfg, generator)
-    if out.neg_text_for_image is None:
-        return PairLoss(out.loss, None, None)
-
-    def local(neg: torch.Tensor) -> torch.Tensor:
-        rows = neg.long() - offset
-        return torch.where((neg >= 0) & (rows >= 0) & (rows < num_pairs), rows,
-                           torch.full_like(rows, -1))
-
-    return PairLoss(out.loss, local(out.neg_text_for_image), local(out.neg_image_for_text))
+    if mode == "uniform":
+        return PairLoss(out.loss, *mine_local_negatives(image_feats, text_feats, logit_scale,
+                                                         pair_ids, mode, generator))
+    return PairLoss(out.loss, out.neg_text_for_image, out.neg_image_for_text)

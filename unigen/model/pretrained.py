@@ -71,7 +71,8 @@ def load_pretrained(cls, directory, *, map_location="cpu", load_tokenizers: bool
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"UniGen.from_pretrained: no {CONFIG_NAME} in {directory!r}")
+        raise CheckpointError(f"UniGen.from_pretrained: no {CONFIG_NAME} in {directory!r}"
+                              + _model_folder_hint(directory))
     try:
         config = UniGenConfig.load(cfg_path)
     except (ValueError, TypeError) as e:
@@ -90,4 +91,23 @@ def load_pretrained(cls, directory, *, map_location="cpu", load_tokenizers: bool
 
             model.set_tokenizers(load_text_tokenizer(t_dir),
                                  load_decoder_tokenizer(d_dir, config.tasks.task_tokens))
-    return model
+    # As transformers' from_pretrained: ready for inference (dropout off); training code calls
+    # .train() itself.
+    return model.eval()
+
+
+def _model_folder_hint(directory: str) -> str:
+    """Where the model is when ``directory`` is a training run folder or one of its
+    checkpoints (a common slip: pointing at the run instead of its model)."""
+    found = [os.path.join(directory, sub) for sub in ("final_model", "model")
+             if os.path.isfile(os.path.join(directory, sub, CONFIG_NAME))]
+    ckpts = os.path.join(directory, "checkpoints")
+    if os.path.isdir(ckpts):
+        steps = sorted(d for d in os.listdir(ckpts) if d.startswith("step_")
+                       and os.path.isfile(os.path.join(ckpts, d, "model", CONFIG_NAME)))
+        if steps:
+            found.append(os.path.join(ckpts, steps[-1], "model"))
+    if not found:
+        return ""
+    return ("; this looks like a training run or checkpoint folder: the model is in "
+            + " or ".join(repr(f) for f in found))

@@ -51,6 +51,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         from transformers import XLMRobertaModel
 
+        from unigen.model.hf_versions import check_transformers_version
+
+        check_transformers_version()
         self.config = cfg
         self.model = XLMRobertaModel(_hf_xlmr_config(cfg), add_pooling_layer=False)
         self.proj = (nn.Identity() if cfg.hidden_size == decoder_width
@@ -70,14 +73,29 @@ class TextEncoder(nn.Module):
                 f"missing keys {missing or 'none'}; shape mismatches {bad or 'none'}")
         self.model.load_state_dict({k: src[k] for k in dst}, strict=True)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, *, check_ids: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """check_ids: check the ids' range here (a device read on CUDA); the training step
+        turns it off, its batch having been validated on the host."""
         if ids.dim() != 2 or mask.shape != ids.shape:
             raise ValueError(f"TextEncoder: ids and mask must be [N, L] of one shape, got "
                              f"{tuple(ids.shape)} and {tuple(mask.shape)}")
         if ids.shape[1] > self.config.max_length:
             raise ValueError(f"TextEncoder: texts have {ids.shape[1]} tokens, more than "
                              f"text.max_length = {self.config.max_length}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+        if check_ids and ids.numel() and (int(ids.min()) < 0
+                                          or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"TextEncoder: token ids must be in [0, {self.config.vocab_size})")
-        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        hidden = self.model(input_ids=ids, attention_mask=self._attention_mask(mask)).last_hidden_state
         return hidden, self.proj(hidden)
+
+    def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The 4-D mask transformers would build from the padding mask, built here: given the
+        2-D mask, transformers first asks ``mask.all()`` (a device read) to drop it when
+        nothing is padded; a 4-D mask it takes as is."""
+        keep = mask.bool()[:, None, None, :]  # [N, 1, 1, L]: every query sees the real keys
+        if self.model.config._attn_implementation == "eager":  # eager adds the mask to scores
+            return torch.zeros(keep.shape, dtype=self.proj.weight.dtype,
+                               device=mask.device).masked_fill(~keep, torch.finfo(
+                                   self.proj.weight.dtype).min)
+        return keep

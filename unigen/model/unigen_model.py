@@ -20,8 +20,10 @@ import contextlib
 import copy
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -84,6 +86,51 @@ def _merge_identical_texts(pair_ids: torch.Tensor, pair_texts: torch.Tensor) -> 
         labels = merged
 
 
+def _host_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A batch tensor on the host: itself for the loader's host copy, else a copy back (one
+    device read: pass the host batch for a sync-free step)."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def _to_device(values, device) -> torch.Tensor:
+    """Host values (numpy or a CPU tensor) on ``device`` without waiting for the copy."""
+    t = torch.as_tensor(values)
+    return t if t.device == torch.device(device) else t.to(device, non_blocking=True)
+
+
+class _HostLayout:
+    """The shapes of a batch's step, read from the host copy of its index tensors (numpy):
+    text lengths, the packed rows of the texts' real tokens, each sample's decoder slot."""
+
+    def __init__(self, batch: UniGenBatch, num_query_tokens: int, same_text_positives: bool):
+        def ints(t):
+            return _host_tensor(t).numpy().astype(np.int64)
+
+        self.num_query_tokens = num_query_tokens
+        self.same_text_positives = same_text_positives
+        self.task = ints(batch.task)
+        pair_ids = _host_tensor(batch.pair_ids).long()
+        if pair_ids.numel() >= 2 and same_text_positives:
+            pair_ids = _merge_identical_texts(
+                pair_ids, _host_tensor(batch.text_ids)[_host_tensor(batch.pair_text_index).long()])
+        self.pair_ids = pair_ids
+        """The pair ids L_CL and the mining use (identical texts merged when configured)."""
+        mask = (_host_tensor(batch.text_mask).numpy().astype(bool) if batch.text_mask is not None
+                else np.zeros((0, 0), dtype=bool))
+        self.text_lens = mask.sum(1).astype(np.int64)
+        self.text_token_rows = np.flatnonzero(mask.reshape(-1)).astype(np.int64)
+        self.pair_text_index = ints(batch.pair_text_index)
+        self.target_lens = np.diff(ints(batch.target_cu_seqlens))
+        image_index, text_index = ints(batch.image_index), ints(batch.text_index)
+        second = (ints(batch.second_image_index) if batch.second_image_index is not None
+                  else np.full_like(image_index, -1))
+        lens = np.append(self.text_lens, 0)  # index -1 (no text) reads the appended 0
+        n_txt = lens[np.where(text_index >= 0, text_index, lens.size - 1)]
+        n_img = ((image_index >= 0).astype(np.int64) + (second >= 0)) * num_query_tokens
+        # prefix (images, text, task token) + target[:-1]
+        self.slot_lens = n_img + n_txt + self.target_lens
+
+
 class UniGen(nn.Module):
     def __init__(self, config: UniGenConfig | None = None, *, text_tokenizer=None,
                  decoder_tokenizer=None):
@@ -132,7 +179,7 @@ class UniGen(nn.Module):
         # The four task tokens [trans] [cap] [qus] [match] become rows V..V+3 of the decoder's
         # embedding and so of its tied LM head (§3.3).
         decoder.add_tokens(len(TASK_NAMES))
-        decoder.freeze_configured_layers()  # middle 6 GPT-2 layers (§4.2)
+        decoder.freeze_configured_layers()  # the middle 6 of GPT-2 base's 12 blocks (§4.2)
         # One config object: switching model.config.decoder.attention_backend switches the
         # decoder's (the shapes were checked equal above or built from this very config).
         decoder.config = self.config.decoder
@@ -205,43 +252,52 @@ class UniGen(nn.Module):
         """(Q-Former outputs [N, Q, Dq], visual prefix E_v [N, Q, D])."""
         return self.image_encoder(images.to(self.device))
 
-    def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor, *, check_ids: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(XLM-R hidden states [N, L, Dt], text prefix E_t [N, L, D])."""
-        return self.text_encoder(ids.to(self.device), mask.to(self.device))
+        return self.text_encoder(ids.to(self.device), mask.to(self.device), check_ids=check_ids)
 
     def _task_embeddings(self) -> torch.Tensor:
-        ids = torch.tensor(self.task_token_ids, device=self.device)
-        return self.decoder.wte(ids)  # [4, D]
+        return self.decoder.wte(_to_device(self.task_token_ids, self.device))  # [4, D]
 
     # ---- packing ---------------------------------------------------------------------------
     def _pack(self, task, image_index, text_index, target_ids, target_lens, img_prefix,
-              txt_prefix, txt_lens):
+              txt_prefix, txt_lens, second_image_index, slot_lens: np.ndarray, host_tasks: np.ndarray):
         """Build the packed decoder input of S samples and the rows that predict targets.
 
-        Sample s is ``E_v[image] ⊕ E_t[text] ⊕ T_D(task) ⊕ target[:-1]``; its row
-        ``prefix_len - 1 + j`` predicts ``target[j]``. All of it is one gather from a table of
-        every source row, so it is a single differentiable op whatever the task mix.
+        Sample s is ``E_v[image] (⊕ E_v[second image]) ⊕ E_t[text] ⊕ T_D(task) ⊕
+        target[:-1]``; its row ``prefix_len - 1 + j`` predicts ``target[j]``. All of it is one
+        gather from a table of every source row, so it is a single differentiable op whatever
+        the task mix.
+
+        ``slot_lens`` (host, ``[S]``): the packed length given to each sample, known before
+        the step runs (from the host copy of the batch), so the packed shapes, ``cu_seqlens``
+        and ``max_seqlen`` need no device read. A sample whose text is only known on the device
+        (a mined negative text) gets a slot as long as the longest candidate: its rows after
+        the last target input repeat its task token and, being later than every real row in a
+        causal suffix, are seen by none of them and predict nothing.
         """
         dev = self.device
         Q = self.config.qformer.num_query_tokens
         D = self.config.decoder.n_embd
         S = task.numel()
+        n_targets = target_ids.numel()
+        if slot_lens.size and int(slot_lens.max()) > self.config.decoder.n_positions:
+            s = int(slot_lens.argmax())
+            raise ValueError(
+                f"UniGen: sample {s} ({TASK_NAMES[int(host_tasks[s])]}) needs "
+                f"{int(slot_lens[s])} decoder positions, more than decoder.n_positions = "
+                f"{self.config.decoder.n_positions}; shorten its target or its text")
+        cu_host = np.zeros(S + 1, dtype=np.int64)
+        np.cumsum(slot_lens, out=cu_host[1:])
+        T, max_seqlen = int(cu_host[-1]), int(slot_lens.max())
+        cu = _to_device(cu_host, dev)
+        seq_len = _to_device(slot_lens, dev)
         has_img, has_txt = image_index >= 0, text_index >= 0
-        n_img = has_img.long() * Q
+        n_img = (has_img.long() + (second_image_index >= 0).long()) * Q
         n_txt = torch.where(has_txt, txt_lens[text_index.clamp(min=0)] if txt_lens.numel() else
                             torch.zeros_like(text_index), torch.zeros_like(text_index))
         prefix_len = n_img + n_txt + 1
-        seq_len = prefix_len + target_lens - 1
-        cu = torch.zeros(S + 1, dtype=torch.long, device=dev)
-        cu[1:] = torch.cumsum(seq_len, 0)
-        T = int(cu[-1])
-        max_seqlen = int(seq_len.max())
-        if max_seqlen > self.config.decoder.n_positions:
-            s = int(seq_len.argmax())
-            raise ValueError(
-                f"UniGen: sample {s} ({TASK_NAMES[int(task[s])]}) needs {max_seqlen} decoder "
-                f"positions (prefix {int(prefix_len[s])} + target {int(target_lens[s])} - 1), more "
-                f"than decoder.n_positions = {self.config.decoder.n_positions}; shorten its target")
         sample = torch.repeat_interleave(torch.arange(S, device=dev), seq_len, output_size=T)
         p = torch.arange(T, device=dev) - cu[sample]
 
@@ -261,17 +317,27 @@ class UniGen(nn.Module):
         tgt_cu = torch.zeros(S + 1, dtype=torch.long, device=dev)
         tgt_cu[1:] = torch.cumsum(target_lens, 0)
         s_img, s_txt = image_index[sample], text_index[sample]
+        s_img2 = second_image_index[sample]
         s_nimg, s_ntxt, s_pre = n_img[sample], n_txt[sample], prefix_len[sample]
+        s_task = task[sample]
+        # rows of the image part: the first image's Q queries, then the second's (if any)
+        img_idx = torch.where(p < Q, img_base + s_img.clamp(min=0) * Q + p,
+                              img_base + s_img2.clamp(min=0) * Q + p - Q)
+        target_input = torch.where(p < s_pre + target_lens[sample] - 1,
+                                   tgt_base + tgt_cu[sample] + p - s_pre, task_base + s_task)
         idx = torch.where(
-            p < s_nimg, img_base + s_img.clamp(min=0) * Q + p,
+            p < s_nimg, img_idx,
             torch.where(p < s_nimg + s_ntxt, txt_base + txt_cu[s_txt.clamp(min=0)] + p - s_nimg,
-                        torch.where(p == s_pre - 1, task_base + task[sample],
-                                    tgt_base + tgt_cu[sample] + p - s_pre)))
+                        torch.where(p == s_pre - 1, task_base + s_task, target_input)))
         values = table[idx]
-        predict_rows = (p >= s_pre - 1).nonzero().view(-1)  # in sample order = target order
+        # target j of sample s is predicted by row cu[s] + prefix_len[s] - 1 + j (target order)
+        t_sample = torch.repeat_interleave(torch.arange(S, device=dev), target_lens,
+                                           output_size=n_targets)
+        j = torch.arange(n_targets, device=dev) - tgt_cu[t_sample]
+        predict_rows = cu[t_sample] + prefix_len[t_sample] - 1 + j
         return dict(values=values, cu_seqlens=cu.to(torch.int32),
                     prefix_lens=prefix_len.to(torch.int32), position_ids=p,
-                    max_seqlen=max_seqlen, predict_rows=predict_rows)
+                    max_seqlen=max_seqlen, predict_rows=predict_rows, task_of_row=task[t_sample])
 
     def _run_decoder(self, packed) -> torch.Tensor:
         return self.decoder.forward_packed(packed["values"], packed["cu_seqlens"],
@@ -279,25 +345,46 @@ class UniGen(nn.Module):
                                            packed["max_seqlen"])
 
     # ---- training forward --------------------------------------------------------------------
+    def step_layout(self, batch: UniGenBatch) -> "_HostLayout":
+        """The host-side shapes of a training step on ``batch`` (see :meth:`forward`): build it
+        from the loader's host copy before moving the batch to the device (a data-parallel
+        wrapper moves its inputs, this object it passes through)."""
+        return _HostLayout(batch, self.config.qformer.num_query_tokens,
+                           self.config.loss.same_text_positives)
+
     def forward(self, batch: UniGenBatch, *, generator: torch.Generator | None = None,
-                validate: bool = True) -> UniGenOutput:
+                validate: bool = True, layout: "_HostLayout | None" = None) -> UniGenOutput:
         """The training objective on ``batch`` (see the module docstring).
 
         generator: random source of the hard-negative sampling (on the model's device).
-        validate: check the batch first (a few host syncs; a trainer whose batches come from
+        validate: check the batch first (on the host copy; a trainer whose batches come from
         ``collate_examples``/``batch_from_task_groups`` may turn it off after the first steps).
+
+        layout: :meth:`step_layout` of the batch's host copy. Every shape of the step (packed
+        tokens, [match] samples, token counts) is read from it, so the step makes no host-device
+        synchronisation. Without it the layout is built here: free for a host batch (its images
+        may already be on the device); a batch already on the device has its index tensors
+        copied back (a sync).
         """
         if not isinstance(batch, UniGenBatch):
             raise TypeError(f"UniGen.forward: batch must be a UniGenBatch, got {type(batch).__name__}")
         cfg = self.config
         dev = self.device
-        batch = batch.to(dev, non_blocking=True)
+        Q = cfg.qformer.num_query_tokens
         if validate:
             batch.validate(image_size=cfg.vision.image_size, max_text_length=cfg.text.max_length,
-                           decoder_vocab_size=cfg.decoder.vocab_size + len(TASK_NAMES))
+                           decoder_vocab_size=cfg.decoder.vocab_size + len(TASK_NAMES),
+                           text_vocab_size=cfg.text.vocab_size)
         S, P = batch.num_samples, batch.num_pairs
         if S == 0 and P == 0:
             raise ValueError("UniGen.forward: the batch has neither generative samples nor pairs")
+        host = layout if layout is not None else self.step_layout(batch)
+        if (host.num_query_tokens, host.same_text_positives, host.task.size) != (
+                Q, cfg.loss.same_text_positives, S):
+            raise ValueError("UniGen.forward: layout was made for another batch or model config "
+                             "(build it with step_layout(batch) of this model)")
+        pair_ids_host = host.pair_ids
+        batch = batch.to(dev, non_blocking=True)
 
         # 1. encoders: each distinct image / text once.
         img_q = img_prefix = txt_hidden = txt_prefix_rows = None
@@ -305,55 +392,66 @@ class UniGen(nn.Module):
         if batch.images is not None and batch.num_images:
             img_q, img_prefix = self.encode_images(batch.images)
         if batch.text_ids is not None and batch.num_texts:
-            txt_hidden, txt_prefix = self.encode_texts(batch.text_ids, batch.text_mask)
-            mask = batch.text_mask.bool()
-            txt_lens = mask.sum(1).long()
-            txt_prefix_rows = txt_prefix[mask]  # right-padded rows → packed [sum len, D]
+            # the ids' range is the batch validation's (host) business, not a device read here
+            txt_hidden, txt_prefix = self.encode_texts(batch.text_ids, batch.text_mask,
+                                                       check_ids=False)
+            txt_lens = _to_device(host.text_lens, dev)
+            # right-padded rows → packed [sum len, D] at host-known rows (a boolean mask index
+            # would read the number of True entries back from the device)
+            txt_prefix_rows = txt_prefix.reshape(-1, txt_prefix.shape[-1]).index_select(
+                0, _to_device(host.text_token_rows, dev))
 
         # 2. L_CL and hard-negative mining on the pairs (over every process's pairs under
         #    data parallelism: pair_contrastive owns that bookkeeping).
         task, image_index, text_index = batch.task.long(), batch.image_index.long(), batch.text_index.long()
+        second_image_index = (batch.second_image_index.long()
+                              if batch.second_image_index is not None else torch.full_like(image_index, -1))
         target_ids, target_lens = batch.target_ids.long(), batch.target_lengths()
+        slot_lens, host_tasks = host.slot_lens, host.task
         scale = self.logit_scale_value()
-        pair_ids = batch.pair_ids.long()
-        if P >= 2 and cfg.loss.same_text_positives:
-            pair_ids = _merge_identical_texts(pair_ids, batch.text_ids[batch.pair_text_index.long()])
+        pair_ids = _to_device(pair_ids_host, dev) if P else batch.pair_ids.long()
         img_feat, txt_feat = self._pair_features(batch, img_q, txt_hidden)
         pairs = pair_contrastive(img_feat, txt_feat, scale, pair_ids, cfg.loss, generator)
         loss_cl = pairs.loss
         # 3a. [match] samples from the pairs: positive → "yes", mined negatives → "no".
         if P and cfg.loss.beta > 0:
-            extra = self._match_samples(batch, pairs)
+            extra, extra_slots, extra_tasks = self._match_samples(batch, pairs, host, pair_ids_host)
             task = torch.cat([task, extra[0]])
             image_index = torch.cat([image_index, extra[1]])
             text_index = torch.cat([text_index, extra[2]])
+            second_image_index = torch.cat([second_image_index, torch.full_like(extra[1], -1)])
             target_ids = torch.cat([target_ids, extra[3]])
             target_lens = torch.cat([target_lens, extra[4]])
+            slot_lens = np.concatenate([slot_lens, extra_slots])
+            host_tasks = np.concatenate([host_tasks, extra_tasks])
+            host_target_lens = np.concatenate([host.target_lens, extra[5]])
+        else:
+            host_target_lens = host.target_lens
 
         # 3b/4. one packed decoder call and one fused cross-entropy call for every task.
         n_tasks = len(TASK_NAMES)
         if task.numel():
             packed = self._pack(task, image_index, text_index, target_ids, target_lens,
-                                img_prefix, txt_prefix_rows, txt_lens)
+                                img_prefix, txt_prefix_rows, txt_lens, second_image_index,
+                                slot_lens, host_tasks)
             hidden = self._run_decoder(packed)[packed["predict_rows"]]
-            task_of_row = torch.repeat_interleave(task, target_lens, output_size=target_ids.numel())
-            gen_total, means, counts = generative_losses(
-                hidden, self.decoder.lm_head_weight, target_ids, task_of_row, cfg.loss)
+            gen_total, means, _ = generative_losses(
+                hidden, self.decoder.lm_head_weight, target_ids, packed["task_of_row"], cfg.loss)
         else:
             gen_total = self.decoder.lm_head_weight.sum() * 0.0
             means = torch.zeros(n_tasks, device=dev)
-            counts = torch.zeros(n_tasks, dtype=torch.long, device=dev)
         total = gen_total + cfg.loss.contrastive_weight * loss_cl
 
-        counts_l = [int(c) for c in counts.tolist()]
-        samples_l = torch.bincount(task, minlength=n_tasks).tolist() if task.numel() else [0] * n_tasks
+        # Counts from the host layout: the same numbers the device holds, without reading them.
+        tokens_per_task = np.bincount(host_tasks, weights=host_target_lens, minlength=n_tasks)
+        samples_per_task = np.bincount(host_tasks, minlength=n_tasks)
         losses = {name: means[i].detach() for i, name in enumerate(TASK_NAMES)}
         losses["cl"] = loss_cl.detach()
-        num_tokens = {name: counts_l[i] for i, name in enumerate(TASK_NAMES)}
-        num_tokens["total"] = sum(counts_l)
+        num_tokens = {name: int(tokens_per_task[i]) for i, name in enumerate(TASK_NAMES)}
+        num_tokens["total"] = sum(num_tokens.values())
         return UniGenOutput(loss=total, losses=losses, temperature=(1.0 / scale).detach(),
                             num_tokens=num_tokens,
-                            num_samples={n: int(samples_l[i]) for i, n in enumerate(TASK_NAMES)},
+                            num_samples={n: int(samples_per_task[i]) for i, n in enumerate(TASK_NAMES)},
                             num_pairs=P)
 
     def _match_answer(self, yes: bool) -> list[int]:
@@ -374,30 +472,44 @@ class UniGen(nn.Module):
         return (self.image_proj(img_q[batch.pair_image_index.long(), 0]),
                 self.text_proj(txt_hidden[batch.pair_text_index.long(), 0]))
 
-    def _match_samples(self, batch: UniGenBatch, pairs):
+    def _match_samples(self, batch: UniGenBatch, pairs, host: "_HostLayout", pair_ids_host):
         """[match] samples of the pairs (ALBEF's ITM recipe): (v_i, t_i) → yes; with
-        match_negatives, (v_i, t_neg(i)) → no and (v_neg(i), t_i) → no, for every pair whose
-        mined negative is one of this process's pairs (:class:`~unigen.model.losses.PairLoss`)."""
+        match_negatives, (v_i, t_neg(i)) → no and (v_neg(i), t_i) → no for every pair that has
+        a non-positive candidate among this process's pairs (where
+        :func:`~unigen.model.losses.pair_contrastive` mines): exactly two per such pair.
+
+        Which pairs have a candidate is read from the host pair ids, so the number of samples
+        and their slot lengths are known without a device read. Returns the device tensors
+        (task, image, text, target ids, target lengths, answer lengths per sample on the host),
+        the host slot lengths and the host task ids.
+        """
         dev = self.device
-        yes = torch.tensor(self._match_answer(True), device=dev)
-        no = torch.tensor(self._match_answer(False), device=dev)
+        Q = self.config.qformer.num_query_tokens
+        yes_ids, no_ids = self._match_answer(True), self._match_answer(False)
         pi, pt = batch.pair_image_index.long(), batch.pair_text_index.long()
         P = pi.numel()
-        imgs, txts, answers = [pi], [pt], [torch.ones(P, dtype=torch.bool, device=dev)]
+        pair_text_lens = host.text_lens[host.pair_text_index]
+        imgs, txts = [pi], [pt]
+        slots = [Q + pair_text_lens + len(yes_ids)]
+        answer_lens = [np.full(P, len(yes_ids), dtype=np.int64)]
         if self.config.loss.match_negatives and pairs.neg_text_for_image is not None:
-            nt, ni = pairs.neg_text_for_image, pairs.neg_image_for_text
-            ok_t, ok_i = nt >= 0, ni >= 0
-            imgs += [pi[ok_t], pi[ni[ok_i]]]
-            txts += [pt[nt[ok_t]], pt[ok_i]]
-            answers += [torch.zeros(int(ok_t.sum()), dtype=torch.bool, device=dev),
-                        torch.zeros(int(ok_i.sum()), dtype=torch.bool, device=dev)]
-        img, txt, ans = torch.cat(imgs), torch.cat(txts), torch.cat(answers)
-        n = img.numel()
-        n_yes = P  # the positives come first, then every negative
-        lens = torch.where(ans, yes.numel(), no.numel())
-        tgt = torch.cat([yes.repeat(n_yes), no.repeat(n - n_yes)])
-        return (torch.full((n,), TASK_IDS["match"], dtype=torch.long, device=dev), img, txt, tgt,
-                lens.long())
+            ids = _host_tensor(pair_ids_host).numpy()
+            rows_host = np.flatnonzero((ids[:, None] != ids[None, :]).any(1))
+            rows = _to_device(rows_host, dev)
+            nt, ni = pairs.neg_text_for_image[rows], pairs.neg_image_for_text[rows]
+            imgs += [pi[rows], pi[ni]]
+            txts += [pt[nt], pt[rows]]
+            # the negative text is drawn on the device: its slot fits the longest pair text
+            slots += [np.full(rows_host.size, Q + int(pair_text_lens.max()) + len(no_ids)),
+                      Q + pair_text_lens[rows_host] + len(no_ids)]
+            answer_lens += [np.full(2 * rows_host.size, len(no_ids), dtype=np.int64)]
+        img, txt = torch.cat(imgs), torch.cat(txts)
+        answer_lens_host = np.concatenate(answer_lens)
+        n = answer_lens_host.size
+        tgt_host = np.concatenate([np.tile(yes_ids, P), np.tile(no_ids, n - P)]).astype(np.int64)
+        extra = (torch.full((n,), TASK_IDS["match"], dtype=torch.long, device=dev), img, txt,
+                 _to_device(tgt_host, dev), _to_device(answer_lens_host, dev), answer_lens_host)
+        return extra, np.concatenate(slots).astype(np.int64), np.full(n, TASK_IDS["match"])
 
     # ---- inference ------------------------------------------------------------------------
     def _require_tokenizers(self, op: str):
@@ -415,20 +527,21 @@ class UniGen(nn.Module):
             raise type(e)(f"UniGen.{op}: {e}") from None
         return x.to(self.device)
 
-    def _texts(self, texts, op: str, name: str = "texts"):
+    def _texts(self, texts, op: str, name: str = "texts", allow_empty: bool = False):
         self._require_tokenizers(op)
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or len(texts) == 0:
             raise ValueError(f"UniGen.{op}: {name} must be a non-empty list of strings")
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
+            if not isinstance(t, str) or not (allow_empty or t.strip()):
                 raise ValueError(f"UniGen.{op}: {name}[{i}] must be a non-empty string, got {t!r}")
         enc = self.text_tokenizer(list(texts), padding=True, truncation=True,
                                   max_length=self.config.text.max_length, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device).bool()
 
-    def _prefixes(self, task: str, img_prefix=None, txt_prefix=None, txt_mask=None) -> list[torch.Tensor]:
+    def _prefixes(self, task: str, img_prefix=None, txt_prefix=None, txt_mask=None,
+                  second_img_prefix=None) -> list[torch.Tensor]:
         if task not in TASK_IDS:
             raise ValueError(f"UniGen: unknown task {task!r}; expected one of {TASK_NAMES}")
         emb = self._task_embeddings()[TASK_IDS[task]].unsqueeze(0)
@@ -438,6 +551,8 @@ class UniGen(nn.Module):
             parts = []
             if img_prefix is not None:
                 parts.append(img_prefix[i])
+            if second_img_prefix is not None:
+                parts.append(second_img_prefix[i])
             if txt_prefix is not None:
                 parts.append(txt_prefix[i][txt_mask[i]])
             parts.append(emb)
@@ -478,7 +593,7 @@ class UniGen(nn.Module):
                                    use_cache)
 
     def _generate_task(self, task, images, texts, max_new_tokens, num_beams, length_penalty,
-                       use_cache, op="generate_ids"):
+                       use_cache, op="generate_ids", second_images=None):
         self._require_tokenizers(op)
         if task not in TASK_IDS:
             raise ValueError(f"UniGen.{op}: unknown task {task!r}; expected one of {TASK_NAMES}")
@@ -497,8 +612,21 @@ class UniGen(nn.Module):
         if img_prefix is not None and txt_prefix is not None and img_prefix.shape[0] != txt_prefix.shape[0]:
             raise ValueError(f"UniGen.{op}: got {img_prefix.shape[0]} images but "
                              f"{txt_prefix.shape[0]} texts; they must pair up")
-        prefixes = self._prefixes(task, img_prefix, txt_prefix, mask)
+        second = self._second_prefix(second_images, img_prefix, op)
+        prefixes = self._prefixes(task, img_prefix, txt_prefix, mask, second)
         return self._generate(prefixes, max_new_tokens, num_beams, length_penalty, use_cache)
+
+    def _second_prefix(self, second_images, img_prefix, op: str):
+        """E_v of the second images (two-image prefixes), checked against the first ones."""
+        if second_images is None:
+            return None
+        if img_prefix is None:
+            raise ValueError(f"UniGen.{op}: second_images needs images")
+        _, second = self.encode_images(self._images(second_images, op))
+        if second.shape[0] != img_prefix.shape[0]:
+            raise ValueError(f"UniGen.{op}: got {img_prefix.shape[0]} images but "
+                             f"{second.shape[0]} second images")
+        return second
 
     @torch.no_grad()
     def caption(self, images, *, max_new_tokens: int | None = None, num_beams: int | None = None,
@@ -517,10 +645,12 @@ class UniGen(nn.Module):
     @torch.no_grad()
     def answer(self, images, questions, *, max_new_tokens: int | None = None,
                num_beams: int | None = None, length_penalty: float = 1.0,
-               use_cache: bool = True) -> list[str]:
-        """Answers to ``questions`` (any language) about ``images``: E_v ⊕ E_t ⊕ [qus] → text."""
+               use_cache: bool = True, second_images=None) -> list[str]:
+        """Answers to ``questions`` (any language) about ``images``: E_v ⊕ E_t ⊕ [qus] → text
+        (with ``second_images``: E_v(image) ⊕ E_v(second image) ⊕ E_t ⊕ [qus])."""
         return self._decode(self._generate_task("qus", images, questions, max_new_tokens,
-                                                num_beams, length_penalty, use_cache, op="answer"))
+                                                num_beams, length_penalty, use_cache, op="answer",
+                                                second_images=second_images))
 
     def _encode_pairs(self, images, texts, op: str):
         """(E_v, E_t, text mask) of N (image, text) pairs; call in eval mode."""
@@ -542,10 +672,11 @@ class UniGen(nn.Module):
 
     @torch.no_grad()
     def score_answers(self, images, texts, candidates: list[str], *,
-                      task: str = "qus") -> torch.Tensor:
+                      task: str = "qus", second_images=None) -> torch.Tensor:
         """Log-probability ``[N, C]`` of each candidate answer (tokenised as a training target:
         its decoder ids, then eos) after image ⊕ text ⊕ ``task``'s token, for N (image, text)
-        pairs: ranks a closed set of answers (e.g. class keywords) instead of generating."""
+        pairs: ranks a closed set of answers (e.g. class keywords) instead of generating.
+        ``second_images``: a second image per pair, read after the first (two-image prefixes)."""
         if task not in ("qus", "match"):
             raise ValueError(f"UniGen.score_answers: task must be 'qus' or 'match' (the tasks "
                              f"that read an image and a text), got {task!r}")
@@ -556,10 +687,11 @@ class UniGen(nn.Module):
         eos = self.config.tasks.eos_token_id
         with self._evaluating():
             img_prefix, txt_prefix, mask = self._encode_pairs(images, texts, "score_answers")
+            second = self._second_prefix(second_images, img_prefix, "score_answers")
             answers = [list(self.decoder_tokenizer(c, add_special_tokens=False)["input_ids"])
                        + [eos] for c in candidates]
-            return self._answer_logprobs(self._prefixes(task, img_prefix, txt_prefix, mask),
-                                         answers)
+            return self._answer_logprobs(self._prefixes(task, img_prefix, txt_prefix, mask,
+                                                        second), answers)
 
     def _match_prob(self, img_prefix, txt_prefix, txt_mask) -> torch.Tensor:
         prefixes = self._prefixes("match", img_prefix, txt_prefix, txt_mask)
@@ -610,7 +742,9 @@ class UniGen(nn.Module):
 
         with self._evaluating():
             x = self._images(images, "retrieve")
-            ids, mask = self._texts(texts, "retrieve")
+            # An empty caption is still a query (IGLUE's xFlickr&CO and WIT test files hold a
+            # few): it encodes as the tokenizer's bos/eos alone.
+            ids, mask = self._texts(texts, "retrieve", allow_empty=True)
             q, img_prefix = chunked(self.encode_images, x.shape[0], x)
             h, txt_prefix = chunked(self.encode_texts, ids.shape[0], ids, mask)
             ie = F.normalize(self.image_proj(q[:, 0]).float(), dim=-1)
@@ -690,6 +824,10 @@ class UniGen(nn.Module):
             from unigen.model.lavis_remap import load_lavis_qformer_checkpoint
 
             load_lavis_qformer_checkpoint(model, qformer_checkpoint)
+        elif _is_blip2_size(config.qformer):
+            warnings.warn("UniGen.from_pretrained_parts: no qformer_checkpoint, so the paper-size "
+                          "Q-Former starts from random weights (the paper initialises it from "
+                          "BLIP-2's: pass init.qformer_checkpoint)", stacklevel=2)
         if load_tokenizers and xlmr_dir is not None and gpt2_dir is not None:
             from unigen.model.tokenizers import load_decoder_tokenizer, load_text_tokenizer
 
@@ -701,6 +839,13 @@ class UniGen(nn.Module):
                                  f"({e}); pass load_tokenizers=False to skip them") from e
             model.set_tokenizers(text_tok, dec_tok)
         return model
+
+
+def _is_blip2_size(q) -> bool:
+    """The Q-Former has BLIP-2's (BERT-base) size, the one its checkpoint exists for."""
+    base = type(q)()
+    return all(getattr(q, f) == getattr(base, f) for f in
+               ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"))
 
 
 def count_parameters(config: UniGenConfig | None = None) -> dict[str, dict[str, int]]:

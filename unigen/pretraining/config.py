@@ -76,9 +76,15 @@ class PretrainConfig:
 
     def __post_init__(self):
         m, d = self.model, self.data
-        if self.schedule.epochs:
-            raise ValueError("schedule.epochs: pre-training's task streams are endless; set "
-                             "the run's length with schedule.steps")
+        # Left unset, the pipeline's sizes are the model's.
+        if d.image_size is None:
+            d.image_size = m.vision.image_size
+        if d.max_encoder_len is None:
+            d.max_encoder_len = m.text.max_length
+        if self.schedule.epochs and not d.image_shards:
+            raise ValueError("schedule.epochs: a pre-training epoch is one pass over the "
+                             "image-text pairs of data.image_shards (CC3M, paper §4.1); set "
+                             "data.image_shards or give the run's length in schedule.steps")
         # The pipeline must produce what the model reads: catch a mismatch here, before any
         # process starts, with the keys to change.
         if not self.init.from_pretrained and not self.init.clip_dir \

@@ -10,13 +10,19 @@ completed run writes ``<output_dir>/final_model``.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 
 import torch
 
 from unigen.configuration import ConfigError
 from unigen.data.batches import build_training_dataset, finish_batch
+from unigen.data.check import check_sources
+from unigen.data.drops import DroppedSampleMonitor, TooManyDroppedSamples
+from unigen.data.errors import DataFormatError
 from unigen.data.mixing import DataPosition
+from unigen.data.sizes import image_pair_count
 from unigen.data.task_tokenizer import TaskTokenizer
 from unigen.model.config import TASK_NAMES
 from unigen.training.distributed import init_distributed, teardown_distributed
@@ -33,6 +39,7 @@ _CL, _TEMP = 0, 1
 _TASK_LOSS = 2                           # 2..5: per-task loss × target tokens
 _TASK_TOK = _TASK_LOSS + len(TASK_NAMES)  # 6..9: per-task target tokens
 _TARGET_TOK, _INPUT_TOK = _TASK_TOK + len(TASK_NAMES), _TASK_TOK + len(TASK_NAMES) + 1
+_DROPPED = _INPUT_TOK + 1
 
 
 def _check_runnable(cfg: PretrainConfig) -> None:
@@ -46,6 +53,7 @@ def _check_runnable(cfg: PretrainConfig) -> None:
         if not path or not os.path.isdir(path):
             raise ConfigError(f"data.{key}: tokenizer directory {path!r} does not exist",
                               kind="invalid")
+    check_sources(d)  # file names, language pairs, readable shards: before any run folder
 
 
 def _build_model(cfg: PretrainConfig, text_tok, dec_tok):
@@ -79,7 +87,9 @@ class PretrainRecipe(Recipe):
     name = "unigen.train"
     resume_hint = "the next launch resumes from its checkpoint (checkpoint.resume: auto)"
     stat_names = ("cl", "temperature", *(f"{t}_loss_x_tokens" for t in TASK_NAMES),
-                  *(f"{t}_tokens" for t in TASK_NAMES), "target_tokens", "input_tokens")
+                  *(f"{t}_tokens" for t in TASK_NAMES), "target_tokens", "input_tokens",
+                  "dropped")
+    data_errors = (DataFormatError, TooManyDroppedSamples)
 
     def __init__(self, cfg: PretrainConfig):
         from unigen.model.tokenizers import load_decoder_tokenizer, load_text_tokenizer
@@ -96,6 +106,9 @@ class PretrainRecipe(Recipe):
                                        max_encoder_len=cfg.data.max_encoder_len,
                                        max_target_len=cfg.data.max_target_len)
         self.position = DataPosition()
+        self.drops = DroppedSampleMonitor(cfg.data.max_dropped_fraction,
+                                          report=self._report_drop)
+        self.dropped_total = 0  # over every process, from the log intervals
         self.image_decoder = None  # DALI in the main process, built at first need
 
     def setup(self, trainer) -> None:
@@ -111,6 +124,26 @@ class PretrainRecipe(Recipe):
         return self.model
 
     # ---- data ------------------------------------------------------------------------------
+    def micro_batches_per_epoch(self) -> int | None:
+        """With ``schedule.epochs``: micro-batches per process of one epoch, an epoch being
+        as many samples (every task together) as ``data.image_shards`` holds image-text pairs
+        — the paper's "30 epochs" of CC3M (§4.1-4.2) at its global batch. The task streams
+        themselves stay endless (each cycles its source); the epochs set the run's length,
+        the schedule's decay, and an end-of-epoch checkpoint."""
+        if not self.cfg.schedule.epochs:
+            return None
+        d = self.cfg.data
+        pairs = image_pair_count(d.image_shards)
+        if pairs == 0:
+            raise ConfigError("schedule.epochs: data.image_shards hold no image-text pair",
+                              kind="invalid")
+        per_epoch = math.ceil(pairs / (d.batch_size * self.env.world_size))
+        self.trainer.log(f"schedule.epochs: {pairs} image-text pairs in data.image_shards, "
+                         f"{d.batch_size * self.env.world_size} samples per micro-batch over "
+                         f"{self.env.world_size} process(es): {per_epoch} micro-batches per "
+                         f"epoch")
+        return per_epoch
+
     def batches(self, epoch: int, done: int):
         from torch.utils.data import DataLoader
 
@@ -127,43 +160,62 @@ class PretrainRecipe(Recipe):
         for item in items:
             self.position.update(item)
             if item.groups is not None and self.image_decoder is None:
-                from unigen.data.image_pipeline import DaliImageDecoder, ImageSpec
+                from unigen.data.build import image_spec
+                from unigen.data.image_pipeline import DaliImageDecoder
 
                 self.image_decoder = DaliImageDecoder(
-                    ImageSpec(self.cfg.data.image_size, self.cfg.data.interpolation),
+                    image_spec(self.cfg.data, self.env.rank),
                     device_id=device.index if device.type == "cuda" else None)
             batch = finish_batch(item, image_decoder=self.image_decoder,
                                  encoder_pad_id=self.tokenizer.encoder_pad_id,
                                  decoder_pad_id=self.tokenizer.decoder_pad_id)
-            yield batch, item.num_samples
+            self.drops.update(item.num_samples, batch.num_images, item.dropped_samples)
+            yield batch, item.num_samples, item.dropped
+
+    def _report_drop(self, line: str) -> None:
+        if self.env.is_main:
+            self.trainer.log(line)
+        else:
+            print(f"[{self.name} rank {self.env.rank}] {line}", file=sys.stderr, flush=True)
 
     def rank_state(self) -> dict:
-        return self.position.state_dict()
+        return {**self.position.state_dict(), "drops": self.drops.state_dict()}
 
     def load_rank_state(self, state: dict) -> None:
+        self.drops.load_state_dict(state.get("drops", {}))
         self.dataset.load_state_dict(state)
         self.position.load_state_dict(state)
 
+    def state_dict(self) -> dict:
+        return {"dropped_total": self.dropped_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dropped_total = int(state.get("dropped_total", 0))
+
     # ---- a step ----------------------------------------------------------------------------
     def forward(self, model, item, generator, validate: bool) -> StepOutput:
-        batch, num_samples = item
+        batch, num_samples, dropped = item
         mc = self.model.config
         device = self.env.device
         input_tokens = batch.num_input_tokens(mc.qformer.num_query_tokens)
         if validate:
             # on the host copy: no device syncs, and a bad batch fails before any compute
             batch.validate(image_size=mc.vision.image_size, max_text_length=mc.text.max_length,
-                           decoder_vocab_size=mc.decoder.vocab_size + len(TASK_NAMES))
+                           decoder_vocab_size=mc.decoder.vocab_size + len(TASK_NAMES),
+                           text_vocab_size=mc.text.vocab_size)
+        layout = self.model.step_layout(batch)  # host shapes: the step then reads no device value
         batch = batch.to(device, non_blocking=True)
-        out = model(batch, generator=generator, validate=False)
+        out = model(batch, generator=generator, validate=False, layout=layout)
         accum = self.cfg.optim.grad_accum_steps
-        tok = torch.tensor([out.num_tokens[t] for t in TASK_NAMES], dtype=torch.float64,
-                           device=device)
+        # the counts are host numbers (from the batch's layout): one copy without waiting
+        host = torch.tensor([out.num_tokens[t] for t in TASK_NAMES]
+                            + [out.num_tokens["total"], input_tokens, dropped],
+                            dtype=torch.float64).to(device, non_blocking=True)
+        tok = host[:len(TASK_NAMES)]
         task_loss = torch.stack([out.losses[t].double() for t in TASK_NAMES])
-        host = torch.tensor([out.num_tokens["total"], input_tokens], dtype=torch.float64)
         stats = torch.cat([(out.losses["cl"].double() / accum).reshape(1),
                            (out.temperature.double() / accum).reshape(1),
-                           task_loss * tok, tok, host.to(device)])
+                           task_loss * tok, tok, host[len(TASK_NAMES):]])
         return StepOutput(out.loss, num_samples, stats)
 
     # ---- logging ---------------------------------------------------------------------------
@@ -182,6 +234,10 @@ class PretrainRecipe(Recipe):
             n = stats[_TASK_TOK + j]
             metrics[f"loss/{t}"] = stats[_TASK_LOSS + j] / n if n > 0 else None
         metrics["loss/cl"] = stats[_CL] / (w * steps)
+        # every process gets the same reduced stats, so every process's total agrees
+        self.dropped_total += int(stats[_DROPPED])
+        metrics["data/dropped"] = int(stats[_DROPPED])
+        metrics["data/dropped_total"] = self.dropped_total
         tokens = stats[_TARGET_TOK] + stats[_INPUT_TOK]
         metrics.update({
             "temperature": history["temperature"][-1],

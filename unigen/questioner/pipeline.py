@@ -18,7 +18,7 @@ from .filters import PairFilter, judge_generation
 from .prompt import PromptTemplate
 from .readers import BadRecord, CaptionReader, CaptionRecord
 from .summary import RunStats
-from .writer import OutputStore
+from .writer import OutputStore, signals_deferred
 
 _MAX_LOGGED_BAD_LINES = 10
 
@@ -117,11 +117,14 @@ def run(
                 f"backend {backend.name}: all {len(batch)} requests of a batch failed; "
                 f"last: {last_failure.reason} {last_failure.detail}".rstrip()
             )
-        store.append(results)
-        for _, _, pairs, rejected in results:
-            stats.captions_generated += 1
-            stats.kept += len(pairs)
-            stats.rejected.update(rejected)
+        # A Ctrl-C/SIGTERM during the write lands after this block: the run's counts then
+        # include the batch just written (nested in append's own deferral, it is held once).
+        with signals_deferred():
+            store.append(results)
+            for _, _, pairs, rejected in results:
+                stats.captions_generated += 1
+                stats.kept += len(pairs)
+                stats.rejected.update(rejected)
         if pbar is not None:
             pbar.update(len(batch))
             pbar.set_postfix(pairs=store.totals.kept, refresh=False)

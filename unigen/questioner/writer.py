@@ -270,12 +270,14 @@ class OutputStore:
             ledger_lines.append(
                 json.dumps({"key": key, "kept": len(pairs), "rejected": rejected}, ensure_ascii=False)
             )
+        # The totals are updated inside the deferred block too: a signal held during the write
+        # is delivered after it, and the summary printed then must count this batch.
         with signals_deferred():
             self._write_lines(self._out_f, out_lines)
             self._write_lines(self._ledger_f, ledger_lines)
-        for key, _, pairs, rejected in results:
-            self.done.add(key)
-            self.totals.add(len(pairs), rejected)
+            for key, _, pairs, rejected in results:
+                self.done.add(key)
+                self.totals.add(len(pairs), rejected)
 
     def close(self) -> None:
         for f in (self._out_f, self._ledger_f):

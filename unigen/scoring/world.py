@@ -1,9 +1,13 @@
 """Evaluation on the held-out split of the synthetic world (unigen.data.synthetic_world):
-per language, retrieval R@1 (contrastive and [match]-re-ranked) and QA accuracy."""
+per language, retrieval R@1 (contrastive and [match]-re-ranked) and QA accuracy.
+
+    python -m unigen.scoring.world --model RUN/final_model --world WORLD_DIR [--k 8] [--out F.json]
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
 from dataclasses import asdict, dataclass
 
@@ -78,3 +82,50 @@ def evaluate_world(model, split: EvalSplit, files: WorldFiles, *, k: int = 8) ->
 
 def scores_to_dicts(scores: list[LanguageScores]) -> list[dict]:
     return [asdict(s) for s in scores]
+
+
+@dataclass(kw_only=True)
+class WorldEvalConfig:
+    model: str
+    """A ``save_pretrained`` directory with its tokenizers (e.g. a run's ``final_model``)."""
+    world: str
+    """The synthetic world's folder (the one holding ``world.json``)."""
+    k: int = 8
+    """[match] re-ranks the top ``k`` of the contrastive ranking."""
+    out: str = ""
+    """Also write the scores as JSON to this file."""
+
+
+def _run(cfg: WorldEvalConfig) -> None:
+    import os
+
+    from unigen.model.unigen_model import UniGen
+
+    if not os.path.isfile(os.path.join(cfg.world, "world.json")):
+        raise FileNotFoundError(f"world: no world.json in {cfg.world!r} (write one with "
+                                f"python -m unigen.data.synthetic_world)")
+    files = WorldFiles.load(cfg.world)
+    model = UniGen.from_pretrained(cfg.model)
+    split = load_eval_split(files, model.config.vision.image_size)
+    scores = evaluate_world(model, split, files, k=cfg.k)
+    print(f"{len(split.keys)} held-out images; R@1 chance {scores[0].chance:.1%}")
+    print("language | images in training | I→T R@1 | T→I R@1 | I→T re-ranked | T→I re-ranked | QA")
+    for s in scores:
+        qa = "-" if s.qa_accuracy is None else f"{s.qa_accuracy:.1%}"
+        print(f"{s.language} | {'yes' if s.with_images_in_training else 'no'} | {s.i2t_contrastive:.1%} | "
+              f"{s.t2i_contrastive:.1%} | {s.i2t_rerank:.1%} | {s.t2i_rerank:.1%} | {qa}")
+    if cfg.out:
+        with open(cfg.out, "w", encoding="utf-8") as f:
+            json.dump(scores_to_dicts(scores), f, indent=2)
+        print(f"scores written to {cfg.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unigen.configuration import run_cli
+
+    return run_cli(WorldEvalConfig, _run, argv, prog="python -m unigen.scoring.world",
+                   description=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,10 @@ Layout of ``<output_dir>/checkpoints/step_<N>/``::
                       states (torch CPU/CUDA, python, numpy, the hard-negative generator) and
                       the data position (unigen.data.DataPosition)
 
+With ``checkpoint.format: sharded`` the weights and the optimizer state are instead
+``sharded/``, written by every rank through ``torch.distributed.checkpoint`` (each its own
+shards, nothing gathered: FSDP2's way), and ``model/`` holds the config and tokenizers only.
+
 A checkpoint is written into ``.tmp-step_<N>-<pid>`` and renamed to ``step_<N>`` only when
 complete (a rename is atomic on POSIX file systems), so a crash mid-save leaves at most a
 temporary folder, which the next save clears; readers only ever see complete checkpoints.
@@ -37,6 +41,7 @@ CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer.pt"
+SHARDED_DIR = "sharded"
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -94,31 +99,47 @@ def write_pretrained(directory: str, config, state_dict: dict, text_tokenizer=No
 
     os.makedirs(directory, exist_ok=True)
     config.save(os.path.join(directory, CONFIG_NAME))
-    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "model": "UniGen"})
+    if state_dict is not None:  # None: a sharded checkpoint keeps its weights in sharded/
+        sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        save_file(sd, os.path.join(directory, WEIGHTS_NAME),
+                  metadata={"format": "pt", "model": "UniGen"})
     if text_tokenizer is not None:
         text_tokenizer.save_pretrained(os.path.join(directory, TEXT_TOKENIZER_DIR))
     if decoder_tokenizer is not None:
         decoder_tokenizer.save_pretrained(os.path.join(directory, DECODER_TOKENIZER_DIR))
 
 
-def save_checkpoint(root: str, step: int, *, model_config, model_state: dict,
-                    optimizer_state: dict, trainer_state: dict, keep_last: int,
-                    text_tokenizer=None, decoder_tokenizer=None) -> str:
-    """Write ``root/step_<step>`` atomically, then delete all but the newest ``keep_last``
-    (0 keeps all). Returns the checkpoint path. Call on rank 0 only."""
+def prepare_checkpoint_dir(root: str, step: int, tag: str | None = None) -> str:
+    """The temporary folder ``root/step_<step>`` is written into (made empty; temporaries of
+    saves that crashed are cleared). ``tag``: the same on every rank when all of them write
+    into it (a sharded save), else this process's id. Call on rank 0 only."""
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:08d}"
-    final = os.path.join(root, name)
-    tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
     for leftover in os.listdir(root):  # temporaries of saves that crashed
         if leftover.startswith(".tmp-"):
             shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
+    tmp = os.path.join(root, f".tmp-{name}-{tag if tag is not None else os.getpid()}")
     os.makedirs(tmp)
+    return tmp
+
+
+def save_checkpoint(root: str, step: int, *, model_config, model_state: dict | None,
+                    optimizer_state: dict | None, trainer_state: dict, keep_last: int,
+                    text_tokenizer=None, decoder_tokenizer=None, tmp: str | None = None) -> str:
+    """Write ``root/step_<step>`` atomically, then delete all but the newest ``keep_last``
+    (0 keeps all). Returns the checkpoint path. Call on rank 0 only.
+
+    ``model_state``/``optimizer_state`` None: a sharded checkpoint, whose ``sharded/`` the ranks
+    have already written into ``tmp`` (from :func:`prepare_checkpoint_dir`)."""
+    name = f"step_{step:08d}"
+    final = os.path.join(root, name)
+    if tmp is None:
+        tmp = prepare_checkpoint_dir(root, step)
     try:
         write_pretrained(os.path.join(tmp, MODEL_DIR), model_config, model_state,
                          text_tokenizer, decoder_tokenizer)
-        torch.save(optimizer_state, os.path.join(tmp, OPTIMIZER_FILE))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, os.path.join(tmp, OPTIMIZER_FILE))
         torch.save(trainer_state, os.path.join(tmp, TRAINER_FILE))
         _fsync_tree(tmp)
         if os.path.exists(final):  # the same step saved again (e.g. periodic, then at exit)
@@ -139,6 +160,17 @@ def load_checkpoint(path: str, model) -> dict:
     model weights checked against ``model`` (keys and shapes) before anything is loaded."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} is not a directory")
+    sharded = os.path.join(path, SHARDED_DIR)
+    if os.path.isdir(sharded):  # the ranks read their shards themselves
+        if not os.path.isfile(os.path.join(path, TRAINER_FILE)):
+            raise CheckpointError(f"checkpoint {path!r} has no {TRAINER_FILE}: an incomplete "
+                                  f"checkpoint")
+        try:
+            trainer = torch.load(os.path.join(path, TRAINER_FILE), map_location="cpu",
+                                 weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from e
+        return {"model": None, "optimizer": None, "trainer": trainer, "sharded": sharded}
     for need in (os.path.join(MODEL_DIR, WEIGHTS_NAME), OPTIMIZER_FILE, TRAINER_FILE):
         if not os.path.isfile(os.path.join(path, need)):
             raise CheckpointError(f"checkpoint {path!r} has no {need}: not a training checkpoint "
@@ -152,7 +184,7 @@ def load_checkpoint(path: str, model) -> dict:
                              weights_only=False)
     except Exception as e:  # truncated or foreign files
         raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from e
-    return {"model": weights, "optimizer": optimizer, "trainer": trainer}
+    return {"model": weights, "optimizer": optimizer, "trainer": trainer, "sharded": None}
 
 
 # ---- random state ---------------------------------------------------------------------------

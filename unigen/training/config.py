@@ -145,8 +145,14 @@ class CheckpointConfig:
     "never": start fresh (refused if the run folder holds checkpoints); or a checkpoint path."""
     save_on_exit: bool = True
     """Save at the end of the run and when SIGINT/SIGTERM stops it."""
+    format: Literal["full", "sharded"] = "full"
+    """"full": the model and optimizer state gathered on rank 0 (``model/`` is then
+    ``UniGen.from_pretrained``-loadable); "sharded": every rank writes its own shards through
+    ``torch.distributed.checkpoint`` (nothing gathered: FSDP2 models larger than one process's
+    memory). Resuming reads either; a run's final model is always written full."""
 
     def __post_init__(self):
+        check_choices(self, "checkpoint")
         check_int("checkpoint", "every", self.every, low=0)
         check_int("checkpoint", "keep_last", self.keep_last, low=0)
         if not isinstance(self.resume, str) or not self.resume.strip():

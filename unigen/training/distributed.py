@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from unigen.configuration import ConfigError
+
 from .config import DistributedConfig, RunConfig
 
 
@@ -29,6 +31,10 @@ class DistEnv:
     device: torch.device
     owns_process_group: bool = False
     """True when :func:`init_distributed` created the process group (and so tears it down)."""
+    host_group: object | None = None
+    """A gloo group beside an NCCL default group, for the host-side flags every step checks
+    (:func:`any_rank`): a CPU all-reduce reads nothing back from the GPU. None when the default
+    group is gloo already."""
 
     @property
     def is_distributed(self) -> bool:
@@ -65,7 +71,9 @@ def init_distributed(dcfg: DistributedConfig, rcfg: RunConfig) -> DistEnv:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
     if rcfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but CUDA is not available")
+        raise ConfigError("run.device is 'cuda' but this machine has no usable CUDA device "
+                          "(torch.cuda.is_available() is False); use run.device=auto or cpu",
+                          kind="invalid")
     use_cuda = rcfg.device == "cuda" or (rcfg.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
@@ -86,8 +94,11 @@ def init_distributed(dcfg: DistributedConfig, rcfg: RunConfig) -> DistEnv:
         owns = True
     elif dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
+    host_group = None
+    if world > 1 and dist.get_backend() != "gloo":  # every rank makes it (a collective)
+        host_group = dist.new_group(backend="gloo")
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device,
-                   owns_process_group=owns)
+                   owns_process_group=owns, host_group=host_group)
 
 
 def teardown_distributed(env: DistEnv | None) -> None:
@@ -180,8 +191,12 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     """True on every rank when ``flag`` is True on any rank (so all ranks stop together)."""
     if not env.is_distributed:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    # On the host (the gloo side group under NCCL): checked every step, it must not wait on
+    # the GPU's queue of work.
+    on_host = env.host_group is not None or env.device.type == "cpu"
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                     device="cpu" if on_host else env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.host_group)
     return bool(t.item())
 
 
@@ -236,3 +251,27 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
         return
     unwrap(model).load_state_dict(model_sd, strict=True)
     optimizer.load_state_dict(optim_sd)
+
+
+def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Every rank writes its own shards of the model and optimizer state into ``path`` through
+    ``torch.distributed.checkpoint`` (FSDP2 parameters stay sharded; a replicated model is
+    written once, deduplicated across ranks). Call on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(unwrap(model), optimizer)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=path)
+
+
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Read a :func:`save_sharded_state` checkpoint into the (sharded or replicated) model and
+    optimizer, each rank its own shards. Call on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    m = unwrap(model)
+    msd, osd = get_state_dict(m, optimizer)
+    state = {"model": msd, "optimizer": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(m, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

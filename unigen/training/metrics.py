@@ -164,10 +164,15 @@ def format_metrics(step: int, m: dict) -> str:
     loss_keys = [k for k in m if k.startswith("loss/")]
     for k in loss_keys:
         if m[k] is not None:
-            parts.append(f"{k[5:]} {m[k]:.4f}")
+            # "loss/total" is the objective the optimizer sees (the recipe's weighted sum, per
+            # step); the per-task values beside it are means over their own tokens, so they do
+            # not add up to it: the label says which is which.
+            parts.append(f"{'objective' if k == 'loss/total' else k[5:]} {m[k]:.4f}")
     for key, fmt in (("temperature", "τ {:.4f}"), ("lr", "lr {:.3e}"),
                      ("samples_per_s", "{:.1f} samples/s"), ("tokens_per_s", "{:.0f} tok/s"),
                      ("mfu", "mfu {:.1%}"), ("peak_mem_gib", "mem {:.2f} GiB")):
         if m.get(key) is not None:
             parts.append(fmt.format(m[key]))
+    if m.get("data/dropped_total"):
+        parts.append(f"dropped: {m['data/dropped_total']}")
     return " | ".join(parts)

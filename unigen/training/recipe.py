@@ -50,6 +50,9 @@ class Recipe:
     """How a user continues a run stopped by ``run.stop_at_step`` or a signal."""
     stat_names: tuple[str, ...] = ()
     """Columns of :attr:`StepOutput.stats`."""
+    data_errors: tuple[type[BaseException], ...] = ()
+    """Exceptions that mean bad input data (raised by :meth:`batches`' iterator mid-run): the
+    core checkpoints the steps done before letting one propagate."""
 
     # ---- set-up ---------------------------------------------------------------------------
     def setup(self, trainer) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +42,9 @@ from .distributed import (
     full_state_dicts,
     gather_objects,
     load_full_state_dicts,
+    load_sharded_state,
     parallelize,
+    save_sharded_state,
 )
 from .metrics import MetricLogger, peak_memory_gib
 from .optim import autocast_dtype, build_optimizer
@@ -104,9 +107,9 @@ class Trainer:
         self._pbar = None
         self.amp_dtype = autocast_dtype(config.run, self.device)
         recipe.setup(self)
-        if env.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-        barrier(env)
+        # The run folder is made when training starts (_fit): an error found while setting up
+        # leaves no half-made folder behind.
+        self._made_run_dir = False
 
         # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         seed_everything(config.run.seed)
@@ -211,8 +214,11 @@ class Trainer:
                               f"run has {self.env.world_size}: exact resuming needs the same "
                               f"world size", kind="invalid")
         self.recipe.check_resume(trainer["config"])
-        load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"],
-                              self.cfg.distributed, self.env)
+        if state["sharded"] is not None:
+            load_sharded_state(self.model, self.optimizer, state["sharded"])
+        else:
+            load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"],
+                                  self.cfg.distributed, self.env)
         self.scheduler.load_state_dict(trainer["scheduler"])
         self.step = int(trainer["step"])
         self.history = {k: list(v) for k, v in trainer["history"].items()}
@@ -229,8 +235,19 @@ class Trainer:
         rank_state = {"rng": ckpt.capture_rng_state(self.device, self.generator),
                       "data": self.recipe.rank_state()}
         ranks = gather_objects(rank_state, self.env)
-        model_sd, optim_sd = full_state_dicts(self.step_model, self.optimizer,
-                                              self.cfg.distributed, self.env)
+        tmp = None
+        if self.cfg.checkpoint.format == "sharded":
+            # every rank writes its shards into one temporary folder rank 0 prepares; rank 0
+            # adds the rest and renames it (the same atomic save as a full checkpoint)
+            if self.env.is_main:
+                tmp = ckpt.prepare_checkpoint_dir(self.ckpt_root, self.step, tag="sharded")
+            tmp = gather_objects(tmp, self.env)[0]
+            save_sharded_state(self.model, self.optimizer, os.path.join(tmp, ckpt.SHARDED_DIR))
+            barrier(self.env)
+            model_sd = optim_sd = None
+        else:
+            model_sd, optim_sd = full_state_dicts(self.step_model, self.optimizer,
+                                                  self.cfg.distributed, self.env)
         path = None
         if self.env.is_main:
             trainer_state = {"step": self.step, "scheduler": self.scheduler.state_dict(),
@@ -243,7 +260,7 @@ class Trainer:
                 self.ckpt_root, self.step, model_config=m.config, model_state=model_sd,
                 optimizer_state=optim_sd, trainer_state=trainer_state,
                 keep_last=self.cfg.checkpoint.keep_last, text_tokenizer=m.text_tokenizer,
-                decoder_tokenizer=m.decoder_tokenizer)
+                decoder_tokenizer=m.decoder_tokenizer, tmp=tmp)
             self.log(f"checkpoint saved: {path}")
         barrier(self.env)  # nobody runs ahead (or exits) while rank 0 is still writing
         self.last_checkpoint = path
@@ -354,8 +371,11 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train to the run's length (or ``run.stop_at_step``, or a signal)."""
+        completed = False
         try:
-            return self._fit()
+            result = self._fit()
+            completed = True
+            return result
         finally:
             self.stop.restore()
             if self._pbar is not None:
@@ -363,13 +383,41 @@ class Trainer:
                 self._pbar = None
             if self.logger is not None:
                 self.logger.close()
+            if not completed:
+                self._remove_unused_run_dir()
+
+    def _remove_unused_run_dir(self) -> None:
+        """After an error before the first step completed: remove the run folder this run made
+        (it holds only the config and empty logs), so a retry starts clean."""
+        if (self._made_run_dir and self.env.is_main and self.step == 0
+                and self.last_checkpoint is None and self.resumed_from is None):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _save_after_data_error(self, saved_at: int) -> None:
+        """A recipe's data error mid-run (a malformed line, a truncated shard): keep the steps
+        done in a checkpoint before the error propagates. With several processes the others
+        are inside the step's collectives, so no checkpoint can be written together; the last
+        periodic one stands (torchrun stops the other processes when this one exits)."""
+        if self.step == 0 or saved_at == self.step:
+            return
+        if self.env.is_distributed:
+            self.write(f"[{self.recipe.name}] data error at step {self.step + 1} on rank "
+                       f"{self.env.rank}; the newest checkpoint is the last periodic one")
+            return
+        self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+        path = self.save_checkpoint()
+        self.log(f"data error at step {self.step + 1}: the {self.step} steps done are saved in "
+                 f"{path}; fix the data, then {self.recipe.resume_hint}")
 
     def _fit(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         resume_path = self._resolve_resume()
         rng_state = self._resume(resume_path) if resume_path else None
         if env.is_main:
+            self._made_run_dir = not os.path.isdir(self.run_dir)
+            os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        barrier(env)
         self.logger = MetricLogger(self.run_dir, cfg.logging, enabled=env.is_main,
                                    write=self.write, name=self.recipe.name,
                                    resume_step=self.step if resume_path else None)
@@ -390,7 +438,8 @@ class Trainer:
         total = self.total_steps
         if cfg.run.stop_at_step:
             total = min(total, cfg.run.stop_at_step)
-        if env.is_main and cfg.logging.progress_bar:
+        # The bar only on a terminal: written to a file, its carriage returns tear the lines.
+        if env.is_main and cfg.logging.progress_bar and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
                 self._pbar = tqdm(total=total, initial=self.step, desc=self.recipe.name,
@@ -402,7 +451,11 @@ class Trainer:
         steps_here = 0
         self._t_last = time.perf_counter()
         while self.step < total:
-            self._train_step(it, steps_here)
+            try:
+                self._train_step(it, steps_here)
+            except self.recipe.data_errors:
+                self._save_after_data_error(saved_at)
+                raise
             steps_here += 1
             if self._pbar is not None:
                 self._pbar.update(1)
