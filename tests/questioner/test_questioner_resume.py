@@ -205,7 +205,12 @@ def test_summary_counts_the_batch_being_written_when_a_signal_arrives(tmp_path, 
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(OutputStore, "_write_lines", staticmethod(write_then_interrupt))
-    assert cli(src, out) == 130
+    # Ctrl-C as a terminal delivers it, whatever handler an earlier test left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli(src, out) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     ledger = [r for r in rows(ledger_path(out)) if "key" in r]  # the first line is the header
     assert 0 < len(ledger) < 80 and len(ledger) % 16 == 0
