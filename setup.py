@@ -82,7 +82,7 @@ setup(
         "model": ["transformers>=5.6,<6", "tokenizers", "sentencepiece", "pillow"],
         # The data pipeline decodes with PIL; DALI (GPU JPEG decoding) is optional, one wheel
         # per CUDA major version: pick the extra of the machine's CUDA.
-        "data": ["pillow"],
+        "data": ["pillow", "pyarrow"],
         "dali-cuda12": ["nvidia-dali-cuda120==2.4.0"],
         "dali-cuda13": ["nvidia-dali-cuda130==2.4.0"],
         "compare": ["liger-kernel", "cut-cross-entropy", "flash-attn", "open_clip_torch"],

@@ -1,5 +1,5 @@
 """From the public releases to the files the training streams read:
-``python -m unigen.data.prepare {wikimatrix,cc3m-check} ...``.
+``python -m unigen.data.prepare {wikimatrix,cc3m-check,cc6l} ...``.
 
 ``wikimatrix``: WikiMatrix as released by LASER (``WikiMatrix.<l1>-<l2>.tsv.gz``, one pair per
 line: ``margin score<TAB>sentence in l1<TAB>sentence in l2``, the pair's languages in
@@ -14,6 +14,9 @@ that is no number, an empty side) are skipped and counted.
 ``cc3m-check``: an img2dataset output folder (``--output_format webdataset``: ``NNNNN.tar``
 beside ``NNNNN_stats.json`` and ``NNNNN.parquet``) is complete when every shard number from 0
 to the last has its tar and its stats, and each tar holds the ``successes`` its stats count.
+
+``cc6l``: UC2's or CCLM's translated CC3M captions joined by URL to the img2dataset keys of
+that folder (:mod:`unigen.data.cc6l_release`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import re
 import sys
 
+from .cc6l_release import prepare_cc6l
 from .errors import DataFormatError
 from .sizes import shard_sample_count
 from .stream import iter_text_lines
@@ -170,6 +174,17 @@ def main(argv=None) -> int:
     wm.add_argument("--shard-lines", type=int, default=500_000)
     cc = sub.add_parser("cc3m-check", help="is an img2dataset webdataset folder complete?")
     cc.add_argument("folder")
+    c6 = sub.add_parser("cc6l", help="UC2's or CCLM's translated CC3M captions → CC6L lines "
+                                     "keyed to an img2dataset download")
+    c6.add_argument("inputs", nargs="+", help="the release's caption files or folders")
+    c6.add_argument("--images", required=True,
+                    help="the img2dataset output folder (its NNNNN.parquet give url → key)")
+    c6.add_argument("--out", required=True, help="output JSON-lines file (data.cc6l)")
+    c6.add_argument("--source", choices=("uc2", "cclm"), default="uc2",
+                    help="the release's format (default: uc2)")
+    c6.add_argument("--lang", default=None, help="language of a single UC2 file whose name "
+                                                  "does not say it")
+    c6.add_argument("--url-field", default="url", help="CCLM: the field holding the image URL")
     args = parser.parse_args(argv)
     try:
         if args.command == "wikimatrix":
@@ -178,11 +193,14 @@ def main(argv=None) -> int:
                                         shard_lines=args.shard_lines)
             print(f"wikimatrix: {sum(r['kept'] for r in report.values())} pairs in "
                   f"{len(report)} language pairs → {args.out}")
+        elif args.command == "cc6l":
+            prepare_cc6l(args.inputs, args.images, args.out, source=args.source, lang=args.lang,
+                         url_field=args.url_field)
         else:
             r = check_img2dataset_folder(args.folder)
             print(f"cc3m-check: {args.folder} complete: {r['shards']} shards, {r['samples']} "
                   f"samples")
-    except (DataFormatError, FileNotFoundError, ValueError, OSError) as exc:
+    except (DataFormatError, FileNotFoundError, ValueError, OSError, ImportError) as exc:
         print(f"unigen.data.prepare: {exc}", file=sys.stderr)
         return 2
     return 0
