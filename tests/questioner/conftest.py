@@ -125,21 +125,23 @@ def http_server():
                     status, payload, delay = state.behaviour(state, self.path, body)
                     if delay:
                         time.sleep(delay)
-                    if payload is None:  # hang up without an answer
-                        self.close_connection = True
-                        return
-                    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                    try:
-                        self.send_response(status)
-                        self.send_header("Content-Type", "application/json")
-                        self.send_header("Content-Length", str(len(data)))
-                        self.end_headers()
-                        self.wfile.write(data)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass  # the client gave up (timeout test): expected
                 finally:
+                    # Out of flight before the answer is sent: counted after it, the client's
+                    # next request could arrive first and be seen as one too many in flight.
                     with state.lock:
                         state.in_flight -= 1
+                if payload is None:  # hang up without an answer
+                    self.close_connection = True
+                    return
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test): expected
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True

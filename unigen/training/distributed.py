@@ -8,6 +8,7 @@ config and never woven into the model (torchtitan's habit).
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -104,6 +105,10 @@ def init_distributed(dcfg: DistributedConfig, rcfg: RunConfig) -> DistEnv:
 def teardown_distributed(env: DistEnv | None) -> None:
     """Destroy the process group if this code created it."""
     if env is not None and env.owns_process_group and dist.is_initialized():
+        # Free what still holds the group's work (a DDP reducer inside a reference cycle of the
+        # trainer) while the group is alive: freed at interpreter exit instead, gloo's worker
+        # threads can abort the process ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
         env.owns_process_group = False
 
