@@ -24,8 +24,9 @@ Triton kernels and their launchers, a dense PyTorch implementation of the same o
 The Triton path runs both directions (image rows × text columns and text rows × image columns)
 in the same launches, on a (row blocks, 2, splits) grid. The forward is one sweep per row block
 (split over several programs when the row blocks alone would leave the GPU idle; see
-``_splits``) that produces the row loss, the log-sum-exp and the mined negative (Gumbel-max on
-the fly, so mining costs no extra pass and no B×B buffer). The backward recomputes the
+``_splits``) that produces the row loss, the log-sum-exp and the mined negative (weighted
+reservoir sampling on the fly from the online sums, so mining costs no extra pass and no B×B
+buffer; see ``_fwd_kernel``). The backward recomputes the
 similarity tiles from the saved log-sum-exp. In one process it is one sweep over the rows of
 each direction: s_ij is the same logit in both losses, so each tile's gradient takes both terms
 and the image-row sweep yields the whole image gradient, the text-row sweep the whole text
@@ -36,6 +37,33 @@ would need a cross-program reduction (atomics, or an O(B²/BLOCK) partial buffer
 recomputing a [32, D] × [D, 32] tile costs less than either. Nothing of size B×B is ever
 stored: extra memory is O(B·D).
 
+Accounting (one process, B = 4096, D = 256, bf16, 32×32 tiles, 4 splits; per step = forward with
+``negatives="sample"`` + backward):
+
+- FLOPs: forward 2·2·B²·D = 17.2 G on the tensor cores (both directions), backward 2× that
+  (tile recompute + gradient matmul per direction). Per logit the forward adds one exp, and per
+  tile row: without ids or smoothing 2 row reductions (max, mass; "hardest" takes the argmax
+  with the max), sampling 3 and one scan (max, cumulative weights, the in-tile pick's count);
+  ids add 4 (the positives' max, mass, logit sum, count), label smoothing 1 (the logit sum).
+  It was one Philox call per 4 logits, 2 logs + 1 exp per logit and 7 reductions per tile row
+  whatever the call needed. Random numbers: one Philox call per (row, column tile) and one per
+  (row, split) in the merge: 2·B·(B/32 + 4) ≈ 1.1 M calls instead of 2·B²/4 = 8.4 M. Without ids
+  the positive logit s_ii is one indexed dot per row: 2·B·D FLOPs per direction, not a masked
+  sum over every tile.
+- Bytes: the features are read from HBM once per sweep (2·B·D·2 = 4 MiB) and re-read from L2 per
+  row block (B/32 · B·D·2 = 256 MiB per direction and sweep, what the 32-row tile costs); the
+  forward's partial statistics are (2 + 1) planes without ids or smoothing (2 + 4 + 1 with
+  both) × splits × 2·B fp32, plus the int64 candidate per split: 0.4 + 0.25 MiB at B = 4096.
+  Saved for the backward: lse, |P| and the inverse norms, O(B).
+- Launches (CUDA): forward = the seed's randint (sampling only), ``_prep_kernel`` (norms and
+  input check), ``_fwd_kernel``, ``_fwd_finish_kernel`` (split merge, loss, and the input
+  check's reduction) and the check's ``_assert_async``: 5; backward = ``_rows_bwd_kernel`` and
+  ``_bwd_finish_kernel`` (normalisation backward and the logit_scale gradient's sum): 2. A step
+  is 7 launches (9 before the check's reduction and the scale-gradient sum moved into the
+  finish kernels), besides autograd's seed gradient; ``test_triton_step_launches`` counts them.
+  Distributed adds the feature gathers (two; ids only when given; the size gather only without
+  ``rank_sizes``), the column sweep and a few O(B·D) ops to combine the gradients.
+
 Autocast (``torch.autocast``, CPU and CUDA): the features are cast to the autocast dtype at entry,
 as autocast casts the inputs of the similarity matmul this op fuses; the op's math (fp32
 normalisation, log-sum-exp and accumulation) runs with autocast disabled on every backend, and
@@ -45,7 +73,7 @@ the loss is fp32, as autocast's ``cross_entropy`` returns (see :mod:`unigen.kern
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -201,22 +229,15 @@ if triton_available():
         return ids
 
     @triton.jit
-    def _philox_words(seed, start, rng_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Random 32-bit words for the tile of columns ``start + [0, BLOCK_N)`` (``start`` a
-        multiple of 4) and rows ``rng_row``: column c gets word c % 4 of Philox(seed, counter =
-        (c // 4, row, 0, 0)). One call yields four words, so a tile costs BLOCK_N / 4 calls per
-        row: at ~100 integer instructions a call, one call per logit outweighed the tile's
-        matmul on the GPU."""
-        quads = (start // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
-        c0 = quads[None, :] + 0 * rng_row[:, None]
-        c1 = rng_row[:, None] + 0 * c0
-        zero = 0 * c0
-        w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero)
-        word = tl.arange(0, 4)[None, None, :]
-        bits = tl.where(word == 0, w0[:, :, None],
-                        tl.where(word == 1, w1[:, :, None],
-                                 tl.where(word == 2, w2[:, :, None], w3[:, :, None])))
-        return tl.reshape(bits, (BLOCK_M, BLOCK_N))
+    def _uniforms(seed, c0, c1, c2, c3):
+        """Two uniforms in the open interval (0, 1) per element of the uint32 counters: words 0
+        and 1 of Philox(seed, (c0, c1, c2, c3)), 24 bits each, centred ((k + ½) / 2^24), so a
+        draw is never exactly 0 or 1 (see the reservoir step in ``_fwd_kernel``). A counter-based
+        source: the draws depend on the counters only, not on the launch order."""
+        w0, w1, _, _ = tl.philox(seed, c0, c1, c2, c3)
+        u0 = ((w0 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u1 = ((w1 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        return u0, u1
 
     @triton.jit
     def _inverse_norm(sq, eps, ACC: tl.constexpr):
@@ -261,18 +282,33 @@ if triton_available():
         part_ptr, part_idx_ptr,
         n_q, n_k, dim, row_start, stride, cols_per_split,
         MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_IEEE: tl.constexpr, ACC: tl.constexpr, HAS_IDS: tl.constexpr,
+        DOT_IEEE: tl.constexpr, ACC: tl.constexpr, HAS_IDS: tl.constexpr, SMOOTH: tl.constexpr,
     ):
         """One program = BLOCK_M local query rows of one direction swept against one split of the
         columns (grid: row blocks, direction, column splits).
 
-        Per row it keeps the online log-sum-exp (running max m, running sum l), the sum and count of
-        positive logits, the sum of all logits (label smoothing), and for mining the running best
-        (key, column) where key = s + Gumbel noise (MODE 1: Gumbel-max is an exact draw from
-        softmax(s) over the candidates) or key = s (MODE 2: argmax). Positives get key -inf, so a
-        row whose every column is a positive keeps index -1. The split's partial statistics go to
-        ``part`` [5, splits, 2, n_q] (lse, positive sum, positive count, row sum, best key) and
-        ``part_idx`` [splits, 2, n_q]; ``_fwd_finish_kernel`` merges the splits.
+        Per row it keeps the online log-sum-exp of the *candidates* (the non-positive columns:
+        running max m_c, running mass l_c = Σ exp(s - m_c)), which is at once the denominator's
+        bulk and the mass the sampler needs, and, only where the call needs them:
+
+        - HAS_IDS: the positives' own log-sum-exp (m_p, l_p), their logit sum and count (one
+          exp per logit serves both sets: the shift is picked per element). Without ids the
+          row's only positive is its pair: its logit s_ii comes from one O(D) indexed dot per
+          row (split 0 only) and the finish kernel adds it to the log-sum-exp.
+        - SMOOTH (label smoothing): the sum of all logits.
+        - MODE 1 (sample): exact weighted reservoir sampling per (row, tile). With the tile's
+          candidate weights w_j = exp(s_j - m_c) and mass m_t = Σ w_j, the candidate switches to
+          this tile with probability m_t / (l_c + m_t) (uniform u₀), and inside it column j is
+          taken by inverse CDF, the first j with cumsum(w)_j ≥ u₁·m_t (uniform u₁; both in (0, 1)
+          so a zero-weight column is never taken). By induction P(column j) = w_j / Σ_all w: the
+          law of softmax(s) over the candidates, drawn with two uniforms per (row, tile) — one
+          Philox call per row and tile, counter (column tile, global row, 0, direction) — and no
+          per-logit random number or log. MODE 2 (hardest): the running argmax comes with the
+          tile max (one reduction). A row without any candidate keeps index -1.
+
+        Partial statistics go to ``part`` [planes, splits, 2, n_q] (see ``_part_planes``) and the
+        candidate index to ``part_idx`` [splits, 2, n_q]; ``_fwd_finish_kernel`` merges the
+        splits (by the same reservoir rule).
         """
         pid = tl.program_id(0)
         d = tl.program_id(1)
@@ -290,62 +326,102 @@ if triton_available():
         ids_q = _pair_ids(ids_ptr, grows, row_mask, HAS_IDS)
         scale = tl.load(scale_ptr).to(ACC)
         if MODE == 1:
-            seed = tl.load(seed_ptr + d)
-            # Philox counter = (column // 4, global row, 0, 0), and column c takes word c % 4 of
-            # the four the call returns: draws depend on (row, column) only, not on the tiling
-            # or the launch configuration, and no flattened row·B offset can wrap at 2^32.
+            seed = tl.load(seed_ptr)
             rng_row = grows.to(tl.uint32)
+            rng_dir = (0 * rows + d).to(tl.uint32)
+            rng_zero = 0 * rng_row
 
-        m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
-        l_i = tl.zeros((BLOCK_M,), ACC)
-        pos_sum = tl.zeros((BLOCK_M,), ACC)
-        pos_cnt = tl.zeros((BLOCK_M,), ACC)
-        row_sum = tl.zeros((BLOCK_M,), ACC)
-        best = tl.full((BLOCK_M,), float("-inf"), ACC)
+        m_c = tl.full((BLOCK_M,), float("-inf"), ACC)
+        l_c = tl.zeros((BLOCK_M,), ACC)
+        if HAS_IDS:
+            m_p = tl.full((BLOCK_M,), float("-inf"), ACC)
+            l_p = tl.zeros((BLOCK_M,), ACC)
+            pos_sum = tl.zeros((BLOCK_M,), ACC)
+            pos_cnt = tl.zeros((BLOCK_M,), ACC)
+        if SMOOTH:
+            row_sum = tl.zeros((BLOCK_M,), ACC)
         best_idx = tl.full((BLOCK_M,), -1, tl.int64)
+
+        if not HAS_IDS:
+            if split == 0:
+                # s_ii by an indexed dot: O(D) per row instead of a masked reduction per tile.
+                # Chunks of 32 features reloaded (from L2) rather than the register-resident q:
+                # a whole [BLOCK_M, D] fp32 product cost ~40 registers/thread at D = 256.
+                dot = tl.zeros((BLOCK_M,), ACC)
+                for c in range(0, dim, 32):
+                    offs_c = c + tl.arange(0, 32)
+                    m_c2 = row_mask[:, None] & (offs_c[None, :] < dim)
+                    q_c = tl.load(q_ptr + grows[:, None] * stride + offs_c[None, :], mask=m_c2, other=0.0)
+                    k_c = tl.load(k_ptr + grows[:, None] * stride + offs_c[None, :], mask=m_c2, other=0.0)
+                    dot += tl.sum(q_c.to(ACC) * k_c.to(ACC), 1)
+                inv_k_ii = tl.load(inv_k_ptr + grows, mask=row_mask, other=0.0)
+                tl.store(part_ptr + 2 * tl.num_programs(2) * 2 * n_q + (2 * split + d) * n_q + rows,
+                         dot * inv_q * inv_k_ii * scale, mask=row_mask)
 
         for start in range(col_begin, col_end, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_mask = cols < col_end
             s, cos, k, inv_k = _similarity_tile(q, k_ptr, inv_k_ptr, cols, col_mask, inv_q, scale,
                                                 stride, dim, BLOCK_D, DOT_IEEE, ACC)
-            ids_k = _pair_ids(ids_ptr, cols, col_mask, HAS_IDS)
-            s = tl.where(col_mask[None, :], s, float("-inf"))
-            # Online log-sum-exp; every block has at least one valid column so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-            m_i = m_new
-            pos = (ids_q[:, None] == ids_k[None, :]) & col_mask[None, :]
-            pos_sum += tl.sum(tl.where(pos, s, 0.0), 1)
-            pos_cnt += tl.sum(pos.to(ACC), 1)
-            row_sum += tl.sum(tl.where(col_mask[None, :], s, 0.0), 1)
-            if MODE != 0:
-                if MODE == 1:
-                    u = tl.uint_to_uniform_float(
-                        _philox_words(seed, start, rng_row, BLOCK_M, BLOCK_N))
-                    # u in [0, 1); clamping keeps the Gumbel noise finite so every candidate stays
-                    # eligible (the clamp changes each probability by < 1e-30).
-                    u = tl.maximum(u, 1e-30)
-                    key = s - tl.log(-tl.log(u)).to(ACC)
-                else:
-                    key = s
-                key = tl.where(pos | (~col_mask[None, :]), float("-inf"), key)
-                tile_best = tl.max(key, 1)
-                tile_idx = tl.argmax(key, 1).to(tl.int64) + start
-                # strict '>': ties keep the earlier column, and an all -inf tile never updates.
-                better = tile_best > best
-                best = tl.where(better, tile_best, best)
-                best_idx = tl.where(better, tile_idx, best_idx)
+            if HAS_IDS:
+                ids_k = _pair_ids(ids_ptr, cols, col_mask, HAS_IDS)
+                pos = (ids_q[:, None] == ids_k[None, :]) & col_mask[None, :]
+            else:
+                pos = grows[:, None] == cols[None, :]  # the pair itself
+            cand = col_mask[None, :] & (~pos)
+            s_c = tl.where(cand, s, float("-inf"))
+            if MODE == 2:
+                tile_max, tile_arg = tl.max(s_c, 1, return_indices=True,
+                                            return_indices_tie_break_left=True)
+                # strict '>': ties keep the earlier column, a tile without candidates never wins
+                best_idx = tl.where(tile_max > m_c, tile_arg.to(tl.int64) + start, best_idx)
+            else:
+                tile_max = tl.max(s_c, 1)
+            m_new = tl.maximum(m_c, tile_max)
+            # a row may have seen no candidate yet (-inf): shift by 0 then (exp(-inf) = 0, no nan)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_c - shift)
+            if HAS_IDS:
+                mp_new = tl.maximum(m_p, tl.max(tl.where(pos, s, float("-inf")), 1))
+                p_shift = tl.where(mp_new == float("-inf"), 0.0, mp_new)
+                e = tl.exp(s - tl.where(pos, p_shift[:, None], shift[:, None]))
+                l_p = l_p * tl.exp(m_p - p_shift) + tl.sum(tl.where(pos, e, 0.0), 1)
+                m_p = mp_new
+                pos_sum += tl.sum(tl.where(pos, s, 0.0), 1)
+                pos_cnt += tl.sum(pos.to(ACC), 1)
+            else:
+                e = tl.exp(s - shift[:, None])
+            w = tl.where(cand, e, 0.0)
+            if MODE == 1:
+                cum = tl.cumsum(w, 1)
+                mass = tl.max(cum, 1)  # = the last entry (w ≥ 0): the same number the pick uses
+                u_switch, u_pick = _uniforms(seed, rng_zero + start // BLOCK_N, rng_row, rng_zero,
+                                             rng_dir)
+                total = l_c * alpha + mass
+                switch = u_switch.to(ACC) * total < mass
+                pick = tl.sum((cum < (u_pick.to(ACC) * mass)[:, None]).to(tl.int32), 1)
+                best_idx = tl.where(switch, pick.to(tl.int64) + start, best_idx)
+                l_c = total
+            else:
+                l_c = l_c * alpha + tl.sum(w, 1)
+            m_c = m_new
+            if SMOOTH:
+                row_sum += tl.sum(tl.where(col_mask[None, :], s, 0.0), 1)
 
         out = (split * 2 + d) * n_q + rows
         plane = tl.num_programs(2) * 2 * n_q
-        tl.store(part_ptr + out, m_i + tl.log(l_i), mask=row_mask)
-        tl.store(part_ptr + plane + out, pos_sum, mask=row_mask)
-        tl.store(part_ptr + 2 * plane + out, pos_cnt, mask=row_mask)
-        tl.store(part_ptr + 3 * plane + out, row_sum, mask=row_mask)
+        tl.store(part_ptr + out, m_c, mask=row_mask)
+        tl.store(part_ptr + plane + out, l_c, mask=row_mask)
+        if HAS_IDS:
+            tl.store(part_ptr + 2 * plane + out, m_p, mask=row_mask)
+            tl.store(part_ptr + 3 * plane + out, l_p, mask=row_mask)
+            tl.store(part_ptr + 4 * plane + out, pos_sum, mask=row_mask)
+            tl.store(part_ptr + 5 * plane + out, pos_cnt, mask=row_mask)
+        if SMOOTH:
+            tl.store(part_ptr + (6 if HAS_IDS else 3) * plane + out, row_sum, mask=row_mask)
         if MODE != 0:
-            tl.store(part_ptr + 4 * plane + out, best, mask=row_mask)
             tl.store(part_idx_ptr + out, best_idx, mask=row_mask)
+
 
     @triton.jit
     def _grad_logits(s, lse, pos, pos_cnt, valid, weight, keep, smooth):
@@ -473,66 +549,123 @@ if triton_available():
 
     @triton.jit
     def _fwd_finish_kernel(
-        part_ptr, part_idx_ptr, loss_ptr, lse_ptr, pos_cnt_ptr, neg_ptr,
-        n_rows, splits, keep, smooth, loss_scale,
-        MODE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+        part_ptr, part_idx_ptr, seed_ptr, ok_ptr, n_ok, loss_ptr, lse_ptr, pos_cnt_ptr, neg_ptr,
+        flag_ptr, n_q, row_start, splits, keep, smooth, loss_scale,
+        MODE: tl.constexpr, HAS_IDS: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr,
+        ACC: tl.constexpr,
     ):
-        """Merges the column splits of ``_fwd_kernel`` and reduces the loss, in one program.
+        """Merges the column splits of ``_fwd_kernel``, reduces the loss and the input check, in
+        one program.
 
-        Per row of both directions (``n_rows`` = 2·n_q, flattened): lse = log-sum-exp of the
-        partial lse, sums of the partial sums, the negative of the first split with the best key
-        (a row with no candidate anywhere keeps -1), the row loss -Σ_j target_ij log softmax(s)_ij
-        with target = keep·[pos]/|P| + smooth; then loss = loss_scale · Σ rows. One program walks
-        every row in a fixed order, so the loss is deterministic, and the whole epilogue is one
-        launch instead of a dozen small PyTorch ops (at B = 4096 those, not the GPU, set the
-        time of a step)."""
+        Per row of both directions (2·n_q, flattened direction-major), walking the splits in
+        order: the candidates' (max, mass) merge as log-sum-exp partials do, and the negative by
+        the reservoir rule with the merged masses (MODE 1: split s's candidate replaces the
+        running one with probability mass_s / (mass so far + mass_s), one uniform per (row,
+        split), Philox counter (split, global row, 1, direction)); MODE 2 keeps the first split
+        with the largest candidate logit. Then lse = logaddexp(candidates, positives) (the
+        positive is s_ii without ids), the row loss -Σ_j target_ij log softmax(s)_ij with
+        target = keep·[pos]/|P| + smooth, and loss = loss_scale · Σ rows. One program walks every
+        row in a fixed order, so the loss is deterministic. ``flag`` = 1 when every check flag of
+        ``_prep_kernel`` is (the device assertion then reads one int: one launch, not two)."""
+        n_rows = 2 * n_q
         plane = splits * n_rows
         total = tl.zeros((BLOCK,), ACC)
+        if MODE == 1:
+            seed = tl.load(seed_ptr)
         for start in range(0, n_rows, BLOCK):
             r = start + tl.arange(0, BLOCK)
             mask = r < n_rows
             m = tl.full((BLOCK,), float("-inf"), ACC)
-            for s in range(0, splits):
-                m = tl.maximum(m, tl.load(part_ptr + s * n_rows + r, mask=mask, other=float("-inf")))
-            m = tl.where(mask, m, 0.0)  # every split of a valid row has a column: m is finite
-            total_exp = tl.zeros((BLOCK,), ACC)
-            pos_sum = tl.zeros((BLOCK,), ACC)
-            pos_cnt = tl.zeros((BLOCK,), ACC)
-            row_sum = tl.zeros((BLOCK,), ACC)
-            best = tl.full((BLOCK,), float("-inf"), ACC)
+            mass = tl.zeros((BLOCK,), ACC)
             best_idx = tl.full((BLOCK,), -1, tl.int64)
+            if HAS_IDS:
+                m_p = tl.full((BLOCK,), float("-inf"), ACC)
+                l_p = tl.zeros((BLOCK,), ACC)
+                pos_sum = tl.zeros((BLOCK,), ACC)
+                pos_cnt = tl.zeros((BLOCK,), ACC)
+            if SMOOTH:
+                row_sum = tl.zeros((BLOCK,), ACC)
+            if MODE == 1:
+                rng_dir = (r >= n_q).to(tl.uint32)
+                rng_row = (row_start + r - n_q * (r >= n_q).to(tl.int32)).to(tl.uint32)
             for s in range(0, splits):
                 off = s * n_rows + r
-                total_exp += tl.exp(tl.load(part_ptr + off, mask=mask, other=0.0) - m)
-                pos_sum += tl.load(part_ptr + plane + off, mask=mask, other=0.0)
-                pos_cnt += tl.load(part_ptr + 2 * plane + off, mask=mask, other=0.0)
-                row_sum += tl.load(part_ptr + 3 * plane + off, mask=mask, other=0.0)
+                m_s = tl.load(part_ptr + off, mask=mask, other=float("-inf"))
+                l_s = tl.load(part_ptr + plane + off, mask=mask, other=0.0)
+                if MODE == 2:
+                    # strict: the first split wins ties; a split without candidates (-inf) never
+                    better = m_s > m
+                m_new = tl.maximum(m, m_s)
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                mass_s = l_s * tl.exp(m_s - shift)
+                mass = mass * tl.exp(m - shift) + mass_s
+                m = m_new
+                if MODE == 1:
+                    u, _ = _uniforms(seed, (0 * r + s).to(tl.uint32), rng_row,
+                                     (0 * r + 1).to(tl.uint32), rng_dir)
+                    better = u.to(ACC) * mass < mass_s
                 if MODE != 0:
-                    key = tl.load(part_ptr + 4 * plane + off, mask=mask, other=float("-inf"))
                     idx = tl.load(part_idx_ptr + off, mask=mask, other=-1)
-                    better = key > best  # strict: the first split wins ties
-                    best = tl.where(better, key, best)
                     best_idx = tl.where(better, idx, best_idx)
-            lse = m + tl.log(tl.where(mask, total_exp, 1.0))
+                if HAS_IDS:
+                    mp_s = tl.load(part_ptr + 2 * plane + off, mask=mask, other=float("-inf"))
+                    lp_s = tl.load(part_ptr + 3 * plane + off, mask=mask, other=0.0)
+                    mp_new = tl.maximum(m_p, mp_s)
+                    p_shift = tl.where(mp_new == float("-inf"), 0.0, mp_new)
+                    l_p = l_p * tl.exp(m_p - p_shift) + lp_s * tl.exp(mp_s - p_shift)
+                    m_p = mp_new
+                    pos_sum += tl.load(part_ptr + 4 * plane + off, mask=mask, other=0.0)
+                    pos_cnt += tl.load(part_ptr + 5 * plane + off, mask=mask, other=0.0)
+                if SMOOTH:
+                    row_sum += tl.load(part_ptr + (6 if HAS_IDS else 3) * plane + off, mask=mask,
+                                       other=0.0)
+            has_c = mass > 0
+            lse_c = tl.where(has_c, m + tl.log(tl.where(has_c, mass, 1.0)), float("-inf"))
+            if HAS_IDS:
+                # every valid row has a positive (its pair): lse_p is finite
+                lse_p = tl.where(mask, m_p + tl.log(tl.where(mask, l_p, 1.0)), 0.0)
+            else:
+                pos_sum = tl.load(part_ptr + 2 * plane + r, mask=mask, other=0.0)  # s_ii, split 0
+                pos_cnt = tl.full((BLOCK,), 1.0, ACC)
+                lse_p = pos_sum
+            hi = tl.maximum(lse_c, lse_p)
+            lse = hi + tl.log(tl.exp(lse_c - hi) + tl.exp(lse_p - hi))
             # valid rows have |P| >= 1 (the pair itself); the clamp only guards the arithmetic
-            row_loss = lse - keep * pos_sum / tl.maximum(pos_cnt, 1.0) - smooth * row_sum
+            row_loss = lse - keep * pos_sum / tl.maximum(pos_cnt, 1.0)
+            if SMOOTH:
+                row_loss -= smooth * row_sum
             total += tl.where(mask, row_loss, 0.0)
             tl.store(lse_ptr + r, lse, mask=mask)
             tl.store(pos_cnt_ptr + r, pos_cnt, mask=mask)
-            tl.store(neg_ptr + r, best_idx, mask=mask)
+            if MODE != 0:
+                tl.store(neg_ptr + r, best_idx, mask=mask)
         tl.store(loss_ptr, tl.sum(total, 0) * loss_scale)
+        ok = tl.full((BLOCK,), 1, tl.int32)
+        for start in range(0, n_ok, BLOCK):
+            o = start + tl.arange(0, BLOCK)
+            ok = tl.minimum(ok, tl.load(ok_ptr + o, mask=o < n_ok, other=1))
+        tl.store(flag_ptr, tl.min(ok, 0))
+
 
     @triton.jit
     def _bwd_finish_kernel(
-        img_ptr, txt_ptr, inv_ptr, dq_ptr, d_img_ptr, d_txt_ptr,
-        n, dim, stride, splits,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+        img_ptr, txt_ptr, inv_ptr, dq_ptr, d_img_ptr, d_txt_ptr, dscale_part_ptr, dscale_ptr,
+        n, dim, stride, splits, n_dscale,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         """One process: sums the column splits of ``_rows_bwd_kernel`` (the gradient w.r.t. the
         normalised features, dq [splits, 2, n, D]) and takes it through the normalisation,
-        dx = (dx̂ - x̂ (x̂·dx̂)) / ||x||, straight into the input dtype. Grid: (row blocks, 2)."""
+        dx = (dx̂ - x̂ (x̂·dx̂)) / ||x||, straight into the input dtype. Grid: (row blocks, 2).
+        Program (0, 0) also sums the ``n_dscale`` per-row parts of dL/dscale in a fixed order
+        (deterministic, and one launch fewer than a separate sum)."""
         pid = tl.program_id(0)
         d = tl.program_id(1)
+        if pid == 0 and d == 0:
+            part = tl.zeros((BLOCK_S,), ACC)
+            for start in range(0, n_dscale, BLOCK_S):
+                o = start + tl.arange(0, BLOCK_S)
+                part += tl.load(dscale_part_ptr + o, mask=o < n_dscale, other=0.0)
+            tl.store(dscale_ptr, tl.sum(part, 0))
         x_ptr = img_ptr
         out_ptr = d_img_ptr
         if d == 1:
@@ -564,7 +697,8 @@ def _launch_config(dim: int, dtype: torch.dtype):
     BLOCK_D covers the whole (padded) feature dimension: a query block is loaded once and the
     gradient accumulator of a block stays on chip. Register pressure, not the grid, sets the tile.
     Compiled for sm_90 (``tests/kernels/gpu_compile_check.py contrastive bf16 256``): bf16/fp16
-    at D = 256 with 32×32 tiles and 4 warps needs 168-219 registers/thread and no spills, while
+    at D = 256 with 32×32 tiles and 4 warps needs 168-219 registers/thread (the forward sweep
+    167-195 over its MODE × ids × smoothing variants) and no spills, while
     64×64 spills in the backward at 4, 8 and 16 warps (the GPU benchmark sweeps 64×32, 32×64 and
     64×64 at 8 warps against this default). 32-row tiles give 2·B/32 row blocks (both
     directions), 256 at B = 4096, which ``_splits`` multiplies to ~1024 programs. D = 512 and
@@ -631,33 +765,51 @@ def _triton_prep(image, text, logit_scale):
     return inv, ok, blocks
 
 
-def _triton_fwd(image, text, inv, ids, scale, seeds, row_start, n_local, keep, smooth, mode):
-    """Both directions: the sweep, then the merge of its splits (two launches). Returns the loss,
-    negatives [2, n_local], lse [2, n_local] and pos_cnt [2, n_local]."""
+# Rows per step of the one-program forward finish: fp64 state is twice as wide, and 1024 rows
+# spilled with ids (sm_90: 255 registers + 524 B of spill stores; 256 rows: none).
+_FINISH_BLOCK = {torch.float32: 1024, torch.float64: 256}
+
+
+def _part_planes(has_ids: bool, smooth: bool) -> int:
+    """Planes of ``_fwd_kernel``'s partial buffer: candidate max and mass; with ids the
+    positives' max, mass, logit sum and count, else s_ii (split 0 only); the logit sum with
+    label smoothing. Only what the call needs is reduced and stored."""
+    return 2 + (4 if has_ids else 1) + (1 if smooth else 0)
+
+
+def _triton_fwd(image, text, inv, ids, scale, seeds, row_start, n_local, keep, smooth, mode, ok):
+    """Both directions: the sweep, then the merge of its splits and of the prep pass's check
+    flags (two launches). Returns the loss, negatives [2, n_local], lse [2, n_local], pos_cnt
+    [2, n_local] and the check flag [1] (int32, 1 = inputs ok)."""
     n, dim = image.shape
     acc = _acc_dtype(image.dtype)
     dev = image.device
     block_m, block_n, block_d, num_warps = _launch_config(dim, image.dtype)
     splits, width = _splits(n_local, block_m, n, block_n)
-    part = torch.empty(5, splits, 2, n_local, dtype=acc, device=dev)
-    part_idx = torch.empty(splits, 2, n_local, dtype=torch.int64, device=dev)
+    has_ids, smoothing = ids is not None, smooth != 0.0
+    part = torch.empty(_part_planes(has_ids, smoothing), splits, 2, n_local, dtype=acc, device=dev)
+    part_idx = torch.empty(splits if mode else 1, 2, n_local, dtype=torch.int64, device=dev)
     inv_i, inv_t = inv.unbind(0)
+    seed_arg = seeds if seeds is not None else part_idx  # unread unless MODE 1
     _fwd_kernel[(triton.cdiv(n_local, block_m), 2, splits)](
-        image, text, inv_i, inv_t, ids if ids is not None else part_idx, scale,
-        seeds if seeds is not None else part_idx, part, part_idx,
+        image, text, inv_i, inv_t, ids if has_ids else part_idx, scale, seed_arg, part, part_idx,
         n_local, n, dim, row_start, dim, width,
         MODE=mode, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_IEEE=_dot_ieee(image.dtype), ACC=_acc_tl(acc), HAS_IDS=ids is not None,
+        DOT_IEEE=_dot_ieee(image.dtype), ACC=_acc_tl(acc), HAS_IDS=has_ids, SMOOTH=smoothing,
         num_warps=num_warps,
     )
     loss = torch.empty((), dtype=acc, device=dev)
+    # separate buffers: views of one would alias each other (custom ops may not return that)
     lse = torch.empty(2, n_local, dtype=acc, device=dev)
     pos_cnt = torch.empty(2, n_local, dtype=acc, device=dev)
     neg = torch.empty(2, n_local, dtype=torch.int64, device=dev)
+    flag = torch.empty(1, dtype=torch.int32, device=dev)
     # ½ (mean over image rows + mean over text rows)
-    _fwd_finish_kernel[(1,)](part, part_idx, loss, lse, pos_cnt, neg, 2 * n_local, splits,
-                             keep, smooth, 0.5 / n_local, MODE=mode, BLOCK=1024, ACC=_acc_tl(acc))
-    return loss, neg, lse, pos_cnt
+    _fwd_finish_kernel[(1,)](part, part_idx, seed_arg, ok, ok.numel(), loss, lse, pos_cnt, neg,
+                             flag, n_local, row_start, splits, keep, smooth, 0.5 / n_local,
+                             MODE=mode, HAS_IDS=has_ids, SMOOTH=smoothing,
+                             BLOCK=_FINISH_BLOCK[acc], ACC=_acc_tl(acc))
+    return loss, neg, lse, pos_cnt, flag
 
 
 def _triton_bwd(grad_loss, image, text, inv, ids, scale, lse, pos_cnt, row_start, keep, smooth,
@@ -665,8 +817,9 @@ def _triton_bwd(grad_loss, image, text, inv, ids, scale, lse, pos_cnt, row_start
     """Gradients of (image, text) in their dtype and of logit_scale (fp32/fp64).
 
     One process (every row local): one row sweep per direction yields both whole gradients, and
-    ``_bwd_finish_kernel`` sums its splits and applies the normalisation's backward: three
-    launches and a sum. Distributed: the column sweep adds the gradient of the gathered columns,
+    ``_bwd_finish_kernel`` sums its splits, applies the normalisation's backward and (program
+    (0, 0)) sums the logit_scale gradient: two launches. Distributed: the column sweep adds the
+    gradient of the gathered columns,
     and the pieces are combined here."""
     n, dim = image.shape
     n_local = lse.shape[1]
@@ -686,19 +839,21 @@ def _triton_bwd(grad_loss, image, text, inv, ids, scale, lse, pos_cnt, row_start
     sizes = (n_local, n, dim, row_start, dim, keep, smooth, 0.5 / n_local)
     _rows_bwd_kernel[(triton.cdiv(n_local, block_m), 2, row_splits)](
         *common, dq, dscale, *sizes, row_width, SYMMETRIC=symmetric, **meta)
+    if symmetric and normalize:
+        d_image, d_text = torch.empty_like(image), torch.empty_like(text)
+        d_scale = torch.empty((), dtype=acc, device=dev)
+        rows = _row_block(block_d)
+        _bwd_finish_kernel[(triton.cdiv(n, rows), 2)](
+            image, text, inv, dq, d_image, d_text, dscale, d_scale, n, dim, dim, row_splits,
+            dscale.numel(), BLOCK_M=rows, BLOCK_D=block_d, ACC=_acc_tl(acc), BLOCK_S=1024,
+            num_warps=num_warps)
+        return d_image, d_text, d_scale
     d_scale = dscale.sum()
-    if symmetric and not normalize:
+    if symmetric:
         # raw dot products (inv = 1): the row sweeps' sums are the feature gradients themselves
         d_feats = dq[0] if row_splits == 1 else dq.sum(0)
         # copies: two views of one buffer would alias each other (custom ops may not return that)
         return d_feats[0].to(image.dtype, copy=True), d_feats[1].to(text.dtype, copy=True), d_scale
-    if symmetric:
-        d_image, d_text = torch.empty_like(image), torch.empty_like(text)
-        rows = _row_block(block_d)
-        _bwd_finish_kernel[(triton.cdiv(n, rows), 2)](
-            image, text, inv, dq, d_image, d_text, n, dim, dim, row_splits,
-            BLOCK_M=rows, BLOCK_D=block_d, ACC=_acc_tl(acc), num_warps=num_warps)
-        return d_image, d_text, d_scale
     col_splits, col_width = _splits(n, block_n, n_local, block_m)  # cols kernel: row splits
     dk = torch.empty(col_splits, 2, n, dim, dtype=acc, device=dev)
     _cols_bwd_kernel[(triton.cdiv(n, block_n), 2, col_splits)](*common, dk, *sizes, col_width, **meta)
@@ -722,14 +877,17 @@ def _torch_prep(image, text, logit_scale):
     return norms.clamp_min(_NORM_EPS).reciprocal(), ok, 1
 
 
-def _check_prep_flags(ok, blocks, logit_scale):
+def _check_prep_flags(ok, blocks, logit_scale, flag=None):
     """Raises (CPU) or queues a device assertion (CUDA: raising would need a host sync) when the
-    flags of the prep pass [image blocks, text blocks, logit_scale] report a bad input."""
+    flags of the prep pass [image blocks, text blocks, logit_scale] report a bad input. ``flag``
+    (Triton path): their conjunction, reduced by ``_fwd_finish_kernel``, so that CUDA asserts on
+    one int without a reduction launch of its own."""
     if ok.device.type != "cpu":
-        torch._assert_async(ok.all(), f"{_OP}: image_feats and text_feats must be finite and "
-                                      f"logit_scale positive and finite")
+        torch._assert_async(flag if flag is not None else ok.all(),
+                            f"{_OP}: image_feats and text_feats must be finite and "
+                            f"logit_scale positive and finite")
         return
-    if bool(ok.all()):
+    if bool(flag if flag is not None else ok.all()):
         return
     for name, flags in (("image_feats", ok[:blocks]), ("text_feats", ok[blocks:2 * blocks])):
         if not bool(flags.all()):
@@ -738,7 +896,7 @@ def _check_prep_flags(ok, blocks, logit_scale):
     raise ValueError(f"{_OP}: logit_scale must be positive and finite, got {logit_scale.item()}")
 
 
-def _torch_rows_fwd(q, k, inv_q, inv_k, ids_q, ids_k, scale, noise, mode):
+def _torch_rows_fwd(q, k, inv_q, inv_k, ids_q, ids_k, scale, uniform, mode):
     acc = inv_q.dtype
     s = scale.to(acc) * ((q.to(acc) * inv_q[:, None]) @ (k.to(acc) * inv_k[:, None]).t())
     pos = ids_q[:, None] == ids_k[None, :]
@@ -748,11 +906,17 @@ def _torch_rows_fwd(q, k, inv_q, inv_k, ids_q, ids_k, scale, noise, mode):
     row_sum = s.sum(1)
     neg = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)
     if mode != 0:
-        key = s + noise.to(acc) if mode == 1 else s
-        key = key.masked_fill(pos, float("-inf"))
-        idx = key.argmax(1)  # first index on ties, as the kernel
-        best = key.gather(1, idx[:, None]).squeeze(1)
-        neg = torch.where(best > float("-inf"), idx, neg)
+        masked = s.masked_fill(pos, float("-inf"))
+        best, idx = masked.max(1)  # first index on ties, as the kernel
+        has_candidate = best > float("-inf")
+        if mode == 1:
+            # Inverse CDF of softmax over the candidates with one uniform u in (0, 1) per row:
+            # the first column whose cumulative weight reaches u · mass (zero-weight columns are
+            # never taken) — the dense counterpart of the kernels' reservoir, O(B) random numbers.
+            cum = torch.exp(masked - torch.where(has_candidate, best, 0.0)[:, None]).cumsum(1)
+            target = uniform.to(acc) * cum[:, -1]
+            idx = (cum < target[:, None]).sum(1)
+        neg = torch.where(has_candidate, idx, neg)
     return lse, pos_sum, pos_cnt, row_sum, neg
 
 
@@ -792,7 +956,7 @@ def _combine_distributed(image, text, inv, dq, dk, row_start, normalize=True):
 
 
 @autocast_free  # the op's own dtype rules hold under autocast (its rule is applied at entry)
-def _forward_impl(image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start, n_local,
+def _forward_impl(image, text, logit_scale, ids, seeds, uniforms, row_start, n_local,
                   label_smoothing, mode, backend, normalize=True):
     """Returns (loss, negatives [2, n_local], lse [2, n_local], pos_cnt [2, n_local], inv [2, N]).
 
@@ -806,11 +970,13 @@ def _forward_impl(image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, ro
     if backend == "triton":
         image, text = image.contiguous(), text.contiguous()
         inv, ok, blocks = _triton_prep(image, text, logit_scale)
-        _check_prep_flags(ok, blocks, logit_scale)
         if not normalize:
             inv = torch.ones_like(inv)
-        loss, neg, lse, pos_cnt = _triton_fwd(image, text, inv, ids, logit_scale, seeds, row_start,
-                                              n_local, keep, smooth, mode)
+        loss, neg, lse, pos_cnt, flag = _triton_fwd(image, text, inv, ids, logit_scale, seeds,
+                                                    row_start, n_local, keep, smooth, mode, ok)
+        # after the sweep: its finish kernel reduces the flags (on bad input the outputs are
+        # garbage that never reaches the caller: CPU raises, CUDA's assertion fails the stream)
+        _check_prep_flags(ok, blocks, logit_scale, flag)
         return loss, neg, lse, pos_cnt, inv
     inv, ok, blocks = _torch_prep(image, text, logit_scale)
     _check_prep_flags(ok, blocks, logit_scale)
@@ -820,10 +986,11 @@ def _forward_impl(image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, ro
         ids = torch.arange(n, device=image.device)
     rows = slice(row_start, row_start + n_local)
     outs = []
-    for q, k, inv_q, inv_k, noise in ((image, text, inv[0], inv[1], noise_i2t),
-                                      (text, image, inv[1], inv[0], noise_t2i)):
+    for d, (q, k, inv_q, inv_k) in enumerate(((image, text, inv[0], inv[1]),
+                                             (text, image, inv[1], inv[0]))):
         lse_d, pos_sum, cnt_d, row_sum, neg_d = _torch_rows_fwd(
-            q[rows], k, inv_q[rows], inv_k, ids[rows], ids, logit_scale, noise, mode)
+            q[rows], k, inv_q[rows], inv_k, ids[rows], ids, logit_scale,
+            None if uniforms is None else uniforms[d], mode)
         # -Σ_j target_ij log softmax(s)_ij with the smoothed multi-positive target.
         outs.append((lse_d - keep * pos_sum / cnt_d - smooth * row_sum, lse_d, cnt_d, neg_d))
     row_loss, lse, pos_cnt, neg = (torch.stack(t) for t in zip(*outs))
@@ -871,8 +1038,7 @@ def _contrastive_fwd_op(
     logit_scale: torch.Tensor,
     ids: Optional[torch.Tensor],
     seeds: Optional[torch.Tensor],
-    noise_i2t: Optional[torch.Tensor],
-    noise_t2i: Optional[torch.Tensor],
+    uniforms: Optional[torch.Tensor],
     row_start: int,
     n_local: int,
     label_smoothing: float,
@@ -881,13 +1047,13 @@ def _contrastive_fwd_op(
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_forward_impl`` as one opaque node for torch.compile."""
-    return _forward_impl(image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start,
-                         n_local, label_smoothing, mode, backend, normalize)
+    return _forward_impl(image, text, logit_scale, ids, seeds, uniforms, row_start, n_local,
+                         label_smoothing, mode, backend, normalize)
 
 
 @_contrastive_fwd_op.register_fake
-def _(image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start, n_local,
-      label_smoothing, mode, backend, normalize):
+def _(image, text, logit_scale, ids, seeds, uniforms, row_start, n_local, label_smoothing, mode,
+      backend, normalize):
     acc = _acc_dtype(image.dtype)
     return (image.new_empty((), dtype=acc), image.new_empty((2, n_local), dtype=torch.int64),
             image.new_empty((2, n_local), dtype=acc), image.new_empty((2, n_local), dtype=acc),
@@ -921,7 +1087,7 @@ def _(grad_loss, image, text, logit_scale, ids, inv, lse, pos_cnt, row_start, la
 
 
 def _setup_context(ctx, inputs, output):
-    image, text, logit_scale, ids, _, _, _, row_start, _, label_smoothing, _, backend, normalize = inputs
+    image, text, logit_scale, ids, _, _, row_start, _, label_smoothing, _, backend, normalize = inputs
     _, _, lse, pos_cnt, inv = output
     ctx.save_for_backward(image, text, logit_scale, ids, inv, lse, pos_cnt)
     ctx.row_start, ctx.label_smoothing, ctx.backend = row_start, label_smoothing, backend
@@ -931,7 +1097,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *unused_grads):
     d_image, d_text, d_scale = _contrastive_bwd_op(
         grad_loss, *ctx.saved_tensors, ctx.row_start, ctx.label_smoothing, ctx.backend, ctx.normalize)
-    return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None, None
+    return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None
 
 
 _contrastive_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -947,9 +1113,9 @@ class _ContrastiveLossFunction(torch.autograd.Function):
     ``_backward_impl``."""
 
     @staticmethod
-    def forward(ctx, image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start, n_local,
+    def forward(ctx, image, text, logit_scale, ids, seeds, uniforms, row_start, n_local,
                 label_smoothing, mode, backend, normalize):
-        inputs = (image, text, logit_scale, ids, seeds, noise_i2t, noise_t2i, row_start, n_local,
+        inputs = (image, text, logit_scale, ids, seeds, uniforms, row_start, n_local,
                   label_smoothing, mode, backend, normalize)
         output = _forward_impl(*inputs)
         _setup_context(ctx, inputs, output)
@@ -962,7 +1128,7 @@ class _ContrastiveLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_grads):
         d_image, d_text, d_scale = _backward_impl(
             grad_loss, *ctx.saved_tensors, ctx.row_start, ctx.label_smoothing, ctx.backend, ctx.normalize)
-        return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None, None
+        return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -981,12 +1147,38 @@ def _resolve_group(process_group):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _gather(image_feats, text_feats, ids, group):
+def _check_rank_sizes(rank_sizes, n_local, group):
+    """``rank_sizes`` as a list of ints, validated against what this rank knows without
+    communicating: one entry per rank of the group (or one, without a group), non-negative ints,
+    this rank's entry equal to its number of pairs. Every rank must pass the same list (another
+    rank's entry cannot be checked without the very host sync it saves)."""
+    import torch.distributed as dist
+
+    if isinstance(rank_sizes, (str, bytes)) or not hasattr(rank_sizes, "__len__"):
+        raise TypeError(f"{_OP}: rank_sizes must be a sequence of ints (pairs per rank), got "
+                        f"{type(rank_sizes).__name__}")
+    sizes = list(rank_sizes)
+    world, rank = (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
+    if len(sizes) != world:
+        raise ValueError(f"{_OP}: rank_sizes must have one entry per rank ({world}), got {len(sizes)}")
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in sizes):
+        raise ValueError(f"{_OP}: rank_sizes must hold non-negative ints, got {sizes}")
+    if sizes[rank] != n_local:
+        raise ValueError(f"{_OP}: rank_sizes[{rank}] = {sizes[rank]} but this rank holds {n_local} "
+                         f"pairs (image_feats.shape[0])")
+    return sizes
+
+
+def _gather(image_feats, text_feats, ids, group, sizes=None):
     """All-gather features with gradient (the backward reduce-scatters every rank's gradient back
     to the owner, as open_clip's ``gather_with_grad``) and ids without. Ranks may hold different
-    numbers of pairs (a mixed-task batch carries a varying number, possibly 0): the sizes are
-    gathered first — one small host sync — and the rows padded to the largest, gathered, and
-    the padding dropped. Functional collectives keep the gathers traceable by torch.compile."""
+    numbers of pairs (a mixed-task batch carries a varying number, possibly 0): the rows are
+    padded to the largest, gathered, and the padding dropped (slices and one concatenation,
+    sizes known on the host). ``sizes`` (the caller's ``rank_sizes``) makes that a step without
+    a host sync; without it the sizes are gathered first — one small host-device sync.
+    Without ``ids`` the gathered batch keeps pair i's positive at column i (ranks in order,
+    padding dropped), so no ids are made or gathered. Functional collectives keep the gathers
+    traceable by torch.compile."""
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
 
@@ -997,19 +1189,20 @@ def _gather(image_feats, text_feats, ids, group):
     rank = dist.get_rank(group)
     device = image_feats.device
     n_local = image_feats.shape[0]
-    sizes = funcol.wait_tensor(gather(torch.tensor([n_local], device=device), 0, group)).tolist()
+    if sizes is None:
+        sizes = funcol.wait_tensor(gather(torch.tensor([n_local], device=device), 0, group)).tolist()
     n_max = max(sizes)
-    if ids is None:
-        ids = torch.arange(n_local, device=device) + sum(sizes[:rank])  # globally unique
     pad = n_max - n_local
     image_all = funcol.wait_tensor(gather_grad(F.pad(image_feats, (0, 0, 0, pad)).contiguous(), 0, group))
     text_all = funcol.wait_tensor(gather_grad(F.pad(text_feats, (0, 0, 0, pad)).contiguous(), 0, group))
-    ids_all = funcol.wait_tensor(gather(F.pad(ids, (0, pad)).contiguous(), 0, group))
+    gathered = [image_all, text_all]
+    if ids is not None:
+        gathered.append(funcol.wait_tensor(gather(F.pad(ids, (0, pad)).contiguous(), 0, group)))
     if min(sizes) != n_max:
-        keep = torch.cat([torch.arange(r * n_max, r * n_max + k, device=device)
-                          for r, k in enumerate(sizes)])
-        image_all, text_all, ids_all = (x.index_select(0, keep) for x in (image_all, text_all, ids_all))
-    return image_all, text_all, ids_all, sum(sizes[:rank])
+        gathered = [torch.cat([x[r * n_max:r * n_max + k] for r, k in enumerate(sizes)])
+                    for x in gathered]
+    ids_all = gathered[2] if ids is not None else None
+    return gathered[0], gathered[1], ids_all, sum(sizes[:rank])
 
 
 def contrastive_loss(
@@ -1024,6 +1217,7 @@ def contrastive_loss(
     process_group=None,
     backend: str = "auto",
     normalize: bool = True,
+    rank_sizes: Optional[Sequence[int]] = None,
 ) -> ContrastiveLossOutput:
     """Symmetric InfoNCE on ``logit_scale · cos(image_feats, text_feats)`` with hard-negative mining.
 
@@ -1044,6 +1238,12 @@ def contrastive_loss(
             ``logit_scale · image_feats @ text_featsᵀ`` for features the caller has normalised
             itself (open_clip's convention), with the exact gradient of that formula (no
             projection through a normalisation).
+        rank_sizes: optional, under a process group: the number of pairs every rank holds this
+            step (``rank_sizes[r]`` for rank r of the group, the same list on every rank; this
+            rank's entry must equal ``image_feats.shape[0]``). Given, the gather needs no host
+            sync (the sizes are not gathered, and padding is dropped with host-known slices);
+            omitted, the sizes are gathered first, which reads them on the host once a step
+            (a device sync on GPUs). The result is the same either way.
 
     Returns:
         ``ContrastiveLossOutput(loss, neg_text_for_image, neg_image_for_text)``; the negatives are
@@ -1107,8 +1307,9 @@ def contrastive_loss(
 
     be = resolve_backend(backend, device, op=_OP, has_cpp=False)
 
+    sizes = None if rank_sizes is None else _check_rank_sizes(rank_sizes, n_local, group)
     if group is not None:
-        image_all, text_all, ids_all, row_start = _gather(image_feats, text_feats, ids, group)
+        image_all, text_all, ids_all, row_start = _gather(image_feats, text_feats, ids, group, sizes)
     else:
         image_all, text_all, ids_all, row_start = image_feats, text_feats, ids, 0
     n = image_all.shape[0]
@@ -1139,23 +1340,23 @@ def _contrastive_on_gathered(image_all, text_all, logit_scale, ids_all, row_star
                              f"2·batch·dim < 2^31, got batch {n}, dim {dim}")
         be = "torch"
 
-    seeds = noise_i2t = noise_t2i = None
+    seeds = uniforms = None
     if mode == 1:
         if be == "triton":
-            # Two int64 Philox seeds (one per direction), drawn on device from the generator: no
-            # host sync, reproducible with an explicit generator.
-            seeds = torch.randint(0, 2**62, (2,), generator=generator, device=device, dtype=torch.int64)
+            # One int64 Philox seed, drawn on device from the generator (no host sync,
+            # reproducible with an explicit generator); the kernels' counters name the row, the
+            # column tile or split, the stage and the direction of every draw.
+            seeds = torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
         else:
-            # Gumbel noise -log(E), E ~ Exp(1): argmax(s - log E) is an exact draw from softmax(s).
-            acc = _acc_dtype(image_all.dtype)
-            noise_i2t = -torch.empty(n_local, n, dtype=acc, device=device).exponential_(generator=generator).log()
-            noise_t2i = -torch.empty(n_local, n, dtype=acc, device=device).exponential_(generator=generator).log()
+            # one uniform in (0, 1) per row and direction: torch.rand's fp32 draws are multiples
+            # of 2^-24 in [0, 1), shifted by half a step
+            uniforms = torch.rand(2, n_local, generator=generator, device=device) + 2.0**-25
 
     # torch.compile traces the custom op; eager mode skips its dispatcher (host time is what a
     # step at training batch sizes costs: see _ContrastiveLossFunction).
     op = _contrastive_fwd_op if torch.compiler.is_compiling() else _ContrastiveLossFunction.apply
-    loss, neg, _, _, _ = op(image_all, text_all, logit_scale, ids_all, seeds, noise_i2t, noise_t2i,
-                            row_start, n_local, label_smoothing, mode, be, normalize)
+    loss, neg, _, _, _ = op(image_all, text_all, logit_scale, ids_all, seeds, uniforms, row_start,
+                            n_local, label_smoothing, mode, be, normalize)
     if mode == 0:
         return ContrastiveLossOutput(loss, None, None)
     return ContrastiveLossOutput(loss, neg[0], neg[1])
@@ -1191,11 +1392,12 @@ class ContrastiveLoss(torch.nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
 
-    def forward(self, image_feats, text_feats, *, ids=None, generator=None) -> ContrastiveLossOutput:
+    def forward(self, image_feats, text_feats, *, ids=None, generator=None,
+                rank_sizes=None) -> ContrastiveLossOutput:
         return contrastive_loss(
             image_feats, text_feats, self.logit_scale, ids=ids, label_smoothing=self.label_smoothing,
             negatives=self.negatives, generator=generator, process_group=self.process_group,
-            backend=self.backend)
+            backend=self.backend, rank_sizes=rank_sizes)
 
     def extra_repr(self) -> str:
         return (f"label_smoothing={self.label_smoothing}, negatives={self.negatives!r}, "

@@ -81,7 +81,8 @@ def _worker(rank, init_file, backend):
 
 def _check_uneven_ranks(cl, rank, backend):
     """Ranks holding different numbers of pairs, one of them none: the size-weighted sum of the
-    local losses is the global loss, and its gradients are the global gradients."""
+    local losses is the global loss, and its gradients are the global gradients; passing the
+    sizes (``rank_sizes``, the step without a host sync) gives exactly the same result."""
     img, txt, ids = _data()
     n = img.shape[0]
     for split in (5, 0):  # rank 0 holds the first `split` pairs, rank 1 the rest
@@ -106,6 +107,28 @@ def _check_uneven_ranks(cl, rank, backend):
             assert torch.equal(out.neg_image_for_text, ref.neg_image_for_text[rows])
         else:
             assert out.neg_text_for_image.numel() == 0 and out.loss.item() == 0.0
+        # The caller's rank_sizes (no size gather, no host sync): exactly the same result,
+        # with and without ids, mined and sampled negatives included.
+        sizes = [split, n - split]
+        for ids_arg, negatives in ((ids[rows], "hardest"), (None, "sample")):
+            kw = dict(ids=ids_arg, negatives=negatives, backend=backend)
+            a = cl.contrastive_loss(img_l, txt_l, scale, generator=torch.Generator().manual_seed(5), **kw)
+            b = cl.contrastive_loss(img_l, txt_l, scale, generator=torch.Generator().manual_seed(5),
+                                    rank_sizes=sizes, **kw)
+            assert torch.equal(a.loss, b.loss)
+            assert torch.equal(a.neg_text_for_image, b.neg_text_for_image)
+            assert torch.equal(a.neg_image_for_text, b.neg_image_for_text)
+            # every rank takes part in the backward's reduce-scatter, also one without pairs
+            ga = torch.autograd.grad(a.loss, (img_l, txt_l, scale), allow_unused=True)
+            gb = torch.autograd.grad(b.loss, (img_l, txt_l, scale), allow_unused=True)
+            for x, y in zip(ga, gb):
+                assert (x is None and y is None) or torch.equal(x, y)
+        try:
+            cl.contrastive_loss(img_l, txt_l, scale, rank_sizes=[n_local + 1] * 2, backend=backend)
+        except ValueError as e:
+            assert "rank_sizes" in str(e)
+        else:
+            raise AssertionError("a wrong rank_sizes entry for this rank was accepted")
 
 
 def main():

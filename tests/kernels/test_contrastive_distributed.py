@@ -1,5 +1,6 @@
 """2-process gloo test: the distributed contrastive loss equals the single-process loss on the
-concatenated batch (values, gradients, negatives). The ranks run in a subprocess started from here
+concatenated batch (values, gradients, negatives), also with uneven pair counts, with and without
+the caller's ``rank_sizes`` (the path without a host sync). The ranks run in a subprocess started from here
 (the worker script spawns them with torch.multiprocessing), so pytest's process never initialises
 torch.distributed."""
 

@@ -195,11 +195,16 @@ def _pearson(counts, probs, draws):
 @pytest.mark.parametrize("sampler", ["reference", "torch", "triton"])
 def test_sampled_negatives_follow_softmax_over_non_positives(sampler, monkeypatch):
     """Chi-square goodness of fit of the mined indices against softmax(sim) over the non-positives,
-    pooled over every row and both directions, and never a positive."""
+    pooled over every row and both directions, and never a positive.
+
+    Triton: 64×16 tiles in 2 splits of 2 and 1 column tiles, so every part of the sampler is in
+    the law tested: the inverse-CDF pick inside a tile, the reservoir's switch between tiles,
+    the merge of the splits, a ragged last tile. (One row block: each interpreted launch is a
+    few programs.)"""
     if sampler == "triton" and not triton_available():
         pytest.skip("needs triton")
-    # One 64×64 tile covers the batch: each interpreted launch is a single program.
-    monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", (64, 64))
+    monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", (64, 16))
+    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", 2)
     n, d, scale, draws = 40, 16, 2.0, 300
     g = torch.Generator().manual_seed(11)
     img, txt = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
@@ -290,8 +295,10 @@ def test_triton_launcher_default_tiles(dtype, monkeypatch):
 @pytest.mark.parametrize("negatives", ["sample", "hardest"])
 def test_triton_split_sweeps_equal_one_sweep(negatives, monkeypatch):
     """Splitting the sweeps over more programs (what larger batches get on a GPU) changes
-    nothing: the same negatives (the Gumbel noise depends on (row, column) only) and the same
-    loss and gradients up to summation order. 3 splits of 5 tiles: a narrower last split."""
+    nothing but the draw: the same loss and gradients up to summation order, the same "hardest"
+    negatives, and sampled ones that stay valid (their law under splits is the chi-square test's
+    tiled case: the splits' reservoirs merge by the same rule). 3 splits of 5 tiles: a narrower
+    last split."""
     img, txt, s = _inputs(75, 20, torch.float64, scale=6.0)
     ids = torch.arange(75) // 3
 
@@ -302,18 +309,28 @@ def test_triton_split_sweeps_equal_one_sweep(negatives, monkeypatch):
         return out, torch.autograd.grad(out.loss, (img, txt, s))
 
     (one, one_grads), (three, three_grads) = run(1), run(3)
-    assert torch.equal(one.neg_text_for_image, three.neg_text_for_image)
-    assert torch.equal(one.neg_image_for_text, three.neg_image_for_text)
+    if negatives == "hardest":
+        assert torch.equal(one.neg_text_for_image, three.neg_text_for_image)
+        assert torch.equal(one.neg_image_for_text, three.neg_image_for_text)
+    else:
+        for neg in (one.neg_text_for_image, one.neg_image_for_text,
+                    three.neg_text_for_image, three.neg_image_for_text):
+            assert ((neg >= 0) & (neg < 75) & (ids[neg] != ids)).all()
+        # the same tiling and seed draw the same negatives (counter-based uniforms)
+        again, _ = run(3)
+        assert torch.equal(again.neg_text_for_image, three.neg_text_for_image)
+        assert torch.equal(again.neg_image_for_text, three.neg_image_for_text)
     torch.testing.assert_close(one.loss, three.loss, atol=1e-12, rtol=1e-12)
     for a, b in zip(one_grads, three_grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
-def test_triton_draws_do_not_depend_on_tiles(monkeypatch):
-    """Each (row, column) has its own random word (Philox counter (column // 4, row), word
-    column % 4), so other tiles and splits (square or not: the GPU benchmark sweeps them) draw
-    the same negatives and give the same loss and gradients."""
+def test_triton_loss_does_not_depend_on_tiles(monkeypatch):
+    """Other tiles and splits (square or not: the GPU benchmark sweeps them) give the same loss and
+    gradients; the sampled negatives are a function of (seed, tiling): one tiling and seed always
+    draw the same ones (Philox counters name the row, the column tile or split, the stage and the
+    direction of each uniform), and each is a valid non-positive."""
     img, txt, s = _inputs(45, 12, torch.float64, scale=2.0)
 
     def run(tiles, splits):
@@ -325,9 +342,10 @@ def test_triton_draws_do_not_depend_on_tiles(monkeypatch):
         return negatives, out.loss, torch.autograd.grad(out.loss, (img, txt, s))
 
     first = run((16, 16), 2)
+    assert torch.equal(first[0], run((16, 16), 2)[0])
     for tiles, splits in (((32, 32), 1), ((64, 32), 1), ((16, 64), 2)):
         other = run(tiles, splits)
-        assert torch.equal(first[0], other[0]), tiles
+        assert ((other[0] >= 0) & (other[0] < 45) & (other[0] != torch.arange(45).repeat(2))).all()
         torch.testing.assert_close(first[1], other[1], atol=1e-12, rtol=1e-12)
         for a, b in zip(first[2], other[2]):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
@@ -419,41 +437,60 @@ def test_opcheck_custom_ops(backend, with_ids, normalize):
     img, txt, s = _inputs(9, 6, torch.float32)
     ids = torch.arange(9) // 2 if with_ids else None
     if backend == "torch":
-        noise, seeds = torch.zeros(9, 9), None
+        uniforms, seeds = torch.rand(2, 9) + 2.0**-25, None
     else:
-        noise, seeds = None, torch.tensor([1, 2])
+        uniforms, seeds = None, torch.tensor([12345])
     torch.library.opcheck(
         torch.ops.unigen.contrastive_loss_fwd.default,
-        (img, txt, s, ids, seeds, noise, noise, 0, 9, 0.1, 1, backend, normalize))
+        (img, txt, s, ids, seeds, uniforms, 0, 9, 0.1, 1, backend, normalize))
     with torch.no_grad():
         img, txt, s = img.detach(), txt.detach(), s.detach()
         _, _, lse, pos_cnt, inv = torch.ops.unigen.contrastive_loss_fwd(
-            img, txt, s, ids, seeds, noise, noise, 0, 9, 0.1, 1, backend, normalize)
+            img, txt, s, ids, seeds, uniforms, 0, 9, 0.1, 1, backend, normalize)
     torch.library.opcheck(
         torch.ops.unigen.contrastive_loss_bwd.default,
         (torch.tensor(1.0), img, txt, s, ids, inv, lse, pos_cnt, 0, 0.1, backend, normalize))
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
-def test_triton_step_adds_few_device_ops(host_ops):
-    """Around its kernels a Triton step (forward with mining + backward) issues only the seeds'
-    randint, the input check (all + assert; a host read on CPU), the sum of the logit_scale
-    gradient and autograd's seed gradient: at B = 4096 the kernels take tens of microseconds,
-    so every extra small op shows in the step time."""
-    kernels = {name: None for name in ("_fwd_kernel", "_fwd_finish_kernel", "_rows_bwd_kernel",
-                                       "_cols_bwd_kernel", "_bwd_finish_kernel")}
-    kernels["_prep_kernel"] = lambda *args, **kwargs: args[4].fill_(1)  # its flags: inputs ok
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_triton_step_launches(host_ops, with_ids):
+    """A Triton step (forward with mining + backward) is 7 device launches: the seed's randint,
+    five kernels (prep, sweep, its finish — which also reduces the input check —, the row
+    backward, its finish — which also sums the logit_scale gradient) and the input check's
+    assertion (on CPU its host read), besides autograd's seed gradient. It was 9 before the
+    check's reduction and the scale gradient's sum moved into the finish kernels: at B = 4096
+    the kernels take tens of microseconds, so every extra small op shows in the step time."""
+    launched = []
+
+    def launch(name, on_launch=None):
+        def run(*args, **kwargs):
+            launched.append(name)
+            if on_launch is not None:
+                on_launch(*args)
+        return run
+
+    kernels = {name: launch(name) for name in ("_prep_kernel", "_fwd_kernel", "_rows_bwd_kernel",
+                                               "_cols_bwd_kernel", "_bwd_finish_kernel")}
+    # its check flag (argument 9): inputs ok
+    kernels["_fwd_finish_kernel"] = launch("_fwd_finish_kernel", lambda *args: args[9].fill_(1))
     img, txt, s = _inputs(40, 16, torch.float32)
+    ids = torch.arange(40) // 2 if with_ids else None
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        out = contrastive_loss(img, txt, s, generator=gen, backend="triton")
+        launched.clear()
+        out = contrastive_loss(img, txt, s, ids=ids, generator=gen, backend="triton")
         torch.autograd.grad(out.loss, (img, txt, s))
 
     ops = host_ops(cl_module, kernels, step)
-    expected = {"aten::randint", "aten::all", "aten::is_nonzero", "aten::sum", "aten::ones_like",
-                "aten::fill_"}  # fill_: the stand-in prep kernel above
-    assert set(ops) <= expected and len(ops) <= len(expected), ops
+    assert launched == ["_prep_kernel", "_fwd_kernel", "_fwd_finish_kernel", "_rows_bwd_kernel",
+                        "_bwd_finish_kernel"], launched
+    stand_ins = {"aten::fill_", "aten::ones_like"}  # the flag stand-in above, autograd's seed
+    own = sorted(op for op in ops if op not in stand_ins)
+    # randint: the Philox seed; is_nonzero: the check's host read (torch._assert_async on CUDA)
+    assert own == ["aten::is_nonzero", "aten::randint"], ops
+    assert len(launched) + len(own) == 7
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -462,7 +499,7 @@ def test_eager_function_equals_custom_op():
     op (what torch.compile traces) gives the same loss, negatives and gradients."""
     img, txt, s = _inputs(37, 12, torch.float64)
     ids = torch.arange(37) // 3
-    args = (ids, torch.tensor([5, 7]), None, None, 0, 37, 0.1, 1, "triton", True)
+    args = (ids, torch.tensor([5]), None, 0, 37, 0.1, 1, "triton", True)
     eager = cl_module._ContrastiveLossFunction.apply(img, txt, s, *args)
     op = cl_module._contrastive_fwd_op(img, txt, s, *args)
     for a, b in zip(eager, op):
@@ -503,6 +540,10 @@ def _call(**overrides):
     (dict(backend="cpp"), RuntimeError, "no C\\+\\+ implementation"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(process_group=object()), RuntimeError, "process_group"),
+    (dict(rank_sizes=[7]), ValueError, "rank_sizes\\[0\\] = 7 but this rank holds 8"),
+    (dict(rank_sizes=[8, 3]), ValueError, "rank_sizes must have one entry per rank"),
+    (dict(rank_sizes=[8.0]), ValueError, "rank_sizes must hold non-negative ints"),
+    (dict(rank_sizes=8), TypeError, "rank_sizes must be a sequence"),
 ])
 def test_bad_input_raises_clear_error(overrides, exc, match):
     with pytest.raises(exc, match=match):
@@ -611,3 +652,12 @@ def test_kernels_compile_for_sm90(dtype, dim, tmp_path, run_sm90_compile):
     in the triton wheel, no GPU needed), so a kernel only the GPU compiler rejects fails here too.
     It runs in a subprocess because the interpreter (TRITON_INTERPRET=1) replaces @triton.jit."""
     run_sm90_compile(["contrastive", dtype, str(dim)], tmp_path)
+
+
+def test_rank_sizes_without_process_group_is_this_batch():
+    """One process: ``rank_sizes=[B]`` is accepted (the batch is the global batch) and changes
+    nothing; the distributed path is tested in test_contrastive_distributed.py."""
+    img, txt, s = _inputs(8, 4, torch.float32)
+    a = contrastive_loss(img, txt, s, negatives="hardest", backend="torch", rank_sizes=[8])
+    b = contrastive_loss(img, txt, s, negatives="hardest", backend="torch")
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.neg_text_for_image, b.neg_text_for_image)

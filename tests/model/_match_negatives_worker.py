@@ -6,7 +6,9 @@ pairs are all positives of each other) and runs the tiny model's training forwar
 
 - every pair with a non-positive pair on its rank gets exactly two negatives, the others none;
 - the mined indices name a local non-positive pair;
-- L_CL equals the one-process loss of the global batch (the ranks' pairs concatenated).
+- L_CL equals the one-process loss of the global batch (the ranks' pairs concatenated);
+- the op gathers the features with every rank's pair count given from the host
+  (``rank_sizes``), never reading the sizes back from the device itself.
 """
 
 import os
@@ -75,12 +77,23 @@ def _worker(rank, init_file):
 
         losses_mod = sys.modules["unigen.model.unigen_model"]
         losses_mod.pair_contrastive = recording
+        op_module = sys.modules["unigen.kernels.contrastive_loss"]
+        original_gather, gathers = op_module._gather, []
+
+        def gather_recording(*args, **kw):
+            gathers.append(args[4] if len(args) > 4 else kw.get("sizes"))
+            return original_gather(*args, **kw)
+
+        op_module._gather = gather_recording
         gen = torch.Generator().manual_seed(100 + rank)
         for case, per_rank in enumerate(CASES):
             ids = per_rank[rank]
             batch = pair_batch(ids, seed=10 * case + rank)
             recorded.clear()
+            gathers.clear()
             out = model(batch, generator=gen)
+            all_sizes = [len(p) for p in per_rank]
+            assert gathers == [all_sizes], (case, rank, gathers)  # host-known sizes, one gather
             (img_f, txt_f, scale, pair_ids, *_), pairs = recorded[0]
             t = torch.tensor(ids)
             has_candidate = (t[:, None] != t[None, :]).any(1)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from unigen.kernels import contrastive_loss, fused_linear_cross_entropy
 from unigen.model.baselines import lavis_contrastive_loss, materialized_cross_entropy_per_task
 from unigen.model.config import TASK_NAMES, LossConfig
+from unigen.model.host_collectives import all_gather_host_ints
 
 
 def task_coefficients(cfg: LossConfig, device) -> torch.Tensor:
@@ -155,17 +156,17 @@ def pair_contrastive(image_feats: torch.Tensor, text_feats: torch.Tensor,
         dist = torch.distributed
         global_ids = pair_ids + dist.get_rank() * (1 << 32)
         if cfg.contrastive == "fused":
+            # Every rank's pair count, exchanged between the hosts (a gloo message, no device
+            # read): the op then gathers the features without reading sizes back itself.
+            sizes = all_gather_host_ints(num_pairs)
             loss = contrastive_loss(image_feats, text_feats, logit_scale, ids=global_ids,
                                     label_smoothing=cfg.contrastive_label_smoothing,
-                                    negatives=None, backend=cfg.kernel_backend).loss
+                                    negatives=None, backend=cfg.kernel_backend,
+                                    rank_sizes=sizes).loss
             # The op's loss is the mean over this rank's rows; weighted by n_local · W / N the
             # ranks' mean (what DDP's gradient average sees) is the global batch's mean also
-            # when the ranks hold different numbers of pairs. N comes from an all-reduce on the
-            # device (no host read).
-            count = torch.full((1,), float(num_pairs), device=image_feats.device)
-            total = count.clone()
-            dist.all_reduce(total)
-            loss = loss * (count * world / total.clamp(min=1.0)).reshape(())
+            # when the ranks hold different numbers of pairs.
+            loss = loss * (num_pairs * world / max(sum(sizes), 1))
             if mode is None or num_pairs == 0:
                 return PairLoss(loss, None, None)
             return PairLoss(loss, *mine_local_negatives(image_feats, text_feats, logit_scale,

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from unigen.configuration import ConfigError
+from unigen.model.host_collectives import host_group as shared_host_group
 
 from .config import DistributedConfig, RunConfig
 
@@ -97,7 +98,7 @@ def init_distributed(dcfg: DistributedConfig, rcfg: RunConfig) -> DistEnv:
         rank, world = dist.get_rank(), dist.get_world_size()
     host_group = None
     if world > 1 and dist.get_backend() != "gloo":  # every rank makes it (a collective)
-        host_group = dist.new_group(backend="gloo")
+        host_group = shared_host_group()  # the one the model's pair counts travel on too
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device,
                    owns_process_group=owns, host_group=host_group)
 
