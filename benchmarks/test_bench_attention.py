@@ -5,26 +5,34 @@ The workload of the UniGen decoder: 512 samples of 75-115 tokens (prefix = 32 qu
 ``[total_tokens, heads, head_dim]`` tensor. Two masks: ``causal`` (prefix_lens = 0, GPT-2 as
 pre-trained) and ``prefix`` (bidirectional prefix, prefix-LM).
 
-Providers (each skips cleanly when it cannot run here):
+Providers (each skips cleanly when it cannot run here), ours first so that a run stopped at its
+time limit still has our rows:
 
-- ``ours``: ``prefix_lm_attention(backend="triton")`` on the packed tensors;
+- ``ours``: ``prefix_lm_attention(backend="triton")`` on the packed tensors (at these lengths the
+  per-(sample, head) kernels: one forward and one backward launch);
 - ``sdpa_padded``: ``F.scaled_dot_product_attention`` on the batch padded to the longest sample
   with a dense boolean mask ``[B, 1, L, L]`` (padding and mask built outside the timed region:
   the padded model holds them already);
 - ``flex``: FlexAttention (compiled) on the packed tensors, the prefix-LM block mask built
   inside the timed region as it must be for every new batch;
-- ``flash_attn``: flash-attn's varlen kernel (one causal call, or the two-call prefix-LM
-  decomposition), when flash-attn is installed;
-- ``torch_varlen``: the same over PyTorch's own varlen flash kernel, when this torch has it.
+- ``flash_attn``: ``flash_attn_varlen_func`` called as a user calls it: causal, one call on
+  ``cu_seqlens`` prepared outside the timed region (no sample ids, no host sync of ours); for the
+  prefix-LM mask, the two-call decomposition (causal call + bidirectional call over the packed
+  prefixes) with its gather index prepared outside the timed region as well;
+- ``torch_varlen``: the same over PyTorch's own ``torch.nn.attention.varlen.varlen_attn``.
 
-Targets on a GPU (same run, same device): prefix-LM >= 1.5x FlexAttention and >= 3x padded
-SDPA; causal within 1.2x of the fastest varlen causal kernel. On CPU only a tiny case runs
-(seconds), to keep this file importable and exercised; its timings mean nothing.
+Targets on a GPU (same run, same device): prefix-LM >= 1.5x FlexAttention (its mask build
+included) and >= 2x padded SDPA with its dense mask; causal within 1.1x of the fastest varlen
+causal kernel. On CPU only a tiny case runs (seconds), to keep this file importable and
+exercised; its timings mean nothing.
 
 Each benchmark records the device, the versions and the extra peak memory of one fwd+bwd
 (``peak_mem_mb``) in ``extra_info``; ``benchmarks/conftest.py`` writes the session's table with
 the speed-up of ``ours`` over every provider of the same case. ``test_ours_tile_sweep`` times our
-kernels under other tile sizes (GPU only; its "ours" row is the default tiles).
+kernels under other tiles (GPU only): its "ours" row is the op's default (the per-sample
+kernels' default tiles), the ``ours_sample_*`` rows other per-sample tiles and the
+``ours_tiled_*`` rows the tiled kernels on the same batch; ``gpu_check.sh`` prints the best
+configuration per case.
 Run: ``pytest benchmarks/test_bench_attention.py --benchmark-only``.
 """
 
@@ -40,6 +48,8 @@ from unigen.kernels.prefix_lm_attention import (
     torch_varlen_available,
     triton_backward,
     triton_forward,
+    triton_sample_backward,
+    triton_sample_forward,
 )
 from unigen.memory import PeakMemory
 
@@ -95,27 +105,82 @@ def _padded(w):
     return (*out, allowed[:, None].to(DEVICE))
 
 
-def _step(provider, w):
+def _varlen_kernel(provider):
+    """The public varlen kernel as (fn(q, k, v, cu, max_seqlen, causal) -> out), its
+    signature resolved here, outside the timed region."""
+    if provider == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        def fn(q, k, v, cu, max_seqlen, causal):
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=causal)
+
+        return fn
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    windowed = "window_size" in inspect.signature(varlen_attn).parameters
+
+    def fn(q, k, v, cu, max_seqlen, causal):
+        if windowed:  # newer torch: causal = window (-1, 0)
+            return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen,
+                               window_size=(-1, 0) if causal else (-1, -1))
+        return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, is_causal=causal)
+
+    return fn
+
+
+def _varlen_step(provider, w, mask):
+    """flash-attn / torch varlen as a user calls them: everything that depends only on the
+    batch's metadata (int32 cu_seqlens, for prefix-LM the prefix tokens' gather index and their
+    cu_seqlens) is prepared here, outside the timed region."""
+    fn = _varlen_kernel(provider)
+    cu = w["cu"].to(torch.int32)
+    L = w["max_seqlen"]
+    q, k, v = (w[n].detach().requires_grad_() for n in ("q", "k", "v"))
+    if mask == "causal":
+        def run():
+            out = fn(q, k, v, cu, L, True)
+            return torch.autograd.grad(out, (q, k, v), w["do"])
+
+        return run
+    lengths, plen = w["lengths"], w["plen"].cpu().long()
+    starts = torch.cumsum(lengths, 0) - lengths
+    idx = torch.cat([torch.arange(int(a), int(a) + int(p)) for a, p in zip(starts, plen)])
+    idx = idx.to(DEVICE)
+    cu_prefix = torch.zeros(plen.numel() + 1, dtype=torch.int32)
+    cu_prefix[1:] = torch.cumsum(plen, 0)
+    cu_prefix = cu_prefix.to(DEVICE)
+
+    def run():
+        # text rows from one causal call; prefix rows from a bidirectional call over the prefixes
+        out = fn(q, k, v, cu, L, True)
+        out = out.index_copy(0, idx, fn(q[idx], k[idx], v[idx], cu_prefix, L, False))
+        return torch.autograd.grad(out, (q, k, v), w["do"])
+
+    return run
+
+
+def _step(provider, w, mask):
     """A closure running one forward + backward of ``provider``; None when it cannot run here."""
     if provider == "sdpa_padded":
-        q, k, v, do, mask = _padded(w)
+        q, k, v, do, dense_mask = _padded(w)
         q, k, v = (x.requires_grad_() for x in (q, k, v))
 
         def run():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
             return torch.autograd.grad(out, (q, k, v), do)
 
         return run
-    backend = {"ours": "triton", "flex": "flex", "flash_attn": "flash_attn",
-               "torch_varlen": "torch_varlen"}[provider]
     if provider == "ours" and not (triton_available() and (CUDA or triton_interpreting())):
         return None
     if provider == "flex" and not CUDA:
         return None  # PyTorch's FlexAttention has no CPU backward
-    if provider == "flash_attn" and not (CUDA and flash_attn_available()):
-        return None
-    if provider == "torch_varlen" and not (CUDA and torch_varlen_available()):
-        return None
+    if provider == "flash_attn":
+        return _varlen_step(provider, w, mask) if CUDA and flash_attn_available() else None
+    if provider == "torch_varlen":
+        return _varlen_step(provider, w, mask) if CUDA and torch_varlen_available() else None
+    backend = {"ours": "triton", "flex": "flex"}[provider]
     q, k, v = (w[n].detach().requires_grad_() for n in ("q", "k", "v"))
 
     def run():
@@ -150,21 +215,26 @@ def _measure(benchmark, run, **info):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_attention_fwd_bwd(benchmark, provider, mask):
     w = _workload(mask)
-    step = _step(provider, w)
+    step = _step(provider, w, mask)
     if step is None:
         pytest.skip(f"{provider} is not available on {DEVICE.type}")
     _measure(benchmark, _synced(step), tokens=int(w["cu"][-1]))
 
 
-# Tile configurations of our kernels to sweep on a GPU (the first is the default, reported as
-# "ours"); the winner replaces the default in kernels/prefix_lm_attention.py::_triton_config.
+# Tile configurations of our kernels to sweep on a GPU. "ours" is the op's default on this batch
+# (the per-sample kernels, tiles of _per_sample_config); "ours_sample_*" try other query slices
+# and warps of the per-sample kernels; "ours_tiled_*" time the tiled kernels on the same batch
+# (the path samples over 128 tokens take). The winner replaces the default in
+# kernels/prefix_lm_attention.py (_per_sample_config / _triton_config).
 TILE_CONFIGS = {
-    "ours": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "ours_m32n64": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-    "ours_m64n32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-    "ours_m128n64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "ours_m128n32": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2),
-    "ours_m32n32": dict(BLOCK_M=32, BLOCK_N=32, num_warps=2, num_stages=2),
+    "ours": ("sample", None),
+    "ours_sample_m16w4": ("sample", dict(BLOCK_M=16, num_warps=4)),
+    "ours_sample_m32w4": ("sample", dict(BLOCK_M=32, num_warps=4)),
+    "ours_sample_m64w8": ("sample", dict(BLOCK_M=64, num_warps=8)),
+    "ours_sample_m128w8": ("sample", dict(BLOCK_M=128, num_warps=8)),
+    "ours_tiled_m64n64": ("tiled", dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+    "ours_tiled_m32n64": ("tiled", dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)),
+    "ours_tiled_m128n64": ("tiled", dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
 }
 
 
@@ -173,16 +243,22 @@ TILE_CONFIGS = {
 def test_ours_tile_sweep(benchmark, provider, mask):
     if not (CUDA and triton_available()):
         pytest.skip("the tile sweep runs on a GPU only")
-    cfg = TILE_CONFIGS[provider]
+    path, cfg = TILE_CONFIGS[provider]
     w = _workload(mask)
     scale = SHAPE["head_dim"] ** -0.5
+    L = w["max_seqlen"]
 
     def step():
+        if path == "sample":
+            out, lse = triton_sample_forward(w["q"], w["k"], w["v"], w["cu"], w["plen"], scale, L,
+                                             config=cfg)
+            return triton_sample_backward(w["do"], w["q"], w["k"], w["v"], lse, w["cu"],
+                                          w["plen"], scale, L, config=cfg)
         out, lse = triton_forward(w["q"], w["k"], w["v"], w["cu"], w["plen"], scale, config=cfg)
         return triton_backward(w["do"], w["q"], w["k"], w["v"], out, lse, w["cu"], w["plen"],
                                scale, config=cfg)
 
-    _measure(benchmark, _synced(step), tokens=int(w["cu"][-1]), **cfg)
+    _measure(benchmark, _synced(step), tokens=int(w["cu"][-1]), path=path, **(cfg or {}))
 
 
 def _triton_version():

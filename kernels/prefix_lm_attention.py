@@ -9,7 +9,7 @@ or with ``s`` and ``t`` both in the prefix (``< prefix_lens[i]``, positions coun
 start). ``prefix_lens[i] == 0`` is plain causal attention; ``prefix_lens[i] == len(sample)`` is
 fully bidirectional attention inside the sample.
 
-The key observation every path here uses: in that mask, the keys row ``t`` may attend form ONE
+The key observation the tiled kernels use: in that mask, the keys row ``t`` may attend form ONE
 contiguous range of packed positions, ``[start(t), max(t + 1, start(t) + prefix(t)))``, and the
 queries that attend key ``s`` form one contiguous range too, ``[s if s is a text token else
 start(s), end(s))``. So the mask is two integers per token, computed on the device from
@@ -17,12 +17,47 @@ start(s), end(s))``. So the mask is two integers per token, computed on the devi
 its smallest start and its largest end: tiles outside that range (other samples, the future) are
 never loaded.
 
+Two Triton paths, chosen on the host from ``max_seqlen`` (a host int: no sync):
+
+* ``max_seqlen <= 128`` (UniGen's case), fp16/bf16, head_dim <= 64: **per (sample, head)**. One
+  program per (sample, head) owns all its queries and keys: the mask is one scalar (the prefix
+  length), k and v of the sample are loaded once, and each slice of 32 query rows meets every key
+  in one [32, BLOCK] score tile, BLOCK = the next power of two >= max_seqlen (at least 16), so a
+  row's softmax is one pass, with no running max and no rescaling across key tiles. The backward
+  is ONE launch computing dV, dP, dS, dQ, dK from one score tile per slice (5 matmuls, nothing
+  recomputed, dQ complete in its program: no atomics).
+* otherwise: the **tiled** FlashAttention-2 kernels below (64 x 64 tiles over the packed tokens,
+  a block may straddle samples), which take any length.
+
+Accounting for the benchmark's batch (512 samples of 75-115 tokens, mean 94.8, 48.5k tokens, 12
+heads, head_dim 64, bf16; one [T, H, D] tensor = 74.5 MB), per-sample path vs tiled 64 x 64 vs
+SDPA on the padded batch:
+
+- scores computed per head: 7.3 M (the sum over samples of ceil(n / 32) * 32 rows x 128 keys)
+  vs 7.1-8.0 M (tiles crossing sample boundaries) vs 6.8 M (512 x 115^2); the mask keeps 2.4 M
+  (causal) to 3.1 M (prefix-LM) of them;
+- matmuls per score: forward 2 / 2; backward 5 (S, dV, dP, dQ, dK) vs 7 (dK/dV kernel: S, dV,
+  dP, dK; dQ kernel: S, dP, dQ);
+- launches: forward 1 vs 2 (sample ids, forward); backward 1 vs 3 (preprocess, dK/dV, dQ);
+- HBM traffic: forward reads q, k, v once and writes o (4 x 74.5 MB; the tiled kernels re-read
+  k, v for every query block that visits them); backward reads q, k, v, dO and writes dq, dk,
+  dv (7 x 74.5 MB), no O and no delta buffer (the tiled backward reads O and dO in its
+  preprocess and q, k, v, dO again in each of its two kernels); lse is 2.3 MB each way.
+
+So the per-sample path does not compute fewer scores than the padded batch at these lengths
+(packing buys no score work when samples fill 75-115 of a 128 tile); what it saves is the online
+softmax's rescaling, the dependent loads of per-row sample ids and ranges, two of the
+backward's seven matmuls per score, three of five launches and the repeated reads of the inputs.
+Forward + backward: 7 x 2 x 7.3 M x 64 x 12 = 79 GFLOP (0.10 ms at 790 TFLOP/s) and 0.82 GB
+(0.19 ms at 4.3 TB/s): bandwidth sets the floor on an H200.
+
 Layout of this file (the house pattern):
 
 1. validation, per-token sample ids and mask ranges;
 2. the readable dense-mask PyTorch reference (fp32 math) and the dense mask itself;
 3. the portable backends: SDPA on the padded batch, FlexAttention, flash-attn varlen;
-4. the Triton kernels (forward, backward preprocess, dK/dV, dQ) and their launchers;
+4. the Triton kernels (tiled: forward, backward preprocess, dK/dV, dQ; per-sample: forward,
+   backward) and their launchers;
 5. the ``torch.library`` custom ops (forward + backward, fake kernels, autograd);
 6. the functional form ``prefix_lm_attention`` and the module ``PrefixLMAttention``.
 """
@@ -594,6 +629,148 @@ if triton_available():
         tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
                  _rne(dq, DOT).to(DQ.dtype.element_ty), mask=q_mask)
 
+    @triton.jit
+    def _sample_span(CU, PLEN, b, T, BLOCK: tl.constexpr):
+        """Sample b's packed start, its length (at most BLOCK), its prefix length and its true
+        length, clamped so that bad metadata (validate=False) gives wrong numbers, never an
+        out-of-bounds access."""
+        start = tl.minimum(tl.maximum(tl.load(CU + b), 0), T)
+        end = tl.minimum(tl.maximum(tl.load(CU + b + 1), start), T)
+        n = tl.minimum(end - start, BLOCK)
+        plen = tl.load(PLEN + b)
+        return start, n, plen, end - start
+
+    @triton.jit
+    def _poison_rows(X, stride_t, start, n, full, HEAD_DIM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, WIDE_INDEX: tl.constexpr):
+        # Rows n..full of a sample longer than the tile (max_seqlen too small, validate=False)
+        # become NaN instead of whatever the output buffer held: the error shows in the loss.
+        # No iteration for valid input.
+        offs_d = tl.arange(0, BLOCK_D)
+        for m0 in range(n, full, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            tok = _offsets(start + offs_m, WIDE_INDEX)
+            mask = (offs_m < full)[:, None] & (offs_d < HEAD_DIM)[None, :]
+            nan = tl.full([BLOCK_M, BLOCK_D], float("nan"), tl.float32)
+            tl.store(X + tok[:, None] * stride_t + offs_d[None, :], nan.to(X.dtype.element_ty),
+                     mask=mask)
+
+    @triton.jit
+    def _sample_mask(offs_m, offs_n, n, plen):
+        # Local row r may attend local column c when c <= r or c is in the prefix (c < plen):
+        # the whole prefix-LM mask of one sample is this one scalar. Pad rows/columns (>= n) are
+        # masked; every real row keeps its diagonal, so no real row is fully masked.
+        rows = offs_m[:, None]
+        cols = offs_n[None, :]
+        return ((cols <= rows) | (cols < plen)) & (cols < n) & (rows < n)
+
+    @triton.jit
+    def _sample_fwd_kernel(
+        Q, K, V, O, LSE, CU, PLEN,
+        T, qk_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    ):
+        # grid = (samples, heads): one program owns all queries and all keys of its sample. k and
+        # v are loaded once; the queries go by in slices of BLOCK_M rows, each against every key
+        # of the sample in one [BLOCK_M, BLOCK] score tile, so the softmax of a row is one pass
+        # (no running max, no rescaling of the accumulator), and slices past the sample's length
+        # are never computed (a 75-token sample at BLOCK_M = 32 costs 96 rows, not 128).
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        start, n, plen, full = _sample_span(CU, PLEN, b, T, BLOCK)
+        offs_n = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        tok_n = _offsets(start + offs_n, WIDE_INDEX)
+        kv_mask = (offs_n < n)[:, None] & d_ok[None, :]
+        k = tl.load(K + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        for m0 in range(0, n, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            tok_m = _offsets(start + offs_m, WIDE_INDEX)
+            q_mask = (offs_m < n)[:, None] & d_ok[None, :]
+            q = tl.load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                        mask=q_mask, other=0.0)
+            s = _mm(q, tl.trans(k), DOT) * qk_scale
+            s = tl.where(_sample_mask(offs_m, offs_n, n, plen), s, float("-inf"))
+            m = tl.max(s, axis=1)
+            m = tl.where(m == float("-inf"), 0.0, m)  # pad rows: exp2(-inf) = 0, no NaN
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, axis=1)
+            l = tl.where(l > 0.0, l, 1.0)
+            acc = _mm(_rne(p, DOT).to(v.dtype), v, DOT) / l[:, None]
+            tl.store(O + tok_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                     _rne(acc, DOT).to(O.dtype.element_ty), mask=q_mask)
+            tl.store(LSE + h * T + start + offs_m, m + tl.log2(l), mask=offs_m < n)
+        _poison_rows(O + h * stride_oh, stride_ot, start, n, full, HEAD_DIM, BLOCK_M, BLOCK_D,
+                     WIDE_INDEX)
+
+    @triton.jit
+    def _sample_bwd_kernel(
+        Q, K, V, DO, DQ, DK, DV, LSE, CU, PLEN,
+        T, qk_scale, sm_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
+        stride_dvt, stride_dvh,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    ):
+        # grid = (samples, heads), the whole backward in one launch. Per slice of BLOCK_M
+        # queries, from one score tile against all keys of the sample: S = Q K^T,
+        # P = exp2(S - lse), dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(P dP)),
+        # dQ = dS K (complete: the slice saw every key it may attend, so it is stored at once),
+        # dK += dS^T Q: five matmuls, nothing recomputed. The program owns every query and key
+        # of its sample, so no atomics and no second pass. rowsum(P * dP) equals rowsum(dO * O)
+        # and needs neither O nor a preprocess launch.
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        start, n, plen, full = _sample_span(CU, PLEN, b, T, BLOCK)
+        offs_n = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        tok_n = _offsets(start + offs_n, WIDE_INDEX)
+        kv_mask = (offs_n < n)[:, None] & d_ok[None, :]
+        k = tl.load(K + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+        for m0 in range(0, n, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            tok_m = _offsets(start + offs_m, WIDE_INDEX)
+            q_mask = (offs_m < n)[:, None] & d_ok[None, :]
+            q = tl.load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                        mask=q_mask, other=0.0)
+            do = tl.load(DO + tok_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                         mask=q_mask, other=0.0)
+            lse = tl.load(LSE + h * T + start + offs_m, mask=offs_m < n, other=0.0)
+            s = _mm(q, tl.trans(k), DOT) * qk_scale
+            p = tl.where(_sample_mask(offs_m, offs_n, n, plen), tl.exp2(s - lse[:, None]), 0.0)
+            dv += _mm(tl.trans(_rne(p, DOT).to(do.dtype)), do, DOT)
+            dp = _mm(do, tl.trans(v), DOT)
+            delta = tl.sum(p * dp, axis=1)
+            ds = _rne(p * (dp - delta[:, None]), DOT).to(q.dtype)
+            dq = _mm(ds, k, DOT) * sm_scale
+            tl.store(DQ + tok_m[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
+                     _rne(dq, DOT).to(DQ.dtype.element_ty), mask=q_mask)
+            dk += _mm(tl.trans(ds), q, DOT)
+        dk = dk * sm_scale
+        tl.store(DK + tok_n[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :],
+                 _rne(dk, DOT).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + tok_n[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :],
+                 _rne(dv, DOT).to(DV.dtype.element_ty), mask=kv_mask)
+        _poison_rows(DQ + h * stride_dqh, stride_dqt, start, n, full, HEAD_DIM, BLOCK_M, BLOCK_D,
+                     WIDE_INDEX)
+        _poison_rows(DK + h * stride_dkh, stride_dkt, start, n, full, HEAD_DIM, BLOCK_M, BLOCK_D,
+                     WIDE_INDEX)
+        _poison_rows(DV + h * stride_dvh, stride_dvt, start, n, full, HEAD_DIM, BLOCK_M, BLOCK_D,
+                     WIDE_INDEX)
+
 
 _LOG2E = 1.4426950408889634
 # read once: torch.compile traces _resolve and would warn about the lru_cache of the function
@@ -725,6 +902,105 @@ def triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scal
     return dq, dk, dv
 
 
+#: Longest sample (``max_seqlen``) the per-(sample, head) kernels take: one program holds a
+#: [BLOCK_M, BLOCK] score tile against every key of its sample, and past 128 keys it spills.
+PER_SAMPLE_MAX_SEQLEN = 128
+#: Largest head_dim the op sends to the per-sample kernels: the backward keeps k, v and the fp32
+#: dK, dV of the whole sample in registers; at head_dim 128 it spills ~240 B per thread on sm_90
+#: (the tiled kernels none), at 64 nothing.
+PER_SAMPLE_MAX_HEAD_DIM = 64
+#: Dtypes the op sends to the per-sample kernels. fp32 takes the full-precision FMA dot, whose
+#: operands live in registers: its per-sample backward spills 24 KB per thread at BLOCK 128
+#: (``gpu_compile_check.py attention fp32 64``), so fp32 stays on the tiled kernels. (The
+#: launchers themselves take fp32 too; the tests check it.)
+PER_SAMPLE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def uses_per_sample_kernels(max_seqlen: int, head_dim: int, dtype) -> bool:
+    """Whether the op runs the per-(sample, head) kernels, decided on the host from the host int
+    ``max_seqlen`` (no device sync); otherwise the tiled kernels."""
+    return (0 < max_seqlen <= PER_SAMPLE_MAX_SEQLEN and head_dim <= PER_SAMPLE_MAX_HEAD_DIM
+            and dtype in PER_SAMPLE_DTYPES)
+
+
+def _per_sample_config(max_seqlen: int, head_dim: int, dtype=None, override: dict | None = None
+                       ) -> dict:
+    """Tiles of the per-sample kernels. BLOCK (keys, and the rows a program may own) = the next
+    power of two >= max_seqlen, at least 16 (tl.dot's smallest tile): 128 for UniGen's 75-115
+    tokens. BLOCK_M = 32 query rows per score tile: the loop over a sample's rows stops at its
+    length, so a sample costs ceil(len / 32) * 32 rows (96 for a 95-token one, not 128), and the
+    backward's P and dP tiles stay small enough for 8 warps to hold them with the fp32 dK, dV
+    of the sample: on sm_90 at bf16, head_dim 64, BLOCK 128 the forward uses 114 registers, the
+    backward 210, no spills (BLOCK_M 64: 188 / 255 and 140 B of spills; 4 warps: 412 B). fp32
+    (tests and sweeps only) takes 16-row tiles. ``override`` lets the tile sweep and the tests
+    try others (BLOCK may only grow: a program drops tokens past BLOCK).
+    """
+    block = max(16, triton.next_power_of_2(max_seqlen))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = min(block, 16 if dtype == torch.float32 else 32)
+    cfg = dict(BLOCK=block, BLOCK_M=block_m, BLOCK_D=block_d,
+               num_warps=8 if block * block_d >= 64 * 64 else 4, num_stages=1)
+    if override:
+        cfg.update(override)
+    if cfg["BLOCK"] < max_seqlen:
+        raise ValueError(f"{OP}: per-sample BLOCK = {cfg['BLOCK']} is smaller than max_seqlen = "
+                         f"{max_seqlen}")
+    return cfg
+
+
+def triton_sample_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale: float,
+                          max_seqlen: int, config=None):
+    """Launch the per-(sample, head) forward (samples of at most ``max_seqlen`` <= 128 tokens).
+    Returns (out [T, H, D], lse [H, T] fp32, log2 units), as :func:`triton_forward`."""
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    T, H, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
+    B = cu_seqlens.numel() - 1
+    if T == 0 or H == 0 or B <= 0:
+        return out, lse
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    plen = prefix_lens.to(torch.int32).contiguous()
+    cfg = _per_sample_config(max_seqlen, D, q.dtype, config)
+    _sample_fwd_kernel[(B, H)](
+        q, k, v, out, lse, cu, plen,
+        T, softmax_scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK=cfg["BLOCK"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+        DOT=_dot_mode(q.dtype),
+        WIDE_INDEX=_wide_index(q, k, v, out),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def triton_sample_backward(do, q, k, v, lse, cu_seqlens, prefix_lens, softmax_scale: float,
+                           max_seqlen: int, config=None):
+    """Launch the single per-(sample, head) backward. Returns (dq, dk, dv)."""
+    do, q, k, v = (_last_dim_contiguous(x) for x in (do, q, k, v))
+    T, H, D = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    B = cu_seqlens.numel() - 1
+    if T == 0 or H == 0 or B <= 0:
+        return dq, dk, dv
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    plen = prefix_lens.to(torch.int32).contiguous()
+    cfg = _per_sample_config(max_seqlen, D, q.dtype, config)
+    _sample_bwd_kernel[(B, H)](
+        q, k, v, do, dq, dk, dv, lse, cu, plen,
+        T, softmax_scale * _LOG2E, softmax_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+        dv.stride(0), dv.stride(1),
+        HEAD_DIM=D, BLOCK=cfg["BLOCK"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+        DOT=_dot_mode(q.dtype),
+        WIDE_INDEX=_wide_index(do, q, k, v, dq, dk, dv),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dq, dk, dv
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. torch.library custom ops: torch.compile sees two opaque ops with fake kernels and an
 #    autograd formula, so it traces through without graph breaks.
@@ -732,11 +1008,28 @@ def triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scal
 
 
 @autocast_free  # the kernels keep their own dtypes under autocast (its rule is applied at entry)
-def _forward_impl(q, k, v, cu_seqlens, prefix_lens, softmax_scale):
-    """(out, lse, seq_id): the sample ids are computed once here and saved for the backward."""
+def _forward_impl(q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale):
+    """(out, lse, seq_id). Samples of at most 128 tokens: the per-sample kernel, which needs no
+    sample ids (``seq_id`` is empty). Longer: the tiled kernels, whose sample ids are computed
+    once here and saved for the backward."""
+    if uses_per_sample_kernels(max_seqlen, q.shape[-1], q.dtype):
+        out, lse = triton_sample_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale,
+                                         max_seqlen)
+        return out, lse, q.new_empty((0,), dtype=torch.int32)
     seq_id = triton_sample_ids(cu_seqlens, q.shape[0])
     out, lse = triton_forward(q, k, v, cu_seqlens, prefix_lens, softmax_scale, seq_id=seq_id)
     return out, lse, seq_id
+
+
+@autocast_free
+def _backward_impl(do, q, k, v, out, lse, cu_seqlens, prefix_lens, seq_id, max_seqlen,
+                   softmax_scale):
+    """(dq, dk, dv) on the path the forward took (the same host-side rule)."""
+    if uses_per_sample_kernels(max_seqlen, q.shape[-1], q.dtype):
+        return triton_sample_backward(do, q, k, v, lse, cu_seqlens, prefix_lens, softmax_scale,
+                                      max_seqlen)
+    return triton_backward(do, q, k, v, out, lse, cu_seqlens, prefix_lens, softmax_scale,
+                           seq_id=seq_id)
 
 
 @torch.library.custom_op("unigen::prefix_lm_attention_fwd", mutates_args=())
@@ -744,14 +1037,15 @@ def _prefix_lm_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                 cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
                                 max_seqlen: int, softmax_scale: float
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(q, k, v, cu_seqlens, prefix_lens, softmax_scale)
+    return _forward_impl(q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale)
 
 
 @_prefix_lm_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale):
-    T, H, _ = q.shape
+    T, H, D = q.shape
+    n_ids = 0 if uses_per_sample_kernels(max_seqlen, D, q.dtype) else T
     return (torch.empty_like(q), q.new_empty((H, T), dtype=torch.float32),
-            q.new_empty((T,), dtype=torch.int32))
+            q.new_empty((n_ids,), dtype=torch.int32))
 
 
 @torch.library.custom_op("unigen::prefix_lm_attention_bwd", mutates_args=())
@@ -760,8 +1054,8 @@ def _prefix_lm_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
                                 cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
                                 seq_id: torch.Tensor, max_seqlen: int, softmax_scale: float
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return autocast_free(triton_backward)(do, q, k, v, out, lse, cu_seqlens, prefix_lens,
-                                          softmax_scale, seq_id=seq_id)
+    return _backward_impl(do, q, k, v, out, lse, cu_seqlens, prefix_lens, seq_id, max_seqlen,
+                          softmax_scale)
 
 
 @_prefix_lm_attention_bwd_op.register_fake
@@ -799,7 +1093,7 @@ class _PrefixLMAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale):
         inputs = (q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale)
-        output = _forward_impl(q, k, v, cu_seqlens, prefix_lens, softmax_scale)
+        output = _forward_impl(q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale)
         _setup_context(ctx, inputs, output)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for lse and seq_id
         return output
@@ -808,9 +1102,8 @@ class _PrefixLMAttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, *unused_grads):
         q, k, v, out, lse, cu_seqlens, prefix_lens, seq_id = ctx.saved_tensors
-        dq, dk, dv = autocast_free(triton_backward)(grad_out.contiguous(), q, k, v, out, lse,
-                                                    cu_seqlens, prefix_lens, ctx.softmax_scale,
-                                                    seq_id=seq_id)
+        dq, dk, dv = _backward_impl(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens,
+                                    prefix_lens, seq_id, ctx.max_seqlen, ctx.softmax_scale)
         return dq, dk, dv, None, None, None, None
 
 
@@ -860,7 +1153,11 @@ def prefix_lm_attention(q, k, v, cu_seqlens, prefix_lens, *, max_seqlen, softmax
         prefix_lens: int32/int64 ``[B]``, ``0 <= prefix_lens[i] <= len(sample i)``: the first
             ``prefix_lens[i]`` tokens of sample i attend each other bidirectionally; every later
             token attends the prefix and the tokens before it. 0 is plain causal attention.
-        max_seqlen: Python int, at least the longest sample (the padded backends pad to it).
+        max_seqlen: Python int, at least the longest sample: the padded backends pad to it, and
+            it picks the Triton path on the host (<= 128: the per-sample kernels, whose tile it
+            sizes; they never read tokens of a sample past it, so with a too small value and
+            ``validate=False`` those rows of the output and the gradients are NaN: the loss
+            shows the error, nothing crashes or reads out of bounds).
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         backend: one of :data:`ATTENTION_BACKENDS`.
         validate: check the values of ``cu_seqlens``/``prefix_lens``/``max_seqlen`` (reads them

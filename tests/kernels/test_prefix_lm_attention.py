@@ -1,8 +1,11 @@
 """prefix_lm_attention: every backend against the dense-mask fp32 reference, values and gradients.
 
 The Triton kernels run through Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1), so
-the shapes here stay tiny: at most 64 packed tokens and 2 heads. The GPU cases at the bottom take
-realistic shapes and skip without CUDA.
+the shapes here stay small: a few samples and 2 heads (one case of UniGen's 75-115-token samples
+for the per-sample kernels). Both Triton paths are tested: the per-(sample, head) kernels (the
+op's choice for max_seqlen <= 128 at fp16/bf16) and the tiled ones (longer samples and fp32,
+forced here on short samples too). The GPU cases at the bottom take realistic shapes and skip
+without CUDA.
 """
 
 import math
@@ -25,6 +28,9 @@ from unigen.kernels.prefix_lm_attention import (
     torch_varlen_available,
     triton_backward,
     triton_forward,
+    triton_sample_backward,
+    triton_sample_forward,
+    uses_per_sample_kernels,
 )
 
 M = sys.modules["unigen.kernels.prefix_lm_attention"]
@@ -318,6 +324,21 @@ def test_triton_bad_metadata_without_validation_stays_in_bounds():
 
 
 @needs_triton
+def test_per_sample_rows_past_a_too_small_max_seqlen_are_nan():
+    """validate=False and max_seqlen below the longest sample: the per-sample kernels (sized by
+    max_seqlen) never see that sample's later tokens, and write NaN for them — in the output
+    and in all three gradients — instead of leaving whatever the buffers held."""
+    q, k, v, cu, plen = _inputs([20, 5], [3, 0], dtype=torch.bfloat16)
+    assert uses_per_sample_kernels(8, q.shape[-1], q.dtype)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = prefix_lm_attention(q, k, v, cu, plen, max_seqlen=8, backend="triton", validate=False)
+    out.float().sum().backward()
+    for name, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert torch.isnan(t[16:20].float()).all(), name  # BLOCK = 16 rows of sample 0
+        assert torch.isfinite(t[:16].float()).all() and torch.isfinite(t[20:].float()).all(), name
+
+
+@needs_triton
 def test_triton_sample_ids_match_searchsorted():
     """The one-launch sample ids equal ``sample_ids`` (empty and 1-token samples included), and
     invalid cu_seqlens still give ids inside [0, B)."""
@@ -352,11 +373,35 @@ def test_triton_step_adds_no_device_ops(host_ops):
 
 
 @needs_triton
-@pytest.mark.parametrize("prefixes", [[2, 0, 5], [0, 0, 0]])
-def test_eager_function_equals_custom_op(prefixes):
+def test_per_sample_step_is_two_launches(host_ops):
+    """The per-sample path (bf16, max_seqlen <= 128): one forward and one backward launch, no
+    sample-id kernel and no other device op."""
+    kernels = dict.fromkeys(("_sample_ids_kernel", "_fwd_kernel", "_bwd_preprocess_kernel",
+                             "_bwd_dkdv_kernel", "_bwd_dq_kernel"))
+    q, k, v, cu, plen = _inputs([5, 3, 9], [2, 0, 5], dtype=torch.bfloat16)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+    launched = []
+    for name in ("_sample_fwd_kernel", "_sample_bwd_kernel"):
+        kernels[name] = lambda *args, _name=name, **kw: launched.append(_name)
+
+    def step():
+        out = prefix_lm_attention(q, k, v, cu, plen, max_seqlen=9, backend="triton",
+                                  validate=False)
+        torch.autograd.grad(out, (q, k, v), do)
+
+    assert host_ops(M, kernels, step) == []
+    # two steps ran (warm-up + profiled): each launched exactly the two per-sample kernels
+    assert launched == ["_sample_fwd_kernel", "_sample_bwd_kernel"] * 2
+
+
+@needs_triton
+@pytest.mark.parametrize("prefixes,dtype", [([2, 0, 5], torch.float32), ([0, 0, 0], torch.float32),
+                                            ([2, 0, 5], torch.bfloat16)])
+def test_eager_function_equals_custom_op(prefixes, dtype):
     """Eager mode runs through an autograd.Function (no custom-op dispatch); the custom op that
     torch.compile traces gives the same output and gradients, bit for bit."""
-    q, k, v, cu, plen = _inputs([5, 3, 9], prefixes)
+    q, k, v, cu, plen = _inputs([5, 3, 9], prefixes, dtype=dtype)
     do = torch.randn_like(q)
     results = []
     for fn in (M._PrefixLMAttentionFunction.apply, M._prefix_lm_attention_fwd_op):
@@ -365,6 +410,21 @@ def test_eager_function_equals_custom_op(prefixes):
         results.append((*out, *torch.autograd.grad(out[0], (a, b, c), do)))
     for x, y in zip(*results):
         assert torch.equal(x, y)
+
+
+@needs_triton
+def test_custom_op_opcheck_per_sample_path():
+    """bf16 at max_seqlen <= 128 takes the per-sample kernels, which save no sample ids: the
+    fake kernel must agree on that output's (empty) shape."""
+    q, k, v, cu, plen = _inputs([4, 3], [2, 0], dtype=torch.bfloat16)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    assert uses_per_sample_kernels(4, q.shape[-1], q.dtype)
+    torch.library.opcheck(torch.ops.unigen.prefix_lm_attention_fwd.default,
+                          (q, k, v, cu, plen, 4, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    _, _, seq_id = torch.ops.unigen.prefix_lm_attention_fwd(q, k, v, cu, plen, 4, 0.25)
+    assert seq_id.shape == (0,)
 
 
 @needs_triton
@@ -402,6 +462,148 @@ def test_sdpa_path_compiles_fullgraph():
     out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
     torch.testing.assert_close(out, prefix_lm_attention_reference(q, k, v, cu, plen),
                                atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-(sample, head) kernels (max_seqlen <= 128)
+
+# odd lengths: 1-token samples, prefix 0, prefix = whole sample, lengths not multiples of 16
+SAMPLE_CASES = {
+    "edges": ([7, 1, 12, 3, 9], [3, 0, 12, 1, 0]),
+    "unigen": ([115, 75, 1, 96], [40, 0, 1, 96]),  # BLOCK 128, several 32-row slices
+    "one_slice": ([17, 5], [17, 0]),  # BLOCK 32: 17 rows end inside the first 32-row slice
+}
+
+
+class _SampleFn(torch.autograd.Function):
+    """The per-sample launchers as one autograd op (whatever dtype the op itself would route)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, plen, scale, max_seqlen, config):
+        out, lse = triton_sample_forward(q, k, v, cu, plen, scale, max_seqlen, config=config)
+        ctx.save_for_backward(q, k, v, lse, cu, plen)
+        ctx.args = scale, max_seqlen, config
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, lse, cu, plen = ctx.saved_tensors
+        scale, max_seqlen, config = ctx.args
+        grads = triton_sample_backward(do, q, k, v, lse, cu, plen, scale, max_seqlen, config=config)
+        return (*grads, None, None, None, None, None)
+
+
+def _check_against_reference(got_fn, q, k, v, cu, plen, scale):
+    """fp32: close to the fp32 reference; fp16/bf16: FlashAttention's 2x rule."""
+    do = torch.randn_like(q)
+    got = _fwd_bwd(got_fn, q, k, v, do)
+    ref = _fwd_bwd(lambda a, b, c: prefix_lm_attention_reference(a.float(), b.float(), c.float(),
+                                                                  cu, plen, scale), q, k, v, do.float())
+    if q.dtype == torch.float32:
+        for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        return
+    lowp = _fwd_bwd(lambda a, b, c: _lowp_reference(a, b, c, cu, plen, scale), q, k, v, do)
+    for name, g, lp, r in zip(("out", "dq", "dk", "dv"), got, lowp, ref):
+        assert g.dtype == q.dtype
+        err, err_pt = _max_err(g, r), _max_err(lp, r)
+        assert err <= 2 * err_pt + 1e-3, f"{name}: ours {err:.3g} vs same-precision PyTorch {err_pt:.3g}"
+
+
+@needs_triton
+@pytest.mark.parametrize("case", sorted(SAMPLE_CASES))
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.bfloat16, 64),
+                                            (torch.float16, 64), (torch.bfloat16, 24),
+                                            (torch.float32, 24)])
+def test_per_sample_kernels_match_reference(case, dtype, head_dim):
+    lengths, prefixes = SAMPLE_CASES[case]
+    q, k, v, cu, plen = _inputs(lengths, prefixes, head_dim=head_dim, dtype=dtype)
+    scale = head_dim ** -0.5
+    _check_against_reference(lambda a, b, c: _SampleFn.apply(a, b, c, cu, plen, scale,
+                                                             max(lengths), None),
+                             q, k, v, cu, plen, scale)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [{"BLOCK_M": 16}, {"BLOCK_M": 64, "num_warps": 4},
+                                    {"BLOCK": 64, "BLOCK_M": 64}])
+def test_per_sample_other_tiles(config):
+    """Other slices than the default (one slice per sample, several), and a BLOCK above the
+    one max_seqlen asks for: the tile sweep's configurations give the same numbers."""
+    lengths, prefixes = [13, 1, 20, 6], [5, 1, 0, 6]
+    q, k, v, cu, plen = _inputs(lengths, prefixes)
+    scale = 0.3
+    _check_against_reference(lambda a, b, c: _SampleFn.apply(a, b, c, cu, plen, scale, 20, config),
+                             q, k, v, cu, plen, scale)
+
+
+@needs_triton
+def test_per_sample_lse_and_empty_samples():
+    """The saved LSE (log2 units) is the masked log-sum-exp; empty samples launch programs that
+    touch nothing."""
+    lengths, prefixes = [0, 4, 0, 11], [0, 2, 0, 11]
+    q, k, v, cu, plen = _inputs(lengths, prefixes)
+    scale = 0.25
+    out, lse = triton_sample_forward(q, k, v, cu, plen, scale, 11)
+    mask = prefix_lm_dense_mask(cu, plen, q.shape[0])
+    scores = torch.einsum("thd,shd->hts", q, k) * scale
+    expected = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1) / math.log(2)
+    torch.testing.assert_close(lse, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, prefix_lm_attention_reference(q, k, v, cu, plen, scale),
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_per_sample_block_and_routing():
+    """BLOCK = next power of two >= max_seqlen, at least 16; the op routes fp16/bf16 with
+    max_seqlen <= 128 and head_dim <= 64 to the per-sample kernels, the rest to the tiled."""
+    if triton_available():
+        for max_seqlen, block in ((1, 16), (16, 16), (17, 32), (115, 128), (128, 128)):
+            assert M._per_sample_config(max_seqlen, 64, torch.bfloat16)["BLOCK"] == block
+        with pytest.raises(ValueError, match="BLOCK = 32 is smaller than max_seqlen = 40"):
+            M._per_sample_config(40, 64, torch.bfloat16, {"BLOCK": 32})
+    bf16 = torch.bfloat16
+    assert uses_per_sample_kernels(115, 64, bf16) and uses_per_sample_kernels(1, 24, torch.float16)
+    assert not uses_per_sample_kernels(129, 64, bf16)
+    assert not uses_per_sample_kernels(115, 128, bf16)
+    assert not uses_per_sample_kernels(115, 64, torch.float32)
+    assert not uses_per_sample_kernels(0, 64, bf16)
+
+
+@needs_triton
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_public_op_bf16_both_paths(per_sample, monkeypatch):
+    """The public op at bf16 on short samples: the per-sample kernels by default, the tiled ones
+    when the per-sample limit is lowered (the path longer samples take)."""
+    if not per_sample:
+        monkeypatch.setattr(M, "PER_SAMPLE_MAX_SEQLEN", 0)
+    lengths, prefixes = SAMPLE_CASES["edges"]
+    q, k, v, cu, plen = _inputs(lengths, prefixes, dtype=torch.bfloat16)
+    assert uses_per_sample_kernels(12, q.shape[-1], q.dtype) == per_sample
+    _check_against_reference(lambda a, b, c: prefix_lm_attention(a, b, c, cu, plen, max_seqlen=12,
+                                                                 backend="triton"),
+                             q, k, v, cu, plen, q.shape[-1] ** -0.5)
+
+
+@needs_triton
+def test_per_sample_wide_index_and_strided_views(monkeypatch):
+    """64-bit offsets, q/k/v as views of one [T, 3, H, D] projection."""
+    monkeypatch.setattr(M, "_wide_index", lambda *tensors: True)
+    prefixes = [2, 8]  # samples of 5 and 8 tokens
+    qkv = torch.randn(13, 3, 2, 16).to(torch.bfloat16)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0, 5, 13])
+    _check_against_reference(lambda a, b, c: prefix_lm_attention(a, b, c, cu, torch.tensor(prefixes),
+                                                                 max_seqlen=8, backend="triton"),
+                             q, k, v, cu, torch.tensor(prefixes), 0.25)
+
+
+@needs_triton
+def test_per_sample_bad_metadata_stays_in_bounds():
+    q, k, v, _, _ = _inputs([6, 6], [0, 0], dtype=torch.bfloat16)
+    cu = torch.tensor([0, 40, 3], dtype=torch.int32)
+    plen = torch.tensor([50, -7], dtype=torch.int32)
+    out = prefix_lm_attention(q, k, v, cu, plen, max_seqlen=12, backend="triton", validate=False)
+    assert out.shape == q.shape and torch.isfinite(out).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,6 +773,34 @@ def test_gpu_backend_bf16_within_2x_of_pytorch(backend, head_dim, prefix_mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lengths", ["long", "short_forced_tiled"])
+def test_gpu_tiled_path_bf16(lengths, monkeypatch):
+    """The tiled kernels on the GPU: samples over 128 tokens (the op's own choice), and UniGen's
+    short samples with the per-sample path switched off."""
+    if lengths == "long":
+        g = torch.Generator().manual_seed(2)
+        lens = torch.randint(129, 300, (6,), generator=g).tolist()
+        prefixes = [40, 0, lens[2], 7, 0, 129]
+        q, k, v, cu, plen = _inputs(lens, prefixes, heads=4, head_dim=64, dtype=torch.bfloat16,
+                                    device="cuda")
+        max_len = max(lens)
+    else:
+        monkeypatch.setattr(M, "PER_SAMPLE_MAX_SEQLEN", 0)
+        q, k, v, cu, plen, max_len = _gpu_batch(24, 64, torch.bfloat16, "prefix")
+    assert not uses_per_sample_kernels(max_len, 64, torch.bfloat16)
+    do = torch.randn_like(q)
+    scale = 1 / 8
+    ref = _fwd_bwd(lambda a, b, c: prefix_lm_attention_reference(a.float(), b.float(), c.float(),
+                                                                  cu, plen), q, k, v, do.float())
+    lowp = _fwd_bwd(lambda a, b, c: _lowp_reference(a, b, c, cu, plen, scale), q, k, v, do)
+    got = _fwd_bwd(lambda a, b, c: prefix_lm_attention(a, b, c, cu, plen, max_seqlen=max_len),
+                   q, k, v, do)
+    for name, g_, lp, r in zip(("out", "dq", "dk", "dv"), got, lowp, ref):
+        err, err_pt = _max_err(g_, r), _max_err(lp, r)
+        assert err <= 2 * err_pt + 1e-4, f"{name}: tiled {err:.3g} vs PyTorch bf16 {err_pt:.3g}"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_triton_other_dtypes(dtype):
     q, k, v, cu, plen, max_len = _gpu_batch(16, 64, dtype, "prefix")
@@ -627,9 +857,10 @@ def test_gpu_triton_compiles_without_graph_breaks():
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("dtype,head_dim", [("bf16", 64), ("bf16", 128), ("fp32", 64)])
 def test_kernels_compile_for_sm90(dtype, head_dim, tmp_path, run_sm90_compile):
-    """The interpreter runs Python and forgives what the GPU compiler rejects: compile the four
-    kernels with the launcher's tiles down to an sm_90 cubin (Triton's bundled ptxas, no GPU) and
+    """The interpreter runs Python and forgives what the GPU compiler rejects: compile the tiled
+    and the per-sample kernels with the launchers' tiles down to an sm_90 cubin (Triton's bundled ptxas, no GPU) and
     check that their shared memory fits an H100/H200 block."""
     report = run_sm90_compile(["attention", dtype, str(head_dim)], tmp_path)
-    for kernel in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+    for kernel in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
+                   "_sample_fwd_kernel", "_sample_bwd_kernel"):
         assert kernel in report
