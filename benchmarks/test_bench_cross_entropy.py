@@ -1,12 +1,15 @@
 """fused linear + vocabulary cross-entropy, fwd+bwd: time and extra peak memory per provider.
 
-GPU grid: N ∈ {4096, 20480} target tokens, D = 768, V = 50257 (GPT-2 head), bf16.
-CPU grid: N ∈ {2048, 8192}, D = 256, V = 8192, fp32 (a few seconds per case on 2 cores).
+GPU grid: N ∈ {4096, 20480} target tokens, D = 768, V = 50257 (GPT-2 head), bf16; "ours" is the
+row-chunked "mean" path, "ours_reduction_none" the fused kernels of ``reduction="none"``.
+CPU grid: N ∈ {2048, 8192}, D = 256, V = 8192, fp32 (a few seconds per case on 2 cores), and
+``test_cross_entropy_gpt2_head_cpu``: the GPT-2 head itself (N = 8192, D = 768, V = 50257, fp32),
+one timed round per provider (~15-30 s each on 2 cores: run it alone).
 Memory: ``peak_mem_mb`` is the peak above the inputs during one fwd+bwd, the gradients of h and
 W included; ``outputs_mb`` is the size of those gradients, which every provider must produce, so
 the working memory a provider adds is the difference (the GPU target: under 100 MB at N = 20480).
-``test_ours_tile_sweep`` times our Triton kernels under other tiles at N = 20480 (GPU only; its
-"ours" row is the default tiles of ``_triton_config``).
+``test_ours_tile_sweep`` times the fused kernels of ``reduction="none"`` under other tiles at
+N = 20480 (GPU only; its "ours" row is the default tiles of ``_triton_config``).
 Run: ``pytest benchmarks/test_bench_cross_entropy.py --benchmark-only``.
 """
 
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import bench_device, device_name, sync
+from unigen._extension import cpp_ops_available
 from unigen.kernels import fused_linear_cross_entropy
 from unigen.kernels._backend import triton_available
 from unigen.memory import PeakMemory
@@ -67,8 +71,12 @@ PROVIDERS = {
     "cut_cross_entropy": _cce,
     "ours": lambda h, w, y: fused_linear_cross_entropy(h, w, y),
 }
-if not ON_GPU:
+if ON_GPU:
+    PROVIDERS["ours_reduction_none"] = lambda h, w, y: fused_linear_cross_entropy(h, w, y, reduction="none").mean()
+else:
     PROVIDERS["ours_torch_reference"] = lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="torch")
+    if cpp_ops_available():
+        PROVIDERS["ours_cpp"] = lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="cpp")
 
 REQUIRES = {"liger": "liger_kernel", "cut_cross_entropy": "cut_cross_entropy"}
 
@@ -88,7 +96,8 @@ def _peak_tflops():
     return next((p for k, p in DENSE_BF16_PEAK.items() if k in name), None)
 
 
-def _measure(benchmark, fn, shape, group="fused_linear_cross_entropy", **info):
+def _measure(benchmark, fn, shape, group="fused_linear_cross_entropy", rounds=5, warmup_rounds=1,
+             **info):
     h, w, y = _inputs(*shape)
 
     def step():
@@ -104,7 +113,7 @@ def _measure(benchmark, fn, shape, group="fused_linear_cross_entropy", **info):
     n, d, v = shape
     benchmark.extra_info.update(device=device_name(DEVICE), dtype=str(DTYPE).replace("torch.", ""),
                                 peak_mem_mb=mem.extra_mb, outputs_mb=outputs_mb, **info)
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     seconds = benchmark.stats.stats.mean
     tflops = 6 * n * d * v / seconds / 1e12
     benchmark.extra_info["tflops"] = round(tflops, 2)
@@ -121,6 +130,22 @@ def test_cross_entropy_fwd_bwd(benchmark, provider, shape):
     if provider in ("liger", "cut_cross_entropy") and not ON_GPU:
         pytest.skip("GPU-only provider")
     _measure(benchmark, PROVIDERS[provider], shape)
+
+
+GPT2_HEAD_CPU = (8192, 768, 50257)
+HEAD_PROVIDERS = ["torch", "torch.compile", "ours", "ours_cpp"]
+
+
+@pytest.mark.parametrize("provider", HEAD_PROVIDERS)
+def test_cross_entropy_gpt2_head_cpu(benchmark, provider):
+    """The GPT-2 head on CPU (fp32, fwd+bwd): one warm-up (compilation), one step under the
+    memory probe, one timed round; compare ``peak_mem_mb`` with the "torch" row's."""
+    if ON_GPU:
+        pytest.skip("the CPU case of the GPT-2 head")
+    if provider not in PROVIDERS:
+        pytest.skip(f"{provider} is not available here")
+    _measure(benchmark, PROVIDERS[provider], GPT2_HEAD_CPU, group="fused_linear_cross_entropy_gpt2_head_cpu",
+             rounds=1, warmup_rounds=0)
 
 
 # Tiles of our Triton kernels to sweep on a GPU (the first is the default, reported as "ours");
@@ -144,11 +169,14 @@ def test_ours_tile_sweep(benchmark, provider):
     cfg = TILE_CONFIGS[provider]
 
     def fn(h, w, y):
-        # the reduced path of fused_linear_cross_entropy(h, w, y) with these tiles
+        # the fused kernels of reduction="none" (forward, then the recomputing backward of a mean)
+        # with these tiles
         scale = torch.full((y.numel(),), 1.0 / y.numel(), device=DEVICE)
-        total, _, _, gh, gw, _ = flce.triton_forward_reduced(
-            h.detach(), w.detach(), None, y, scale, -100, 0.0, 0.0, True, True, False, config=cfg)
+        rows, lse, _ = flce.triton_forward(h.detach(), w.detach(), None, y, -100, 0.0, 0.0,
+                                           config=cfg)
+        gh, gw, _ = flce.triton_backward(scale, h.detach(), w.detach(), None, y, lse, -100, 0.0,
+                                         0.0, True, True, False, config=cfg)
         h.grad, w.grad = gh, gw
-        return total.requires_grad_()  # backward of a leaf: nothing more to do
+        return (rows * scale).sum().requires_grad_()  # backward of a leaf: nothing more to do
 
     _measure(benchmark, fn, GRID[-1], group="fused_linear_cross_entropy_tile_sweep", **cfg)

@@ -24,6 +24,24 @@ reduction gets exact gradients from the same kernels:
 
     ∂loss/∂z_nj = g_n·[softmax(z)_j·(1 + 2·z_loss·lse) - (1-ε)·[j = t] - ε/V]
 
+Two paths (the accounting is in each function's docstring):
+
+- ``reduction="mean"``/``"sum"`` (and token weights without a gradient): the gradient of every
+  row is known, up to the scalar upstream gradient, while its logits are at hand, so one
+  row-chunked pass computes the loss and the gradients in the forward (Liger-Kernel's scheme)
+  and the backward only rescales them: 6·N·D·V matmul FLOPs. On CUDA
+  (:func:`triton_forward_reduced`): tensor-core GEMMs for the logits of a row block into one
+  reused buffer, ``_flce_rows_kernel`` for lse/loss/dZ in place, GEMMs for dH (rows written
+  once) and ``_flce_dw_kahan_kernel`` for dW (compensated bf16 accumulation across blocks;
+  an fp32 addmm for fp32 inputs). On CPU (:func:`reference_forward_reduced`): the same scheme
+  in torch, with ~660-row blocks. No double backward (create_graph) and one backward per graph:
+  both refused with a clear error.
+- ``reduction="none"`` (or token weights that need a gradient): fused Triton kernels that never
+  write the logits (forward: online lse per tile; backward: logits recomputed per vocabulary
+  chunk, 8·N·D·V in all), the vocabulary-chunked reference on CPU.
+
+The argmax statistic (``return_stats``) is computed only when asked (the C++ op always does).
+
 Autocast (``torch.autocast``, CPU and CUDA): hidden, weight and bias are cast to the autocast
 dtype at entry, as autocast casts the inputs of the ``F.linear`` this op fuses; the math inside
 stays fp32 (every backend runs with autocast disabled) and the loss comes back in fp32, as
@@ -54,11 +72,6 @@ def _vocab_chunk(rows, vocab, elem_size=4):
     """Vocabulary columns per [rows, chunk] logits block (a multiple of 256, at least 256)."""
     cols = BLOCK_BUDGET_BYTES // max(1, rows * elem_size)
     return min(vocab, max(256, cols // 256 * 256))
-
-
-def _row_chunk(vocab, elem_size=4):
-    """Rows per [chunk, V] logits block (at least 16)."""
-    return max(16, BLOCK_BUDGET_BYTES // max(1, vocab * elem_size))
 
 
 class CrossEntropyStats(NamedTuple):
@@ -157,13 +170,14 @@ def _softcap_slope(z_capped, softcap):
 
 
 def reference_forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
-                      softcap=0.0, vocab_chunk=None):
-    """Row losses, lse and argmax-correctness; fp32 math one vocabulary chunk at a time."""
+                      softcap=0.0, vocab_chunk=None, stats=True):
+    """Row losses, lse and argmax-correctness (empty unless ``stats``); fp32 math one vocabulary
+    chunk at a time."""
     n, vocab = target.shape[0], weight.shape[0]
     acc = _math_dtype(hidden.dtype)
     loss = hidden.new_zeros(n, dtype=acc)
     lse_out = hidden.new_zeros(n, dtype=acc)
-    correct = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    correct = torch.zeros(n if stats else 0, dtype=torch.bool, device=hidden.device)
     rows = _valid_rows(target, ignore_index)
     if rows.numel() == 0:
         return loss, lse_out, correct
@@ -186,9 +200,10 @@ def reference_forward(hidden, weight, bias, target, ignore_index, label_smoothin
         m_new = torch.maximum(m, chunk_max)
         s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)
         m = m_new
-        better = chunk_max > best  # strict: the first maximum wins, as torch.argmax
-        best = torch.where(better, chunk_max, best)
-        best_idx = torch.where(better, chunk_arg + start, best_idx)
+        if stats:
+            better = chunk_max > best  # strict: the first maximum wins, as torch.argmax
+            best = torch.where(better, chunk_max, best)
+            best_idx = torch.where(better, chunk_arg + start, best_idx)
         in_chunk = (t >= start) & (t < stop)
         local = (t - start).clamp(0, stop - start - 1)
         z_target += torch.where(in_chunk, z.gather(1, local[:, None]).squeeze(1), 0.0)
@@ -202,7 +217,8 @@ def reference_forward(hidden, weight, bias, target, ignore_index, label_smoothin
         row_loss = row_loss + z_loss * lse * lse
     loss[rows] = row_loss
     lse_out[rows] = lse
-    correct[rows] = best_idx == t
+    if stats:
+        correct[rows] = best_idx == t
     return loss, lse_out, correct
 
 
@@ -261,56 +277,148 @@ def reference_backward(grad_rows, hidden, weight, bias, target, lse, ignore_inde
     )
 
 
+# Rows per [rows, V] logits block of the reduced CPU path. Measured on the GPT-2 head (D = 768,
+# V = 50257, fp32, 1 core, fwd+bwd): the ~80-row blocks of a 16 MiB budget make skinny GEMMs
+# (the logits GEMM ran at ~40-60 GFLOP/s against ~85 at 256+ rows in the transposed form below,
+# dH at 77 against 90). At N = 2048: 5.77 s with 64 MiB (~330 rows), 5.63 s with 128 MiB
+# (~660 rows), 5.66 s with 256 MiB; the naive formula 7.83 s, the C++ op 7.35 s.
+REDUCED_CPU_BLOCK_BYTES = 128 * 2**20
+# Vocabulary rows per cache-resident slice of the exp pass (× ~660 columns × 4 B: ~1.3 MB).
+_EXP_SLICE = 512
+
+
+def _reduced_row_chunk(n_rows, vocab, elem_size):
+    """Rows per block of :func:`reference_forward_reduced` (a multiple of 16, at least 16): at
+    most ``REDUCED_CPU_BLOCK_BYTES`` of logits, and at most an eighth of the rows, so that the
+    block stays a small fraction of the naive formula's N×V logits (and their gradient) for
+    small batches too (≤ 1/16 of its peak)."""
+    rows = REDUCED_CPU_BLOCK_BYTES // max(1, vocab * elem_size)  # read at call time (tests shrink it)
+    rows = min(rows, -(-n_rows // 8))
+    return max(16, rows // 16 * 16)
+
+
+@torch.no_grad()  # gradients by hand: no autograd graph, whoever calls it
 def reference_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index,
                               label_smoothing, z_loss, need_hidden, need_weight, need_bias,
-                              softcap=0.0, row_chunk=None):
+                              softcap=0.0, row_chunk=None, stats=True, fp32_logits=True):
     """``Σ_n row_scale_n·loss_n`` and, when asked, its gradients, from ONE pass over the logits.
 
     For "mean" and "sum" the gradient of every row is known up to the scalar upstream gradient
-    while the logits are at hand, so rows are processed in chunks against the whole vocabulary
-    and each [chunk, V] logits block serves the loss and the gradient: three matmuls instead of
-    the four of forward + recompute (what makes the CPU path faster than the naive formula).
+    while the logits are at hand (Liger-Kernel's scheme), so rows are processed in blocks of R
+    against the whole vocabulary and each logits block serves the loss and the gradient. With
+    E = exp(Z - max) (the block's unnormalised softmax) and the per-row
+    ``f = scale·(1 + 2·z_loss·lse)/ΣE``, the gradient of the block is
+
+        dZ = f·E - scale·ε/V - scale·(1-ε)·onehot(t)
+
+    and its two GEMMs take the row factor and the two constant terms outside the [R, V] block:
+    ``dH = f·(E·W) - scale·ε/V·Σ_v W_v - scale·(1-ε)·W[t]`` and ``dW += Eᵀ·(f·H)``, with the
+    one-hot term an index_add of R rows and the ε term one vector added to every row of dW at
+    the end. So E is never rescaled in memory. (With softcap, dZ also carries the cap's slope
+    per element and is formed in place as the formula says.)
+
+    - FLOPs: 2·N·D·V (logits) + 2·N·D·V (dH, if hidden needs it) + 2·N·D·V (dW, if weight
+      needs it) = 6·N·D·V, against 8·N·D·V for forward + recompute; ~3 elementwise FLOPs and
+      one exp per logit (+ the cap's tanh and slope when asked).
+    - memory traffic per block: the GEMM writes R·V logits; a max pass reads them; the exp
+      pass rewrites them in L2-sized slices (its row sums taken while the slice is in cache);
+      the dH and dW GEMMs read them once each: 5 passes over R·V floats (8 with softcap), and
+      W (V·D) read by each of the three GEMMs of every block (N/R ≈ 13 blocks at N = 8192).
+    - working memory: one [V, R] block in the math dtype (R = ``REDUCED_CPU_BLOCK_BYTES`` /
+      V·4, ~660 rows at V = 50257: 128 MiB, and at most N/8 rows), two with softcap; the
+      gradients are the outputs. Measured at the GPT-2 head (N = 8192, fp32): 251 MB above the
+      inputs, gradients included, against 4564 MB for the naive formula (0.055×).
+    - ``stats=False`` skips the argmax pass (the correctness statistic is then empty);
+      ``fp32_logits`` is accepted for the Triton path's signature: the math here is fp32 always.
+
+    The logits are formed as (W·Hᵀ), [V, R]: with V as the GEMM's long side it runs at ~85
+    GFLOP/s per core against ~60 for H·Wᵀ written row-major (R = 256-512, D = 768,
+    V = 50257). Ignored rows are dropped before any matmul (one host-side count: this is the
+    CPU path).
     """
     n, vocab = target.shape[0], weight.shape[0]
     acc = _math_dtype(hidden.dtype)
     total = hidden.new_zeros((), dtype=acc)
     lse_out = hidden.new_zeros(n, dtype=acc)
-    correct = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    correct = torch.zeros(n if stats else 0, dtype=torch.bool, device=hidden.device)
     grad_h = torch.zeros_like(hidden, dtype=acc) if need_hidden else None
     grad_w = torch.zeros_like(weight, dtype=acc) if need_weight else None
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    need_grad = need_hidden or need_weight or need_bias
+    eps = label_smoothing
     rows = _valid_rows(target, ignore_index)
     w = weight.to(acc)
     b = bias.to(acc) if bias is not None else None
-    step = row_chunk or _row_chunk(vocab, torch.finfo(acc).bits // 8)
+    w_colsum = w.sum(dim=0) if (need_hidden and eps > 0.0 and softcap == 0.0) else None
+    smooth_w = torch.zeros(weight.shape[1], dtype=acc, device=weight.device) if need_weight else None
+    step = row_chunk or _reduced_row_chunk(rows.numel(), vocab, torch.finfo(acc).bits // 8)
     for start in range(0, rows.numel(), step):
         r = rows[start:start + step]
+        k = r.numel()
         h = hidden.index_select(0, r).to(acc)
         t = target.index_select(0, r).long()
         scale = row_scale.index_select(0, r).to(acc)
-        z = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
-        _apply_softcap(z, softcap)
-        lse = torch.logsumexp(z, dim=1)
-        loss = lse - (1.0 - label_smoothing) * z.gather(1, t[:, None]).squeeze(1)
-        if label_smoothing > 0.0:
-            loss = loss - (label_smoothing / vocab) * z.sum(dim=1)
+        cols = torch.arange(k, device=hidden.device)
+        zt = torch.addmm(b[:, None], w, h.t()) if b is not None else w @ h.t()  # [V, R]
+        _apply_softcap(zt, softcap)
+        z_target = zt[t, cols]
+        loss = -(1.0 - eps) * z_target
+        if eps > 0.0:
+            loss -= (eps / vocab) * zt.sum(dim=0)
+        if stats:
+            correct[r] = zt.argmax(dim=0) == t
+        slope = _softcap_slope(zt, softcap) if (need_grad and softcap > 0.0) else None
+        z_max = zt.amax(dim=0)
+        e_sum = torch.zeros_like(z_max)
+        for v0 in range(0, vocab, _EXP_SLICE):  # E = exp(Z - max) in place, slice by slice
+            e_slice = zt[v0:v0 + _EXP_SLICE].sub_(z_max).exp_()
+            e_sum += e_slice.sum(dim=0)
+        e = zt
+        lse = z_max + torch.log(e_sum)
+        loss += lse
         if z_loss > 0.0:
-            loss = loss + z_loss * lse * lse
+            loss += z_loss * lse * lse
         total += (scale * loss).sum()
         lse_out[r] = lse
-        correct[r] = z.argmax(dim=1) == t
-        if need_hidden or need_weight or need_bias:
-            slope = _softcap_slope(z, softcap) if softcap > 0.0 else None
-            dz = _logit_grad_chunk(z, lse, t, torch.ones_like(t, dtype=torch.bool), scale,
-                                   label_smoothing, z_loss, vocab)
-            if slope is not None:
-                dz.mul_(slope)
+        if not need_grad:
+            continue
+        factor = scale * (1.0 + 2.0 * z_loss * lse) / e_sum
+        on_target = (1.0 - eps) * scale
+        if slope is not None:
+            # dZ in place: f·E - scale·ε/V - scale·(1-ε)·onehot, times the cap's slope
+            dz = e.mul_(factor)
+            if eps > 0.0:
+                dz.sub_(scale * (eps / vocab))
+            dz[t, cols] -= on_target
+            dz.mul_(slope)
+            del slope
             if need_hidden:
-                grad_h[r] = dz @ w
+                grad_h.index_copy_(0, r, dz.t() @ w)
             if need_weight:
-                grad_w.addmm_(dz.t(), h)
+                # addmm(out=) rather than addmm_: the same kernel, and the FLOP counter (which
+                # knows aten.addmm, not the in-place aten.addmm_) sees it
+                torch.addmm(grad_w, dz, h, out=grad_w)
             if need_bias:
-                grad_b += dz.sum(dim=0)
+                grad_b += dz.sum(dim=1)
+            continue
+        if need_hidden:
+            dh = (e.t() @ w).mul_(factor[:, None])
+            dh.sub_(on_target[:, None] * w.index_select(0, t))
+            if eps > 0.0:
+                dh.sub_((scale * (eps / vocab))[:, None] * w_colsum)
+            grad_h.index_copy_(0, r, dh)
+        if need_weight:
+            torch.addmm(grad_w, e, factor[:, None] * h, out=grad_w)
+            grad_w.index_add_(0, t, on_target[:, None] * h, alpha=-1.0)
+            if eps > 0.0:
+                smooth_w += (scale * (eps / vocab))[:, None].mul(h).sum(dim=0)
+        if need_bias:
+            grad_b += e @ factor
+            grad_b.index_add_(0, t, on_target, alpha=-1.0)
+            if eps > 0.0:
+                grad_b -= (scale * (eps / vocab)).sum()
+    if need_weight and label_smoothing > 0.0:
+        grad_w -= smooth_w  # the ε/V term, the same for every vocabulary row
     return (total, lse_out, correct,
             grad_h.to(hidden.dtype) if need_hidden else None,
             grad_w.to(weight.dtype) if need_weight else None,
@@ -371,11 +479,14 @@ if triton_available():
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
+        STATS: tl.constexpr = True,
     ):
         """One program: BLOCK_N rows × one vocabulary split, online log-sum-exp over its tiles.
 
         Rows come through ``order`` (valid rows first) and programs past ``n_valid`` exit at once,
-        so ignored rows cost nothing and no host sync is needed to count them.
+        so ignored rows cost nothing and no host sync is needed to count them. Row reductions per
+        tile: max, Σexp, the target logit (+ Σz with label smoothing, + the argmax's min-index
+        with ``STATS``, the only one it needs).
         """
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -406,18 +517,21 @@ if triton_available():
             zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
             acc = tl.where(col_mask[None, :], acc, float("-inf"))
             tile_max = tl.max(acc, axis=1)
-            # first index of the tile maximum, as torch.argmax
-            tile_arg = tl.min(tl.where(acc == tile_max[:, None], offs_v[None, :], 2147483647), axis=1)
-            better = tile_max > best
-            best = tl.where(better, tile_max, best)
-            best_idx = tl.where(better, tile_arg, best_idx)
+            if STATS:
+                # first index of the tile maximum, as torch.argmax
+                tile_arg = tl.min(tl.where(acc == tile_max[:, None], offs_v[None, :], 2147483647),
+                                  axis=1)
+                better = tile_max > best
+                best = tl.where(better, tile_max, best)
+                best_idx = tl.where(better, tile_arg, best_idx)
             m_new = tl.maximum(m, tile_max)
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(acc - m_new[:, None]), axis=1)
             m = m_new
         out = pid_s * n_rows + offs_n
         tl.store(part_lse_ptr + out, m + tl.log(s), mask=row_mask)
-        tl.store(part_best_ptr + out, best, mask=row_mask)
-        tl.store(part_arg_ptr + out, best_idx, mask=row_mask)
+        if STATS:
+            tl.store(part_best_ptr + out, best, mask=row_mask)
+            tl.store(part_arg_ptr + out, best_idx, mask=row_mask)
         tl.store(part_zt_ptr + out, zt, mask=row_mask)
         if SMOOTHING:
             tl.store(part_zsum_ptr + out, zsum, mask=row_mask)
@@ -468,6 +582,168 @@ if triton_available():
         tl.store(dz_ptr + rows[:, None] * stride_dz + offs_c[None, :],
                  dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_c < chunk)[None, :])
 
+    @triton.jit
+    def _round_to_bf16(x, EMULATE: tl.constexpr):
+        """fp32 x rounded to the nearest bf16 value (ties to even), still as fp32.
+
+        GPUs convert with round-to-nearest (cvt.rn); Triton's CPU interpreter truncates when it
+        casts fp32 to bf16, which doubles the error of every stored value and biases it (a
+        sum of many then drifts). Under the interpreter (``EMULATE``) the rounding is done on
+        the bits first, so the cast that follows is exact; elsewhere this is the identity.
+        """
+        if EMULATE:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+        return x
+
+    @triton.jit
+    def _flce_rows_kernel(
+        z_ptr, dz_ptr, target_ptr, scale_ptr, loss_ptr, lse_ptr, arg_ptr,
+        n_rows, vocab, stride_z, stride_dz, label_smoothing, z_loss, softcap,
+        HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr, STATS: tl.constexpr,
+        WRITE_GRAD: tl.constexpr, NARROW: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_V: tl.constexpr, RN_BF16: tl.constexpr,
+    ):
+        """BLOCK_R rows of a [R, V] logits block (written by a GEMM) per program: their lse and
+        loss, and ∂loss/∂z·scale written over the logits in place (``WRITE_GRAD``), which the GEMMs
+        for dH and dW then read.
+
+        Two passes over each row: the first keeps a running max and Σexp (one max and one sum
+        reduction per tile; Σz and the argmax, when asked, accumulate per lane and reduce once at
+        the end), the second writes dZ. The target logit is one load per row, not a reduction.
+        FLOPs per logit: ~6 (+5 with softcap); bytes per logit: 2 reads + 1 write of the block's
+        dtype. A row with ``scale`` = 0 (an ignored row in the block) gets dZ = 0. GPUs run one
+        row per program (BLOCK_R = 1: a row is 100 KB at V = 50257); the interpreter, whose cost
+        is per program and per op, takes many.
+
+        ``dz_ptr`` is the same memory as ``z_ptr``: the logits themselves (16-bit or fp32 blocks
+        of 16/32-bit inputs) or, with ``NARROW``, fp32 logits of 16-bit inputs whose 16-bit
+        gradient is written over the first half of each row's bytes (``stride_dz`` = 2·stride_z
+        16-bit elements). Tile i's stores then land on logits of tiles <= i, which this row's
+        program has loaded already: a barrier after each tile's loads makes sure every warp
+        has, before any warp stores.
+        """
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = rows < n_rows
+        z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_z
+        dz_rows = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz
+        tgt = tl.load(target_ptr + rows, mask=row_mask, other=0)
+        g = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+        offs = tl.arange(0, BLOCK_V)
+        z_t = tl.load(z_rows + tgt[:, None], mask=row_mask[:, None], other=0.0).to(tl.float32)
+        z_t = tl.sum(z_t, axis=1)  # [BLOCK_R, 1] -> [BLOCK_R]
+        if HAS_SOFTCAP:
+            # tanh(x) = 2·sigmoid(2x) - 1 (as _logit_tile)
+            z_t = softcap * (2.0 * tl.sigmoid(z_t * (2.0 / softcap)) - 1.0)
+        m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        s = tl.zeros((BLOCK_R,), tl.float32)
+        z_sum = tl.zeros((BLOCK_R, BLOCK_V), tl.float32)
+        best = tl.full((BLOCK_R, BLOCK_V), float("-inf"), tl.float32)
+        best_idx = tl.zeros((BLOCK_R, BLOCK_V), tl.int32)
+        for v0 in range(0, vocab, BLOCK_V):
+            cols = v0 + offs
+            mask = row_mask[:, None] & (cols < vocab)[None, :]
+            z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z = softcap * (2.0 * tl.sigmoid(z * (2.0 / softcap)) - 1.0)
+            if SMOOTHING:
+                z_sum += tl.where(mask, z, 0.0)
+            z = tl.where(mask, z, float("-inf"))
+            if STATS:
+                better = z > best  # strict: each lane keeps its first maximum
+                best = tl.where(better, z, best)
+                best_idx = tl.where(better, cols[None, :], best_idx)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            m_new = tl.where(row_mask, m_new, 0.0)  # rows past the block: no inf - inf
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m = m_new
+        lse = m + tl.log(tl.where(row_mask, s, 1.0))
+        loss = lse - (1.0 - label_smoothing) * z_t
+        if SMOOTHING:
+            loss -= (label_smoothing / vocab) * tl.sum(z_sum, axis=1)
+        loss += z_loss * lse * lse
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        tl.store(lse_ptr + rows, lse, mask=row_mask)
+        if STATS:
+            top = tl.max(best, axis=1)
+            # the first index of the row maximum, as torch.argmax
+            arg = tl.min(tl.where(best == top[:, None], best_idx, 2147483647), axis=1)
+            tl.store(arg_ptr + rows, arg, mask=row_mask)
+        if WRITE_GRAD:
+            coef = (g * (1.0 + 2.0 * z_loss * lse))[:, None]
+            off_target = (g * (label_smoothing / vocab))[:, None]
+            on_target = (g * (1.0 - label_smoothing))[:, None]
+            for v0 in range(0, vocab, BLOCK_V):
+                cols = v0 + offs
+                mask = row_mask[:, None] & (cols < vocab)[None, :]
+                z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    z = softcap * (2.0 * tl.sigmoid(z * (2.0 / softcap)) - 1.0)
+                dz = (coef * tl.exp(z - lse[:, None]) - off_target
+                      - tl.where(cols[None, :] == tgt[:, None], on_target, 0.0))
+                if HAS_SOFTCAP:
+                    capped = z / softcap
+                    dz = dz * (1.0 - capped * capped)
+                dz = _round_to_bf16(dz, RN_BF16)
+                if NARROW:
+                    tl.debug_barrier()
+                tl.store(dz_rows + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _flce_dw_kahan_kernel(
+        dz_ptr, h_ptr, sum_ptr, comp_ptr,
+        k_rows, vocab, dim, stride_dz, stride_h, stride_w,
+        BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+        UPCAST_DOT: tl.constexpr, WIDE_INDEX: tl.constexpr, RN_SUM: tl.constexpr,
+        RN_COMP: tl.constexpr,
+    ):
+        """dW += dZᵀ·H for one row block, added to a 16-bit dW with compensated (Kahan)
+        summation: ``sum`` (the gradient itself, fp16/bf16) and ``comp`` (bf16: the rounding
+        error the stored sum carries, so that sum - comp is the fp32-exact running total).
+
+        One program: a [BLOCK_V, BLOCK_D] tile of dW over the block's k_rows (the GEMM's K).
+        Per tile: 2·BLOCK_V·BLOCK_D·k_rows FLOPs; reads of dZ (BLOCK_V·k_rows) and H
+        (k_rows·BLOCK_D), and 4 reads + 4 writes of 16-bit sum/comp per element: 8 bytes per dW
+        element per row block, against 4 for a plain 16-bit accumulator (whose error grows with
+        the number of blocks: 4.9× PyTorch's at the target shape). The D tiles of one V tile are
+        neighbours in the launch order (axis 0), so they read the same dZ columns from L2.
+        """
+        pid_d = tl.program_id(0)
+        pid_v = tl.program_id(1)
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_k = tl.arange(0, BLOCK_K)
+        v_mask = offs_v < vocab
+        d_mask = offs_d < dim
+        if WIDE_INDEX:
+            offs_v = offs_v.to(tl.int64)
+        acc = tl.zeros((BLOCK_V, BLOCK_D), tl.float32)
+        for k0 in range(0, k_rows, BLOCK_K):
+            k = k0 + offs_k
+            k_mask = k < k_rows
+            # dZᵀ tile [BLOCK_V, BLOCK_K]: consecutive v are contiguous in dZ's rows
+            dz_t = tl.load(dz_ptr + k[None, :] * stride_dz + offs_v[:, None],
+                           mask=v_mask[:, None] & k_mask[None, :], other=0.0)
+            h = tl.load(h_ptr + k[:, None] * stride_h + offs_d[None, :],
+                        mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                dz_t, h = dz_t.to(tl.float32), h.to(tl.float32)
+            acc = tl.dot(dz_t, h, acc)
+        mask = v_mask[:, None] & d_mask[None, :]
+        offs = offs_v[:, None] * stride_w + offs_d[None, :]
+        total = tl.load(sum_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        comp = tl.load(comp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = acc - comp
+        # RN_SUM / RN_COMP: a bf16 sum / the compensation under the interpreter (see
+        # _round_to_bf16; an fp16 sum is rounded to nearest there already)
+        new = _round_to_bf16(total + y, RN_SUM).to(sum_ptr.dtype.element_ty)
+        # what rounding ``total + y`` to 16 bits lost (exact in fp32: both are near ``total``)
+        comp = (new.to(tl.float32) - total) - y
+        tl.store(sum_ptr + offs, new, mask=mask)
+        comp = _round_to_bf16(comp, RN_COMP)
+        tl.store(comp_ptr + offs, comp.to(comp_ptr.dtype.element_ty), mask=mask)
+
 
 def _triton_config(override: dict | None = None) -> dict:
     """Tiles and launch options of both kernels.
@@ -503,6 +779,11 @@ def _upcast_dot(dtype):
     return dtype == torch.bfloat16 and triton_interpreting()
 
 
+def _emulate_bf16_rounding(dtype):
+    # the interpreter truncates fp32 -> bf16 casts (GPUs round to nearest): see _round_to_bf16
+    return dtype == torch.bfloat16 and triton_interpreting()
+
+
 def _compact_rows(target, ignore_index):
     """Valid rows first, and their count as a device tensor: no host sync."""
     valid = target != ignore_index
@@ -520,7 +801,7 @@ def _launch(kernel, grid, *args, cfg, **constexprs):
 
 
 def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
-                   softcap=0.0, compacted=None, config=None):
+                   softcap=0.0, compacted=None, config=None, stats=True):
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cfg = _triton_config(config)
@@ -534,8 +815,8 @@ def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, 
     splits = triton.cdiv(vocab, vocab_per_split)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     part_lse = torch.full((splits, n), -math.inf, **f32)
-    part_best = torch.full((splits, n), -math.inf, **f32)
-    part_arg = torch.zeros((splits, n), dtype=torch.int32, device=hidden.device)
+    part_best = torch.full((splits, n) if stats else (1,), -math.inf, **f32)
+    part_arg = torch.zeros((splits, n) if stats else (1,), dtype=torch.int32, device=hidden.device)
     part_zt = torch.zeros((splits, n), **f32)
     part_zsum = torch.zeros((splits, n), **f32) if label_smoothing > 0 else part_zt
     hidden = hidden.contiguous()
@@ -548,12 +829,10 @@ def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, 
         hidden.stride(0), weight.stride(0), float(softcap) if softcap > 0 else 1.0,
         cfg=cfg, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, SMOOTHING=label_smoothing > 0,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
-        WIDE_INDEX=_wide_index(hidden, weight),
+        WIDE_INDEX=_wide_index(hidden, weight), STATS=stats,
     )
     # Partials are indexed by compacted position; scatter back to the original rows.
     lse_c = torch.logsumexp(part_lse, dim=0)
-    best_split = part_best.argmax(dim=0, keepdim=True)  # first split wins ties, as torch.argmax
-    arg_c = part_arg.gather(0, best_split).squeeze(0)
     zt_c = part_zt.sum(dim=0)
     loss_c = lse_c - (1.0 - label_smoothing) * zt_c
     if label_smoothing > 0:
@@ -565,6 +844,10 @@ def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, 
     tgt_c = target.index_select(0, order_l)
     loss = torch.zeros(n, **f32).index_put_((order_l,), torch.where(valid_c, loss_c, 0.0))
     lse = torch.zeros(n, **f32).index_put_((order_l,), torch.where(valid_c, lse_c, 0.0))
+    if not stats:
+        return loss, lse, torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    best_split = part_best.argmax(dim=0, keepdim=True)  # first split wins ties, as torch.argmax
+    arg_c = part_arg.gather(0, best_split).squeeze(0)
     correct = torch.zeros(n, dtype=torch.bool, device=hidden.device).index_put_(
         (order_l,), valid_c & (arg_c.long() == tgt_c.long()))
     return loss, lse, correct
@@ -621,20 +904,215 @@ def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, 
     return grad_h, grad_w, grad_b
 
 
+# The row-chunked reduced path (``triton_forward_reduced``). Its working memory is one [R, V]
+# logits block in the input dtype, plus, for a 16-bit dW, the bf16 compensation buffer of the
+# Kahan accumulation (V·D·2 bytes); this budget bounds the two together. At the target shape
+# (N = 20480, D = 768, V = 50257, bf16): 77.2 MB of compensation + a 224-row block (22.5 MB)
+# = 99.7 MB (95.1 MiB). A larger budget buys larger row blocks, hence fewer passes over W and
+# over dW's sum/compensation (see the accounting in ``triton_forward_reduced``).
+REDUCED_WORKING_BYTES = 96 * 2**20
+# GEMMs of fewer rows are mostly overhead: below this the budget is exceeded rather than obeyed.
+MIN_ROW_BLOCK = 64
+
+
+# Whether torch.mm(..., out_dtype=torch.float32) works here (CUDA, torch >= 2.8); set on the
+# first attempt.
+_MM_FP32_OUT = None
+
+
+def _logits_gemm(out, h, w_t, bias, upcast_cache):
+    """out = h·w_t (+ bias): in the operands' dtype, or fp32 logits of 16-bit operands (cuBLAS
+    writes fp32 straight from its fp32 accumulator; elsewhere, i.e. under the CPU interpreter
+    or with torch < 2.8, the operands are upcast: W once per call, kept in ``upcast_cache``)."""
+    global _MM_FP32_OUT
+    if out.dtype == h.dtype:
+        if bias is not None:
+            torch.addmm(bias, h, w_t, out=out)
+        else:
+            torch.mm(h, w_t, out=out)
+        return
+    done = False
+    if h.is_cuda and _MM_FP32_OUT is not False:
+        try:
+            torch.mm(h, w_t, out_dtype=torch.float32, out=out)
+            _MM_FP32_OUT = done = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_FP32_OUT = False
+    if not done:
+        if "w_t" not in upcast_cache:
+            upcast_cache["w_t"] = w_t.float()
+        torch.mm(h.float(), upcast_cache["w_t"], out=out)
+    if bias is not None:
+        out.add_(bias)
+
+
+def _reduced_row_block(n, vocab, dim, elem_size, compensated):
+    """Rows per logits block of the reduced Triton path (a multiple of 16, at least 64)."""
+    budget = REDUCED_WORKING_BYTES - (vocab * dim * 2 if compensated else 0)  # read at call time
+    rows = max(MIN_ROW_BLOCK, budget // max(1, vocab * elem_size) // 16 * 16)
+    return min(rows, n)
+
+
+def _rows_config():
+    """Launch options of ``_flce_rows_kernel``: one row per program, a 4096-wide tile (13 tiles
+    per pass at V = 50257) and 16 warps, 8 logits per thread per tile: the kernel is bound by
+    memory and a row block has only ~224 programs for 132 SMs, so each program keeps many loads
+    in flight."""
+    if triton_interpreting():
+        return dict(BLOCK_R=16, BLOCK_V=128, num_warps=4)  # its cost is per program and op
+    return dict(BLOCK_R=1, BLOCK_V=4096, num_warps=16)
+
+
+def _dw_config():
+    """Tiles of ``_flce_dw_kahan_kernel``: 128×64 dW tiles, a K step of 32 rows (a row block has
+    ~224: 7 steps), 8 warps. Compiled for sm_90: 237 registers and no spills; 128×128 tiles
+    spill ~1 KB per thread (the epilogue holds the fp32 accumulator, both 16-bit buffers and
+    their 64-bit addresses: 7 registers per element), 64×64 at 8 warps takes 141 registers.
+    The kernel is bound by its epilogue's traffic (8 bytes per dW element), not by its MMA.
+    Not yet timed on a GPU."""
+    if triton_interpreting():
+        return dict(BLOCK_V=32, BLOCK_D=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_V=128, BLOCK_D=64, BLOCK_K=32, num_warps=8, num_stages=3)
+
+
+def _launch_rows_kernel(z, dz, tgt, scale, loss, lse, arg, label_smoothing, z_loss, softcap, stats,
+                        write_grad):
+    """``dz`` is ``z`` itself or, for fp32 logits of 16-bit inputs, the 16-bit view of its
+    memory that the gradient narrows into (see the kernel)."""
+    cfg = _rows_config()
+    n_rows, vocab = z.shape
+    narrow = dz.dtype != z.dtype
+    assert dz.data_ptr() == z.data_ptr() and dz.shape == z.shape
+    assert not narrow or (z.dtype == torch.float32 and dz.stride(0) == 2 * z.stride(0))
+    _flce_rows_kernel[(triton.cdiv(n_rows, cfg["BLOCK_R"]),)](
+        z, dz, tgt, scale, loss, lse, arg,
+        n_rows, vocab, z.stride(0), dz.stride(0), float(label_smoothing), float(z_loss),
+        float(softcap) if softcap > 0 else 1.0,
+        HAS_SOFTCAP=softcap > 0, SMOOTHING=label_smoothing > 0, STATS=stats,
+        WRITE_GRAD=write_grad, NARROW=narrow, BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"],
+        RN_BF16=_emulate_bf16_rounding(dz.dtype), num_warps=cfg["num_warps"])
+
+
+def _launch_dw_kahan(dz, h, grad_w, comp):
+    """grad_w (16-bit) += dzᵀ·h with compensation ``comp`` (bf16); see the kernel."""
+    cfg = _dw_config()
+    k_rows, vocab = dz.shape
+    dim = h.shape[1]
+    grid = (triton.cdiv(dim, cfg["BLOCK_D"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
+    _flce_dw_kahan_kernel[grid](
+        dz, h, grad_w, comp, k_rows, vocab, dim, dz.stride(0), h.stride(0), grad_w.stride(0),
+        BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"],
+        UPCAST_DOT=_upcast_dot(dz.dtype), WIDE_INDEX=_wide_index(dz, grad_w),
+        RN_SUM=_emulate_bf16_rounding(grad_w.dtype), RN_COMP=_emulate_bf16_rounding(comp.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+@torch.no_grad()  # gradients by hand: no autograd graph, whoever calls it
 def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
-                           z_loss, need_hidden, need_weight, need_bias, softcap=0.0, config=None):
-    """Reduced loss with its gradients computed right away (backward only rescales them)."""
-    compacted = _compact_rows(target, ignore_index)  # shared by both passes
-    rows, lse, correct = triton_forward(hidden, weight, bias, target, ignore_index,
-                                        label_smoothing, z_loss, softcap, compacted, config)
-    scale = row_scale.to(rows.dtype)
-    total = (torch.where(target != ignore_index, scale, 0.0) * rows).sum()
-    grads = (None, None, None)
-    if need_hidden or need_weight or need_bias:
-        grads = triton_backward(scale, hidden, weight, bias, target, lse, ignore_index,
-                                label_smoothing, z_loss, need_hidden, need_weight, need_bias,
-                                softcap, compacted, config)
-    return (total, lse, correct) + tuple(grads)
+                           z_loss, need_hidden, need_weight, need_bias, softcap=0.0, stats=True,
+                           row_block=None, fp32_logits=False):
+    """``Σ_n row_scale_n·loss_n``, its lse (and argmax statistic when ``stats``) and, when asked,
+    the gradients of hidden, weight and bias, from one row-chunked pass (Liger-Kernel's scheme;
+    the backward only rescales the gradients by the upstream scalar).
+
+    Per block of R rows (valid rows first, in ``_compact_rows`` order; no host sync):
+
+    1. logits ``Z = H_b·Wᵀ (+ b)`` by a tensor-core GEMM (torch) into one reused [R, V] buffer
+       in the input dtype;
+    2. ``_flce_rows_kernel``: lse, loss (label smoothing, z-loss, softcap, the row scale =
+       token weight) and dZ written over Z in place;
+    3. ``dH_b = dZ·W`` by a GEMM, written once into its rows of dH (index_copy);
+    4. dW += dZᵀ·H_b: an fp32 addmm for fp32 inputs, otherwise ``_flce_dw_kahan_kernel``
+       (compensated 16-bit accumulation: dW's error stays that of one rounding however many
+       blocks are added); db += Σ_rows dZ (an fp32 reduction reading dZ, no fp32 copy).
+
+    Accounting at the target shape (N = 20480, D = 768, V = 50257, bf16, R = 224: 92 blocks):
+
+    - FLOPs: 6·N·D·V = 4.74 TFLOP in GEMMs (2·N·D·V each for Z, dH, dW; 8·N·D·V before),
+      ~6-11 elementwise FLOPs per logit in the row kernel.
+    - HBM/L2 bytes per block: W read by the Z and dH GEMMs (2 × 77 MB), the block written,
+      read twice and rewritten by the row kernel, and read by the dH and dW GEMMs (6 × 22.5 MB,
+      mostly from L2), dW's sum and compensation read and written (8 × V·D = 309 MB): ~600 MB,
+      ~55 GB per call, over half of it the Kahan epilogue (a plain bf16 accumulator would halve
+      that part at 4.9× the error). The budget ``REDUCED_WORKING_BYTES`` trades memory for
+      this traffic: W and dW are touched once per block.
+    - launches per block: 2 GEMMs + the row kernel + the dW kernel (+ a gather of H_b, the
+      index_copy of dH_b, the bias reduction): ~6, ~550 per call.
+    - working memory: the [R, V] block (22.5 MB) + dW's bf16 compensation (77.2 MB, only when
+      weight needs a 16-bit gradient) + per-row vectors: 99.7 MB. fp32 inputs: no compensation,
+      R = 496 (99.7 MB of fp32 logits).
+
+    ``fp32_logits`` (set under autocast, whose loss is fp32: the logits are then those of
+    fp32 math on the cast inputs, as the contract of :mod:`unigen.kernels._autocast` says): the
+    GEMM writes fp32 logits of the 16-bit operands and the row kernel narrows the gradient to
+    16 bits in place, so dH and dW still run on 16-bit tensor cores; the block costs 4 bytes
+    per logit instead of 2, so it has half the rows (112 at the target shape: 183 blocks).
+    Without it a 16-bit input gets 16-bit logits, as PyTorch's own formula, whose loss is
+    16-bit too.
+
+    Rows with an ignored target sort to the end; the blocks they fill still run the GEMMs (the
+    count of valid rows stays on the device) but get dZ = 0, and their rows of dH are zero.
+    """
+    n, dim = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    order, n_valid = _compact_rows(target, ignore_index)
+    order_l = order.long()
+    valid_c = torch.arange(n, device=dev) < n_valid
+    # the tail (ignored rows) gets any in-range target and a zero scale: dZ = 0 there
+    tgt_c = torch.where(valid_c, target.index_select(0, order_l).long(), 0)
+    scale_c = torch.where(valid_c, row_scale.index_select(0, order_l).float(), 0.0)
+    need_grad = need_hidden or need_weight or need_bias
+    compensated = need_weight and weight.dtype != torch.float32
+    narrow = fp32_logits and hidden.dtype != torch.float32
+    logits_dtype = torch.float32 if narrow else hidden.dtype
+    rows_per_block = row_block or _reduced_row_block(n, vocab, dim, logits_dtype.itemsize,
+                                                     compensated)
+    logits = torch.empty((min(rows_per_block, n), vocab), dtype=logits_dtype, device=dev)
+    loss_c = torch.empty(n, **f32)
+    lse_c = torch.empty(n, **f32)
+    arg_c = torch.empty(n if stats else 1, dtype=torch.int32, device=dev)
+    grad_h = torch.empty_like(hidden) if need_hidden else None
+    grad_w = torch.zeros_like(weight) if need_weight else None
+    comp = torch.zeros(weight.shape, dtype=torch.bfloat16, device=dev) if compensated else None
+    grad_b = torch.zeros(vocab, **f32) if need_bias else None
+    w_t = weight.t()
+    upcast_cache = {}
+    for start in range(0, n, rows_per_block):
+        k = min(rows_per_block, n - start)
+        idx = order_l[start:start + k]
+        h = hidden.index_select(0, idx)
+        z = logits[:k]
+        _logits_gemm(z, h, w_t, bias, upcast_cache)
+        # the gradient's 16-bit view of the same memory when the logits are fp32 (narrowed)
+        dz = logits.view(hidden.dtype)[:k, :vocab] if narrow else z
+        _launch_rows_kernel(z, dz, tgt_c[start:], scale_c[start:], loss_c[start:], lse_c[start:],
+                            arg_c[start:] if stats else arg_c, label_smoothing, z_loss, softcap,
+                            stats, need_grad)
+        if need_hidden:
+            grad_h.index_copy_(0, idx, torch.mm(dz, weight))
+        if need_weight:
+            if compensated:
+                _launch_dw_kahan(dz, h, grad_w, comp)
+            else:
+                torch.addmm(grad_w, dz.t(), h, out=grad_w)  # counted, as in the CPU path
+        if need_bias:
+            grad_b += dz.sum(dim=0, dtype=torch.float32)
+    del logits
+    if compensated:
+        grad_w.sub_(comp)  # sum - compensation, rounded once
+    total = torch.where(valid_c, scale_c * loss_c, 0.0).sum()
+    lse = torch.zeros(n, **f32).index_put_((order_l,), torch.where(valid_c, lse_c, 0.0))
+    if stats:
+        correct = torch.zeros(n, dtype=torch.bool, device=dev).index_put_(
+            (order_l,), valid_c & (arg_c.long() == tgt_c))
+    else:
+        correct = torch.zeros(0, dtype=torch.bool, device=dev)
+    return (total, lse, correct, grad_h, grad_w,
+            grad_b.to(bias.dtype) if need_bias else None)
 
 
 # Whether torch.addmm(..., out_dtype=torch.float32) works here (CUDA, torch >= 2.8); set on the
@@ -705,17 +1183,19 @@ def _backward_impl(impl):
 @torch.library.custom_op("unigen::flce_forward", mutates_args=())
 def _flce_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                     softcap: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     softcap: float, impl: str, stats: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with autocast_disabled(hidden.device):
         return _forward_impl(impl)(hidden, weight, bias, target, ignore_index, label_smoothing,
-                                   z_loss, softcap)
+                                   z_loss, softcap, stats=stats)
 
 
 @_flce_forward_op.register_fake
-def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, impl):
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, impl,
+      stats=True):
     n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
-            hidden.new_empty(n, dtype=torch.bool))
+            hidden.new_empty(n if stats else 0, dtype=torch.bool))
 
 
 @torch.library.custom_op("unigen::flce_backward", mutates_args=())
@@ -754,8 +1234,9 @@ def _backward(ctx, grad_rows, _grad_lse, _grad_correct):
     hidden, weight, bias, target, lse = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    n_inputs = len(ctx.needs_input_grad)  # 8 (the C++ op) or 10 (…, impl, stats)
     if not (need_h or need_w or need_b):
-        return (None,) * (9 if ctx.impl != "cpp" else 8)
+        return (None,) * n_inputs
     if ctx.impl == "cpp":
         gh, gw, gb = torch.ops.unigen.fused_linear_cross_entropy_backward(
             grad_rows, hidden, weight, bias, target, lse, ctx.ignore_index, ctx.label_smoothing,
@@ -764,9 +1245,8 @@ def _backward(ctx, grad_rows, _grad_lse, _grad_correct):
         gh, gw, gb = _flce_backward_op(grad_rows, hidden, weight, bias, target, lse,
                                        ctx.ignore_index, ctx.label_smoothing, ctx.z_loss,
                                        ctx.softcap, ctx.impl, need_h, need_w, need_b)
-    grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None,
-             None, None, None, None, None)
-    return grads + ((None,) if ctx.impl != "cpp" else ())
+    grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None)
+    return grads + (None,) * (n_inputs - 3)
 
 
 torch.library.register_autograd("unigen::flce_forward", _backward, setup_context=_setup_context)
@@ -782,21 +1262,23 @@ def _forward_reduced_impl(impl):
 def _flce_forward_reduced_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              target: torch.Tensor, row_scale: torch.Tensor, ignore_index: int,
                              label_smoothing: float, z_loss: float, softcap: float, impl: str,
-                             need_hidden: bool, need_weight: bool, need_bias: bool
+                             need_hidden: bool, need_weight: bool, need_bias: bool,
+                             stats: bool = True, fp32_logits: bool = False
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor, torch.Tensor]:
     with autocast_disabled(hidden.device):
         out = _forward_reduced_impl(impl)(hidden, weight, bias, target, row_scale, ignore_index,
                                           label_smoothing, z_loss, need_hidden, need_weight,
-                                          need_bias, softcap)
+                                          need_bias, softcap, stats=stats,
+                                          fp32_logits=fp32_logits)
     return out[:3] + tuple(g if g is not None else hidden.new_empty(0) for g in out[3:])
 
 
 def _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss,
-                  need_hidden, need_weight, need_bias):
+                  need_hidden, need_weight, need_bias, stats=True):
     n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(n, dtype=acc),
-            hidden.new_empty(n, dtype=torch.bool),
+            hidden.new_empty(n if stats else 0, dtype=torch.bool),
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
             torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
@@ -804,9 +1286,9 @@ def _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_s
 
 @_flce_forward_reduced_op.register_fake
 def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, impl,
-      need_hidden, need_weight, need_bias):
+      need_hidden, need_weight, need_bias, stats=True, fp32_logits=False):
     return _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
-                         z_loss, need_hidden, need_weight, need_bias)
+                         z_loss, need_hidden, need_weight, need_bias, stats)
 
 
 def _setup_context_reduced(ctx, inputs, output):
@@ -826,6 +1308,13 @@ def _backward_reduced(ctx, grad_total, *_unused):
             f"over once. Compute the loss again, or use reduction='none' and reduce it.")
     gh, gw, gb = ctx.saved_tensors
     in_place = all(type(g) is torch.Tensor for g in (gh, gw, gb, grad_total))
+    if in_place and torch.is_grad_enabled():
+        # create_graph=True: the forward's gradients are constants here, so a gradient of them
+        # (a double backward, a gradient penalty) would be silently wrong
+        raise RuntimeError(
+            f"{OP}: double backward (create_graph=True) is not supported through a reduced "
+            f"('mean'/'sum') fused loss, whose gradients are computed in the forward; use "
+            f"F.cross_entropy(F.linear(...)) for higher-order gradients.")
     ctx.grads_consumed = in_place
 
     def scale(g):
@@ -928,6 +1417,12 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     w = token_weights.reshape(-1) if token_weights is not None else None
     if reduction != "none" and (w is None or not w.requires_grad):
         # "mean"/"sum": one pass computes the loss and (if needed) its gradients.
+        if backend == "auto" and impl == "cpp":
+            # the PyTorch row-block path: ~660-row blocks, a transposed logits GEMM and the row
+            # factors kept out of the [R, V] block beat the C++ op's ~80-row blocks (GPT-2 head,
+            # N = 2048, fp32, 1 core: 5.63 s against 7.35 s, the naive formula 7.83 s; see
+            # benchmarks/test_bench_cross_entropy.py::test_cross_entropy_gpt2_head_cpu)
+            impl = "torch"
         grad_on = torch.is_grad_enabled()
         need = [grad_on and x is not None and x.requires_grad for x in (h2, weight, bias)]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -937,14 +1432,16 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
                 h2, weight, bias, t1, scale, ignore_index, ls, zl, cap, need)
         else:
             total, lse, correct, *_ = _flce_forward_reduced_op(
-                h2, weight, bias, t1, scale, ignore_index, ls, zl, cap, impl, *need)
+                h2, weight, bias, t1, scale, ignore_index, ls, zl, cap, impl, *need,
+                stats=bool(return_stats), fp32_logits=cast_to is not None)
         loss = total if reduction == "sum" else _safe_mean(total, torch.where(valid, scale, 0.0).sum())
     else:
         if impl == "cpp":
             rows, lse, correct = torch.ops.unigen.fused_linear_cross_entropy(
                 h2, weight, bias, t1, ignore_index, ls, zl, cap)
         else:
-            rows, lse, correct = _flce_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, cap, impl)
+            rows, lse, correct = _flce_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, cap, impl,
+                                                  stats=bool(return_stats))
         if w is not None:
             rows = rows * w.to(rows.dtype)
         if reduction == "none":

@@ -72,9 +72,37 @@ def cross_entropy_kernels(dtype: str):
     common = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
                   BLOCK_D=cfg["BLOCK_D"], DOT_PRECISION=m._dot_precision(TORCH_DTYPES[dtype]),
                   UPCAST_DOT=False, WIDE_INDEX=False)
-    for kernel, extra in ((m._flce_forward_kernel, {"SMOOTHING": True}),
+    for kernel, extra in ((m._flce_forward_kernel, {"SMOOTHING": True, "STATS": True}),
                           (m._flce_logit_grad_kernel, {})):
         yield kernel, arg_type, {**common, **extra}, cfg["num_warps"], cfg["num_stages"]
+
+    # the row-chunked "mean"/"sum" path: the row kernel (every option on) and, for 16-bit
+    # inputs, the compensated dW kernel (fp32 inputs accumulate dW with a cuBLAS addmm)
+    rows_cfg = m._rows_config()
+
+    def reduced_arg_types(logits):
+        pointers = {"z_ptr": "*" + logits, "target_ptr": "*i64", "arg_ptr": "*i32",
+                    "dz_ptr": "*" + dtype, "h_ptr": "*" + dtype, "sum_ptr": "*" + dtype,
+                    "comp_ptr": "*bf16"}
+
+        def arg_type(name):
+            if name.endswith("_ptr"):
+                return pointers.get(name, "*fp32")
+            return "fp32" if name in ("label_smoothing", "z_loss", "softcap") else "i32"
+        return arg_type
+
+    rows = dict(HAS_SOFTCAP=True, SMOOTHING=True, STATS=True, WRITE_GRAD=True, NARROW=False,
+                BLOCK_R=rows_cfg["BLOCK_R"], BLOCK_V=rows_cfg["BLOCK_V"], RN_BF16=False)
+    reduced_arg_type = reduced_arg_types(dtype)
+    yield m._flce_rows_kernel, reduced_arg_type, rows, rows_cfg["num_warps"], 3
+    if dtype != "fp32":  # fp32 logits of 16-bit inputs (autocast), narrowed in place
+        yield (m._flce_rows_kernel, reduced_arg_types("fp32"), {**rows, "NARROW": True},
+               rows_cfg["num_warps"], 3)
+    if dtype != "fp32":
+        dw = m._dw_config()
+        tiles = dict(BLOCK_V=dw["BLOCK_V"], BLOCK_D=dw["BLOCK_D"], BLOCK_K=dw["BLOCK_K"],
+                     UPCAST_DOT=False, WIDE_INDEX=False, RN_SUM=False, RN_COMP=False)
+        yield m._flce_dw_kahan_kernel, reduced_arg_type, tiles, dw["num_warps"], dw["num_stages"]
 
 
 def contrastive_kernels(dtype: str, dim: str):
@@ -86,7 +114,7 @@ def contrastive_kernels(dtype: str, dim: str):
             return "*" + dtype
         if name in ("ids_ptr", "seed_ptr", "part_idx_ptr", "neg_ptr"):
             return "*i64"
-        if name == "ok_ptr":
+        if name in ("ok_ptr", "flag_ptr"):
             return "*i32"
         if name.endswith("_ptr"):
             return "*fp32"
@@ -96,14 +124,19 @@ def contrastive_kernels(dtype: str, dim: str):
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_IEEE=dtype == "fp32",
                   HAS_IDS=True, **acc)
     rows = dict(BLOCK_M=cl._row_block(block_d), BLOCK_D=block_d, **acc)
+    # the sweep in its three shapes: sampling without ids or smoothing (the leanest reservoir),
+    # sampling with both (every gated reduction on), the argmax without ids
+    fwd = (cl._fwd_kernel, {"MODE": 1, "HAS_IDS": False, "SMOOTH": False},
+           {"MODE": 1, "HAS_IDS": True, "SMOOTH": True}, {"MODE": 2, "HAS_IDS": False, "SMOOTH": False})
+    finish = {"BLOCK": 1024, **acc}
     for kernel, constexprs in ((cl._prep_kernel, rows),
-                               (cl._fwd_kernel, {**common, "MODE": 1}),
-                               (cl._fwd_kernel, {**common, "MODE": 2, "HAS_IDS": False}),
-                               (cl._fwd_finish_kernel, {"MODE": 1, "BLOCK": 1024, **acc}),
+                               *((fwd[0], {**common, **gates}) for gates in fwd[1:]),
+                               (cl._fwd_finish_kernel, {**finish, "MODE": 1, "HAS_IDS": False, "SMOOTH": False}),
+                               (cl._fwd_finish_kernel, {**finish, "MODE": 1, "HAS_IDS": True, "SMOOTH": True}),
                                (cl._rows_bwd_kernel, {**common, "SYMMETRIC": True}),
                                (cl._rows_bwd_kernel, {**common, "SYMMETRIC": False}),
                                (cl._cols_bwd_kernel, common),
-                               (cl._bwd_finish_kernel, rows)):
+                               (cl._bwd_finish_kernel, {**rows, "BLOCK_S": 1024})):
         # the launchers' warps (the finish kernel of the forward runs with Triton's default 4)
         warps = 4 if kernel is cl._fwd_finish_kernel else num_warps
         yield kernel, arg_type, constexprs, warps, 3  # the launcher's default stages
@@ -132,6 +165,20 @@ def attention_kernels(dtype: str, head_dim: str):
     attend = dict(tiles, BLOCK_N=cfg["BLOCK_N"], DOT=a._dot_mode(TORCH_DTYPES[dtype]))
     for kernel in (a._fwd_kernel, a._bwd_dkdv_kernel, a._bwd_dq_kernel):
         yield kernel, arg_type, attend, cfg["num_warps"], cfg["num_stages"]
+    # the per-(sample, head) kernels with the launcher's tiles at UniGen's max_seqlen (75-115
+    # tokens -> BLOCK 128); every dtype and head_dim, also those the op sends to the tiled
+    # kernels (their numbers say why). When tuning: UNIGEN_SAMPLE_SEQLEN, UNIGEN_SAMPLE_WARPS,
+    # UNIGEN_SAMPLE_BLOCK_M try others.
+    if head_dim <= 256:
+        seqlen = int(os.environ.get("UNIGEN_SAMPLE_SEQLEN", a.PER_SAMPLE_MAX_SEQLEN))
+        scfg = a._per_sample_config(seqlen, head_dim, TORCH_DTYPES[dtype])
+        warps = int(os.environ.get("UNIGEN_SAMPLE_WARPS", scfg["num_warps"]))
+        block_m = int(os.environ.get("UNIGEN_SAMPLE_BLOCK_M", scfg["BLOCK_M"]))
+        per_sample = dict(HEAD_DIM=head_dim, BLOCK=scfg["BLOCK"], BLOCK_M=block_m,
+                          BLOCK_D=scfg["BLOCK_D"],
+                          DOT=a._dot_mode(TORCH_DTYPES[dtype]), WIDE_INDEX=False)
+        for kernel in (a._sample_fwd_kernel, a._sample_bwd_kernel):
+            yield kernel, arg_type, per_sample, warps, scfg["num_stages"]
 
 
 OPS = {"cross_entropy": cross_entropy_kernels, "contrastive": contrastive_kernels,

@@ -296,8 +296,8 @@ def test_reduced_loss_refuses_a_second_backward(backend):
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("wide_index", [False, True])
 def test_triton_other_tiles_and_chunked_backward(monkeypatch, wide_index):
-    """The Triton path with tiles other than the default (as the GPU tile sweep runs them), a
-    dZ budget that forces many vocabulary chunks, interleaved ignored rows, and the 64-bit
+    """The Triton kernels of reduction="none" with tiles other than the default (as the GPU tile
+    sweep runs them), a dZ budget that forces many vocabulary chunks, interleaved ignored rows, and the 64-bit
     offsets that tensors of 2^31+ elements switch on."""
     import importlib
 
@@ -309,17 +309,161 @@ def test_triton_other_tiles_and_chunked_backward(monkeypatch, wide_index):
     monkeypatch.setattr(flce, "DZ_BUDGET_BYTES", 45 * 4 * 40)  # 40 columns -> 32-wide chunks
     assert flce._backward_vocab_chunk(45, 203, 4, 16) == 32  # 7 chunks, the last one narrower
     cfg = dict(BLOCK_N=32, BLOCK_V=16, BLOCK_D=32)
-    scale = torch.linspace(0.5, 1.5, 45, dtype=torch.float32)
-    total, lse, _, gh, gw, gb = flce.triton_forward_reduced(
-        hidden.detach(), weight.detach(), bias.detach(), target, scale, -100, 0.1, 1e-3,
-        True, True, True, config=cfg)
+    g_rows = torch.linspace(0.5, 1.5, 45, dtype=torch.float32)
+    args = (hidden.detach(), weight.detach(), bias.detach(), target)
+    rows, lse, _ = flce.triton_forward(*args, -100, 0.1, 1e-3, config=cfg)
+    gh, gw, gb = flce.triton_backward(g_rows, *args, lse, -100, 0.1, 1e-3, True, True, True,
+                                      config=cfg)
     ref = naive_loss(hidden, weight, target, bias, label_smoothing=0.1, z_loss=1e-3,
-                     token_weights=scale, reduction="sum")
-    torch.testing.assert_close(total, ref.detach(), atol=2e-5, rtol=2e-5)
-    for ours, e in zip((gh, gw, gb), torch.autograd.grad(ref, (hidden, weight, bias))):
+                     reduction="none")
+    torch.testing.assert_close(rows, ref.detach(), atol=2e-5, rtol=2e-5)
+    for ours, e in zip((gh, gw, gb), torch.autograd.grad(ref, (hidden, weight, bias), g_rows)):
         torch.testing.assert_close(ours, e, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="unknown Triton config keys"):
         flce._triton_config({"BLOCK_K": 32})
+
+
+def _capped_reference(hidden, weight, target, bias, cap, label_smoothing, z_loss, token_weights,
+                      reduction):
+    """The naive formula on fp64 copies, soft-capped when ``cap`` (Gemma 2's order of steps)."""
+    h, w, b = (x.detach().double().requires_grad_() if x is not None else None
+               for x in (hidden, weight, bias))
+    logits = F.linear(h, w, b)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    valid = target != -100
+    rows = F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="none")
+    rows = rows + z_loss * torch.where(valid, torch.logsumexp(logits, -1) ** 2, 0.0)
+    tw = token_weights.double()
+    total = (rows * tw).sum()
+    loss = total if reduction == "sum" else total / torch.where(valid, tw, 0.0).sum()
+    return loss, (h, w, b), torch.where(valid, torch.logsumexp(logits, -1), 0.0), logits
+
+
+REDUCED_OPTIONS = [  # (label_smoothing, z_loss, softcap, bias)
+    (0.0, 0.0, None, False), (0.1, 1e-3, None, True), (0.25, 1e-2, 4.0, True), (0.0, 0.0, 2.0, False)]
+
+
+# the torch reference upcasts 16-bit inputs (fp32 covers it); the C++ op has its own row blocks
+REDUCED_CASES = [("torch", torch.float32)] + [
+    ("triton", d) for d in (torch.float32, torch.bfloat16, torch.float16) if "triton" in BACKENDS]
+
+
+@pytest.mark.parametrize("backend,dtype", REDUCED_CASES, ids=str)
+@pytest.mark.parametrize("options", REDUCED_OPTIONS, ids=lambda o: f"ls{o[0]}-z{o[1]}-cap{o[2]}-b{o[3]}")
+def test_reduced_row_blocks_match_reference(monkeypatch, backend, dtype, options):
+    """The row-chunked "mean"/"sum" path over many 16-row blocks (the Triton row kernel runs
+    under TRITON_INTERPRET=1): odd shapes, interleaved ignored rows (some blocks all ignored on
+    the Triton path, whose valid rows sort first), token weights, every loss option; values,
+    gradients and statistics against an fp64 reference, fp16/bf16 within 2× of PyTorch's own
+    same-precision error."""
+    import importlib
+
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    if backend == "triton" and not flce.triton_interpreting():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    monkeypatch.setattr(flce, "REDUCED_WORKING_BYTES", 0)
+    monkeypatch.setattr(flce, "MIN_ROW_BLOCK", 16)
+    monkeypatch.setattr(flce, "REDUCED_CPU_BLOCK_BYTES", 0)
+    ls, zl, cap, with_bias = options
+    hidden, weight, bias, target = make_inputs(61, 19, 203, dtype, bias=with_bias, ignore_every=3,
+                                               scale=2.0)
+    target[40:] = -100  # the tail blocks of the Triton path hold only ignored rows
+    tw = torch.rand(61, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    inputs = [x for x in (hidden, weight, bias) if x is not None]
+    for reduction in ("sum", "mean"):
+        loss, stats = fused_linear_cross_entropy(
+            hidden, weight, target, bias, label_smoothing=ls, z_loss=zl, softcap=cap,
+            token_weights=tw, reduction=reduction, backend=backend, return_stats=True)
+        exact, exact_in, exact_lse, exact_logits = _capped_reference(
+            hidden, weight, target, bias, cap, ls, zl, tw, reduction)
+        exact_g = torch.autograd.grad(exact, [x for x in exact_in if x is not None])
+        ours_g = torch.autograd.grad(loss, inputs)
+        valid = target != -100
+        assert torch.equal(stats.correct, valid & (exact_logits.argmax(-1) == target))
+        if dtype == torch.float32:
+            torch.testing.assert_close(loss.double(), exact, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(stats.lse.double(), exact_lse, atol=2e-5, rtol=2e-5)
+            for o, e in zip(ours_g, exact_g):
+                torch.testing.assert_close(o.double(), e, atol=2e-5, rtol=2e-5)
+            continue
+        # the same formula in the inputs' precision (PyTorch's own 16-bit computation)
+        logits = F.linear(hidden, weight, bias)
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        rows = F.cross_entropy(logits, target, label_smoothing=ls, reduction="none")
+        rows = rows + zl * torch.where(valid, torch.logsumexp(logits, -1) ** 2, 0.0)
+        same = (rows * tw).sum()
+        same = same if reduction == "sum" else same / torch.where(valid, tw, 0.0).sum()
+        same_g = torch.autograd.grad(same, inputs)
+        err = lambda a, e: (a.double() - e).abs().max().item()
+        assert err(loss, exact) <= 2 * err(same, exact) + 1e-3
+        for o, s, e in zip(ours_g, same_g, exact_g):
+            assert err(o, e) <= 2 * err(s, e) + 1e-4
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_reduced_row_blocks_under_autocast_keep_fp32_logits(monkeypatch):
+    """Under autocast the row-chunked Triton path writes fp32 logits and narrows the gradient
+    to bf16 in place, block after block: the loss agrees to fp32 accuracy with fp32 math on the
+    cast inputs, the gradients to bf16 accuracy."""
+    import importlib
+
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    if not flce.triton_interpreting():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    monkeypatch.setattr(flce, "REDUCED_WORKING_BYTES", 0)
+    monkeypatch.setattr(flce, "MIN_ROW_BLOCK", 16)
+    hidden, weight, bias, target = make_inputs(53, 24, 203, torch.float32, ignore_every=4)
+    for cap in (None, 3.0):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_linear_cross_entropy(hidden, weight, target, bias, label_smoothing=0.1,
+                                              softcap=cap, backend="triton")
+        assert loss.dtype == torch.float32
+        exact, exact_in, _, _ = _capped_reference(
+            *(x.detach().bfloat16() for x in (hidden, weight)), target, bias.detach().bfloat16(),
+            cap, 0.1, 0.0, torch.ones(53), "mean")
+        torch.testing.assert_close(loss.double(), exact, atol=2e-6, rtol=2e-6)
+        for o, e in zip(torch.autograd.grad(loss, (hidden, weight, bias)),
+                        torch.autograd.grad(exact, exact_in)):
+            torch.testing.assert_close(o.double(), e, atol=1e-2 * e.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpp"])
+def test_stats_only_when_asked(backend):
+    """Without return_stats neither op computes the argmax (its statistic comes back empty);
+    with it, both return the same lse and correctness."""
+    import importlib
+
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    if backend == "triton" and not flce.triton_interpreting():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    hidden, weight, bias, target = make_inputs(21, 16, 40, torch.float32)
+    args = (hidden.detach(), weight.detach(), bias.detach(), target)
+    scale = torch.ones(21)
+    outs = {}
+    for stats in (False, True):
+        reduced = torch.ops.unigen.flce_forward_reduced(*args, scale, -100, 0.0, 0.0, 0.0, backend,
+                                                        False, False, False, stats=stats)
+        rows = torch.ops.unigen.flce_forward(*args, -100, 0.0, 0.0, 0.0, backend, stats=stats)
+        assert reduced[2].numel() == rows[2].numel() == (21 if stats else 0)
+        outs[stats] = reduced[1], rows[1]
+    logits = F.linear(hidden, weight, bias).detach()
+    valid = target != -100
+    assert torch.equal(reduced[2], valid & (logits.argmax(-1) == target))
+    assert torch.equal(rows[2], reduced[2])
+    for a, b in zip(outs[False], outs[True]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduced_loss_refuses_double_backward(backend):
+    """create_graph=True through the reduced path would differentiate gradients that are
+    constants of the forward: a clear error instead of silently wrong second derivatives."""
+    hidden, weight, bias, target = make_inputs(9, 8, 20, torch.float32)
+    loss = fused_linear_cross_entropy(hidden, weight, target, bias, backend=backend)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
 
 
 def test_accumulate_mm_in_row_blocks(monkeypatch):

@@ -67,6 +67,8 @@ def main(argv=None):
     y = (x.argmax(dim=1) * 7919) % args.vocab
     data = (x.to(device), y.to(device))
     backend = resolve_backend("auto", device, op="fused_linear_cross_entropy")
+    if backend == "cpp":  # "auto" takes the PyTorch row blocks for reduction="mean" on CPU
+        backend = "torch (row blocks; auto's choice for mean/sum on CPU)"
     print(f"tiny LM head: N={args.tokens} tokens, D={args.dim}, V={args.vocab}, device={device}, "
           f"fused backend={backend}")
     results = {name: train(name, args, device, data) for name in ("naive", "fused")}
