@@ -8,8 +8,8 @@ one timed round per provider (~15-30 s each on 2 cores: run it alone).
 Memory: ``peak_mem_mb`` is the peak above the inputs during one fwd+bwd, the gradients of h and
 W included; ``outputs_mb`` is the size of those gradients, which every provider must produce, so
 the working memory a provider adds is the difference (the GPU target: under 100 MB at N = 20480).
-``test_ours_tile_sweep`` times the fused kernels of ``reduction="none"`` under other tiles at
-N = 20480 (GPU only; its "ours" row is the default tiles of ``_triton_config``).
+``test_ours_tile_sweep`` times the fused kernels of ``reduction="none"`` under every candidate tile
+(``TILE_CANDIDATES``) at N = 20480 (GPU only; its "ours" row is the pick of ``_triton_config``).
 Run: ``pytest benchmarks/test_bench_cross_entropy.py --benchmark-only``.
 """
 
@@ -148,16 +148,17 @@ def test_cross_entropy_gpt2_head_cpu(benchmark, provider):
              rounds=1, warmup_rounds=0)
 
 
-# Tiles of our Triton kernels to sweep on a GPU (the first is the default, reported as "ours");
-# the winner replaces the default in kernels/fused_linear_cross_entropy.py::_triton_config.
+# Tiles of our Triton kernels to sweep on a GPU: "ours" is the launchers' pick for this dtype and
+# D (``_triton_config``), then every candidate of ``TILE_CANDIDATES`` and the default tile in the
+# previous launch order (GROUP_M >= the row blocks: every row block of a column first), which
+# isolates what the grouped order buys. The winner becomes the pick in
+# kernels/fused_linear_cross_entropy.py::_select_config.
+_FLCE = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
 TILE_CONFIGS = {
-    "ours": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
-    "ours_w4": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=3),
-    "ours_n128v128w8": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
-    "ours_n64v256w8": dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
-    "ours_n128v256w8": dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=2),
-    "ours_n128v64w4": dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=3),
-    "ours_n64v128d32s4": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=4, num_stages=4),
+    "ours": None,
+    **{f"ours_{name}": cfg for name, cfg in _FLCE.TILE_CANDIDATES.items()},
+    "ours_n128v128d32g4096w16s3": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_M=4096,
+                                       num_warps=16, num_stages=3),
 }
 
 
@@ -165,8 +166,8 @@ TILE_CONFIGS = {
 def test_ours_tile_sweep(benchmark, provider):
     if not (ON_GPU and triton_available()):
         pytest.skip("the tile sweep runs on a GPU only")
-    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
-    cfg = TILE_CONFIGS[provider]
+    flce = _FLCE
+    cfg = TILE_CONFIGS[provider] or flce._triton_config(None, DTYPE, GRID[-1][1])
 
     def fn(h, w, y):
         # the fused kernels of reduction="none" (forward, then the recomputing backward of a mean)

@@ -58,7 +58,10 @@ def compile_sm90(kernel, arg_type, constexprs: dict, num_warps: int, num_stages:
 
 def cross_entropy_kernels(dtype: str):
     m = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
-    cfg = m._triton_config()
+    # the launchers' pick for the GPT-2 head's D = 768; when tuning, UNIGEN_FLCE_TILE=<name>
+    # compiles another of m.TILE_CANDIDATES
+    tile = os.environ.get("UNIGEN_FLCE_TILE")
+    cfg = m.TILE_CANDIDATES[tile] if tile else m._triton_config(dtype=TORCH_DTYPES[dtype], dim=768)
     pointers = {"target_ptr": "*i64", "order_ptr": "*i32", "n_valid_ptr": "*i32",
                 "part_arg_ptr": "*i32", "h_ptr": "*" + dtype, "w_ptr": "*" + dtype,
                 "b_ptr": "*" + dtype, "dz_ptr": "*" + dtype}
@@ -70,7 +73,8 @@ def cross_entropy_kernels(dtype: str):
 
     # HAS_SOFTCAP: the capped variant (the cap's extra registers are what could spill)
     common = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
-                  BLOCK_D=cfg["BLOCK_D"], DOT_PRECISION=m._dot_precision(TORCH_DTYPES[dtype]),
+                  BLOCK_D=cfg["BLOCK_D"], GROUP_M=cfg["GROUP_M"],
+                  DOT_PRECISION=m._dot_precision(TORCH_DTYPES[dtype]),
                   UPCAST_DOT=False, WIDE_INDEX=False)
     for kernel, extra in ((m._flce_forward_kernel, {"SMOOTHING": True, "STATS": True}),
                           (m._flce_logit_grad_kernel, {})):

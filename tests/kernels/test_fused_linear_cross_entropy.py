@@ -323,6 +323,94 @@ def test_triton_other_tiles_and_chunked_backward(monkeypatch, wide_index):
         flce._triton_config({"BLOCK_K": 32})
 
 
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("options", [(0.0, 0.0, None, False), (0.1, 1e-3, 3.0, True)],
+                         ids=lambda o: f"ls{o[0]}-z{o[1]}-cap{o[2]}-b{o[3]}")
+def test_none_path_gpu_tiles_under_interpreter(dtype, options):
+    """The 16-bit GPU pick of ``_triton_config`` (128×128×32 tiles, GROUP_M = 8) run by the
+    interpreter: 1078 valid rows of 1100 fill 9 row blocks, a full group of 8 and a partial one
+    (the valid rows sort first: the ninth block holds 54), D = 40 ends in
+    a partial K step, V = 203 in a partial vocabulary tile, ignored rows interleaved. Row losses,
+    lse and all three gradients within 2× of PyTorch's same-precision error (fp64 reference)."""
+    import importlib
+
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    if not flce.triton_interpreting():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    cfg = flce._select_config(dtype, 40, interpreting=False)
+    assert (cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"], cfg["GROUP_M"]) == (128, 128, 32, 8)
+    ls, zl, cap, with_bias = options
+    hidden, weight, bias, target = make_inputs(1100, 40, 203, dtype, bias=with_bias, ignore_every=50,
+                                               scale=2.0)
+    g_rows = torch.rand(1100, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    args = (hidden.detach(), weight.detach(), bias.detach() if with_bias else None, target)
+    rows, lse, _ = flce.triton_forward(*args, -100, ls, zl, cap or 0.0, config=cfg)
+    ours_g = flce.triton_backward(g_rows.float(), *args, lse, -100, ls, zl, True, True, with_bias,
+                                  cap or 0.0, config=cfg)
+    valid = target != -100
+
+    def formula(h, w, b):
+        logits = F.linear(h, w, b)
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        out = F.cross_entropy(logits, target, label_smoothing=ls, reduction="none")
+        lse = torch.where(valid, torch.logsumexp(logits.double(), -1), 0.0)
+        return out + zl * lse.to(out.dtype) ** 2, lse
+
+    inputs = [x for x in (hidden, weight, bias) if x is not None]
+    exact_in = [x.detach().double().requires_grad_() for x in inputs]
+    exact, exact_lse = formula(*exact_in, *([None] if not with_bias else []))
+    exact_g = torch.autograd.grad(exact, exact_in, g_rows)
+    same, _ = formula(*inputs, *([None] if not with_bias else []))
+    same_g = torch.autograd.grad(same, inputs, g_rows.to(dtype))
+    err = lambda a, e: (a.double() - e).abs().max().item()
+    torch.testing.assert_close(lse.double(), exact_lse, atol=2e-2, rtol=1e-2)
+    assert err(rows, exact) <= 2 * err(same, exact) + 1e-3
+    for o, sg, e in zip([g for g in ours_g if g is not None], same_g, exact_g):
+        assert err(o, e) <= 2 * err(sg, e) + 1e-4
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("name", ["n128v128d16g8w8s4", "n64v128d32g8w8s3", "n64v128d64g1w8s3"])
+def test_tile_sweep_candidates_under_interpreter(name):
+    """The other tiles the GPU sweep times (the default's is tested above) compute the same
+    rows and gradients: fp32, 300 rows (3 or 5 row blocks, partial groups), partial K and V tiles."""
+    import importlib
+
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    if not flce.triton_interpreting():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    cfg = flce.TILE_CANDIDATES[name]
+    hidden, weight, bias, target = make_inputs(300, 40, 203, torch.float32, ignore_every=9)
+    g_rows = torch.linspace(0.5, 1.5, 300, dtype=torch.float32)
+    args = (hidden.detach(), weight.detach(), bias.detach(), target)
+    rows, lse, _ = flce.triton_forward(*args, -100, 0.1, 1e-3, config=cfg)
+    ours_g = flce.triton_backward(g_rows, *args, lse, -100, 0.1, 1e-3, True, True, True, config=cfg)
+    ref = naive_loss(hidden, weight, target, bias, label_smoothing=0.1, z_loss=1e-3,
+                     reduction="none")
+    torch.testing.assert_close(rows, ref.detach(), atol=2e-5, rtol=2e-5)
+    for ours, e in zip(ours_g, torch.autograd.grad(ref, (hidden, weight, bias), g_rows)):
+        torch.testing.assert_close(ours, e, atol=2e-5, rtol=2e-5)
+
+
+def test_triton_config_is_cached_per_shape_class():
+    """One pick per (dtype width, D class), computed once; callers get copies, overrides are
+    checked by name."""
+    import importlib
+
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    a = flce._select_config(torch.bfloat16, 768, interpreting=False)
+    assert flce._select_config(torch.float16, 4096, interpreting=False) is a  # one 16-bit class
+    assert flce._select_config(torch.float32, 768, interpreting=False) is not a
+    assert flce._select_config(torch.bfloat16, 24, interpreting=False)["BLOCK_D"] == 16
+    stages = flce._triton_config(None, torch.bfloat16, 768)["num_stages"]
+    assert flce._triton_config({"num_stages": stages + 1}, torch.bfloat16, 768)["num_stages"] == stages + 1
+    assert flce._triton_config(None, torch.bfloat16, 768)["num_stages"] == stages  # cache untouched
+    for name, candidate in flce.TILE_CANDIDATES.items():  # every candidate is a valid override
+        assert set(candidate) == set(flce._triton_config()), name
+
+
 def _capped_reference(hidden, weight, target, bias, cap, label_smoothing, z_loss, token_weights,
                       reduction):
     """The naive formula on fp64 copies, soft-capped when ``cap`` (Gemma 2's order of steps)."""
