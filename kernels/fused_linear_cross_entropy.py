@@ -437,6 +437,12 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _softcap(z, cap):
+        """c·tanh(z/c), written as c·(2·sigmoid(2z/c) - 1): tl.sigmoid exists in every supported
+        triton (tanh is only in the per-backend libdevice) and saturates to ±c without overflow."""
+        return cap * (2.0 * tl.sigmoid(z * (2.0 / cap)) - 1.0)
+
+    @triton.jit
     def _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, dim, stride_h, stride_w,
                     softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -468,9 +474,7 @@ if triton_available():
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_SOFTCAP:
-            # tanh(x) = 2·sigmoid(2x) - 1: tl.sigmoid exists in every supported triton (tanh is
-            # only in the per-backend libdevice) and saturates to ±1 without overflow
-            acc = softcap * (2.0 * tl.sigmoid(acc * (2.0 / softcap)) - 1.0)
+            acc = _softcap(acc, softcap)
         return acc
 
     @triton.jit
@@ -513,7 +517,7 @@ if triton_available():
         if HAS_BIAS:
             zt += tl.load(b_ptr + tgt, mask=row_mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            zt = softcap * (2.0 * tl.sigmoid(zt * (2.0 / softcap)) - 1.0)
+            zt = _softcap(zt, softcap)
         return zt
 
     @triton.jit
@@ -698,7 +702,7 @@ if triton_available():
         z_t = tl.sum(z_t, axis=1)  # [BLOCK_R, 1] -> [BLOCK_R]
         if HAS_SOFTCAP:
             # tanh(x) = 2·sigmoid(2x) - 1 (as _logit_tile)
-            z_t = softcap * (2.0 * tl.sigmoid(z_t * (2.0 / softcap)) - 1.0)
+            z_t = _softcap(z_t, softcap)
         m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         s = tl.zeros((BLOCK_R,), tl.float32)
         z_sum = tl.zeros((BLOCK_R, BLOCK_V), tl.float32)
@@ -709,7 +713,7 @@ if triton_available():
             mask = row_mask[:, None] & (cols < vocab)[None, :]
             z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                z = softcap * (2.0 * tl.sigmoid(z * (2.0 / softcap)) - 1.0)
+                z = _softcap(z, softcap)
             if SMOOTHING:
                 z_sum += tl.where(mask, z, 0.0)
             z = tl.where(mask, z, float("-inf"))
@@ -742,7 +746,7 @@ if triton_available():
                 mask = row_mask[:, None] & (cols < vocab)[None, :]
                 z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
-                    z = softcap * (2.0 * tl.sigmoid(z * (2.0 / softcap)) - 1.0)
+                    z = _softcap(z, softcap)
                 dz = (coef * tl.exp(z - lse[:, None]) - off_target
                       - tl.where(cols[None, :] == tgt[:, None], on_target, 0.0))
                 if HAS_SOFTCAP:

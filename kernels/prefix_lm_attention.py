@@ -641,6 +641,24 @@ if triton_available():
         return start, n, plen, end - start
 
     @triton.jit
+    def _sample_keys(K, V, start, n, h, stride_kt, stride_kh, stride_vt, stride_vh,
+                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                     WIDE_INDEX: tl.constexpr):
+        """All keys and values of one sample's head, loaded once into a [BLOCK, BLOCK_D] tile
+        (rows past the sample and columns past head_dim are 0), with the offsets and masks the
+        per-sample kernels index by."""
+        offs_n = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        tok_n = _offsets(start + offs_n, WIDE_INDEX)
+        kv_mask = (offs_n < n)[:, None] & d_ok[None, :]
+        k = tl.load(K + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        return offs_n, offs_d, d_ok, tok_n, kv_mask, k, v
+
+    @triton.jit
     def _poison_rows(X, stride_t, start, n, full, HEAD_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, WIDE_INDEX: tl.constexpr):
         # Rows n..full of a sample longer than the tile (max_seqlen too small, validate=False)
@@ -680,15 +698,9 @@ if triton_available():
         b = tl.program_id(0)
         h = tl.program_id(1)
         start, n, plen, full = _sample_span(CU, PLEN, b, T, BLOCK)
-        offs_n = tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
-        tok_n = _offsets(start + offs_n, WIDE_INDEX)
-        kv_mask = (offs_n < n)[:, None] & d_ok[None, :]
-        k = tl.load(K + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
+        offs_n, offs_d, d_ok, tok_n, kv_mask, k, v = _sample_keys(
+            K, V, start, n, h, stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK,
+            BLOCK_D, WIDE_INDEX)
         for m0 in range(0, n, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             tok_m = _offsets(start + offs_m, WIDE_INDEX)
@@ -729,15 +741,9 @@ if triton_available():
         b = tl.program_id(0)
         h = tl.program_id(1)
         start, n, plen, full = _sample_span(CU, PLEN, b, T, BLOCK)
-        offs_n = tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
-        tok_n = _offsets(start + offs_n, WIDE_INDEX)
-        kv_mask = (offs_n < n)[:, None] & d_ok[None, :]
-        k = tl.load(K + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
+        offs_n, offs_d, d_ok, tok_n, kv_mask, k, v = _sample_keys(
+            K, V, start, n, h, stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK,
+            BLOCK_D, WIDE_INDEX)
         dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         for m0 in range(0, n, BLOCK_M):

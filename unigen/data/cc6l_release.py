@@ -37,25 +37,18 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 
 from .errors import DataFormatError
-from .stream import iter_text_lines
+from .stream import expand_paths, iter_text_lines
 
 UC2_FILE = re.compile(r"imageId2Ann(?:_([a-z]{2}(?:-[A-Za-z]+)?))?\.tsv(?:\.gz)?$")
 """UC2's caption files: no language suffix = English (the translator's source)."""
 
 
-def _files(inputs: Iterable[str], pattern: re.Pattern | None = None) -> list[str]:
-    paths = []
-    for item in inputs:
-        if os.path.isdir(item):
-            paths += [os.path.join(item, n) for n in sorted(os.listdir(item))
-                      if pattern is None or pattern.search(n)]
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"cc6l: no such file or folder {item!r}")
-    if not paths:
-        raise FileNotFoundError(f"cc6l: no input files in {list(inputs)}")
-    return paths
+def _files(inputs: Iterable[str], source: str) -> list[str]:
+    """The release's files among ``inputs`` (files, folders searched recursively, globs), with
+    the data streams' one rule (:func:`unigen.data.stream.expand_paths`)."""
+    patterns = ("*imageId2Ann*.tsv", "*imageId2Ann*.tsv.gz") if source == "uc2" else ("*",)
+    return [p for p in expand_paths(list(inputs), what="cc6l", patterns=patterns)
+            if os.path.isfile(p)]
 
 
 def img2dataset_url_keys(folder: str) -> tuple[dict[str, str], dict[str, int]]:
@@ -172,7 +165,7 @@ def prepare_cc6l(inputs: Iterable[str], img2dataset_folder: str, out: str, *,
             counts = json.load(f)
         log(f"cc6l: {out} done before ({counts['images']} images; remove {done} to redo)")
         return counts
-    files = _files(inputs, UC2_FILE if source == "uc2" else None)
+    files = _files(inputs, source)
     if lang is not None and len(files) != 1:
         raise ValueError(f"cc6l: --lang names the language of one file, got {len(files)} files")
     url_keys, download = img2dataset_url_keys(img2dataset_folder)
