@@ -12,7 +12,7 @@ DALI    ?= nvidia-dali-cuda130==2.4.0
 # The whole suite runs its Triton kernels on CPU through Triton's interpreter.
 TEST_ENV := TRITON_INTERPRET=1 OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 
-.PHONY: test-transformers-floor bootstrap demo test test-fast lint bench ext cmake-test clean
+.PHONY: test-transformers-floor bootstrap demo demo-ablations test test-fast lint bench ext cmake-test clean
 
 bootstrap: $(VENV)/.bootstrapped
 
@@ -30,6 +30,10 @@ $(VENV)/.bootstrapped: setup.py pyproject.toml requirements-dev.txt $(wildcard c
 
 demo: bootstrap
 	$(PY) -m unigen.demo
+
+# The paper's Table 2 rows in miniature: 25 runs, about 33 minutes on 2 cores.
+demo-ablations: bootstrap
+	$(PY) -m unigen.demo.ablations
 
 test: bootstrap
 	$(TEST_ENV) $(VENV)/bin/pytest tests -q --timeout=900
