@@ -77,13 +77,14 @@ def test_ablations_demo_smoke(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "steps must be positive"),
-    (["--contrastive-weight", "-1"], "contrastive_weight must be a finite non-negative"),
-    (["--multilingual-fraction", "2"], "multilingual_fraction must be in"),
-    (["--lr", "0"], "lr must be a finite positive"),
+    (["--steps", "0"], "demo.steps must be an int >= 1, got 0"),
+    (["--contrastive-weight", "-1"], "demo.contrastive_weight must be a finite number >= 0.0, got -1.0"),
+    (["--multilingual-fraction", "2"], "demo.multilingual_fraction must be a finite number >= 0.0 and <= 1.0, got 2.0"),
+    (["--lr", "0"], "demo.lr must be a finite number > 0.0, got 0.0"),
     (["--stpes", "5"], "did you mean 'steps'"),
-    (["--seeds", "1,1"], "seeds must be distinct"),
-    (["--clip-steps", "0"], "clip_steps must be positive"),
+    (["--seeds", "1,1"], "demo.seeds must be distinct"),
+    (["--clip-steps", "0"], "demo.clip_steps must be an int >= 1, got 0"),
+    (["--trans-ratio", "inf"], "demo.trans_ratio must be a finite number >= 0.0, got inf"),
 ])
 def test_pretrain_demo_rejects_bad_arguments(argv, message, capsys):
     from unigen.demo.pretrain import main

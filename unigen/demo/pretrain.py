@@ -146,22 +146,19 @@ class DemoConfig:
     """Runs trained at a time (one thread each)."""
 
     def __post_init__(self):
+        from unigen.configuration import check_int, check_number
+
+        owner = "demo"  # the command, as other entry points name theirs
         for name in ("steps", "batch_size", "images", "text_pairs", "eval_images", "clip_steps",
                      "parallel"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            check_int(owner, name, getattr(self, name))
         self.seeds = tuple(self.seeds)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
-        if not 0.0 <= self.multilingual_fraction <= 1.0:
-            raise ValueError(f"multilingual_fraction must be in [0, 1], got "
-                             f"{self.multilingual_fraction}")
-        for name in ("contrastive_weight", "trans_ratio", "lr"):
-            value = getattr(self, name)
-            if not (0 <= value < float("inf")) or (name == "lr" and value == 0):
-                raise ValueError(f"{name} must be a finite "
-                                 f"{'positive' if name == 'lr' else 'non-negative'} number, "
-                                 f"got {value}")
+            raise ValueError(f"{owner}.seeds must be distinct and at least one, got {self.seeds}")
+        check_number(owner, "multilingual_fraction", self.multilingual_fraction, low=0.0, high=1.0)
+        check_number(owner, "contrastive_weight", self.contrastive_weight, low=0.0)
+        check_number(owner, "trans_ratio", self.trans_ratio, low=0.0)
+        check_number(owner, "lr", self.lr, low=0.0, low_open=True)
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,6 @@ saved, as CLIP's text tower is unused by UniGen.
 from __future__ import annotations
 
 import os
-import tarfile
 import time
 
 import torch
@@ -31,24 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from unigen.data.image_pipeline import ImageSpec, PilImageDecoder
+from unigen.data.webdataset_images import WebdatasetImageTextStream
 
 
 def _load_pairs(image_shards, image_size: int) -> tuple[torch.Tensor, list[str]]:
-    """Every (image, English caption) of the webdataset shards, images preprocessed as the
-    training pipeline does (``image_backend: pil``)."""
-    raw, captions = [], []
-    for shard in image_shards:
-        with tarfile.open(shard) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in sorted(members):
-                if name.endswith(".jpg"):
-                    raw.append(tar.extractfile(members[name]).read())
-                    captions.append(tar.extractfile(members[name[:-4] + ".txt"]).read()
-                                    .decode("utf-8"))
-    images, ok = PilImageDecoder(ImageSpec(image_size)).decode(raw)
-    if len(ok) != len(raw):
-        raise ValueError(f"tiny CLIP: {len(raw) - len(ok)} training images could not be decoded")
-    return images, captions
+    """Every (image, English caption) of the webdataset shards, read as the captioning stream
+    reads them and preprocessed as the training pipeline does (``image_backend: pil``)."""
+    samples = list(WebdatasetImageTextStream(list(image_shards), rank=0, world_size=1))
+    images, ok = PilImageDecoder(ImageSpec(image_size)).decode([s["image"] for s in samples])
+    if len(ok) != len(samples):
+        raise ValueError(f"tiny CLIP: {len(samples) - len(ok)} training images could not be "
+                         f"decoded")
+    return images, [s["caption"] for s in samples]
 
 
 class _BagOfWords(nn.Module):
@@ -79,9 +72,10 @@ def train_tiny_clip(image_shards, out_dir: str, *, vision,
     torch.manual_seed(seed)
     images, captions = _load_pairs(image_shards, vision.image_size)
     distinct = sorted(set(captions))
-    caption_id = torch.tensor([distinct.index(c) for c in captions])
-    words = sorted({w for c in distinct for w in c.split()})
-    token_ids = [[words.index(w) for w in c.split()] for c in distinct]
+    caption_index = {c: i for i, c in enumerate(distinct)}
+    caption_id = torch.tensor([caption_index[c] for c in captions])
+    words = {w: i for i, w in enumerate(sorted({w for c in distinct for w in c.split()}))}
+    token_ids = [[words[w] for w in c.split()] for c in distinct]
 
     hf = CLIPVisionConfig(hidden_size=vision.hidden_size,
                           intermediate_size=vision.intermediate_size,
@@ -125,7 +119,7 @@ def train_tiny_clip(image_shards, out_dir: str, *, vision,
             if unknown:
                 raise ValueError(f"tiny CLIP: held-out captions with words never trained on, "
                                  f"e.g. {unknown[0]!r}")
-            ids = [[words.index(w) for w in c.split()] for c in ev_captions]
+            ids = [[words[w] for w in c.split()] for c in ev_captions]
             flat = torch.tensor([t for row in ids for t in row])
             offsets = torch.tensor([0] + [len(r) for r in ids[:-1]]).cumsum(0)
             img = F.normalize(image_proj(vit(pixel_values=ev_images).pooler_output), dim=-1)
