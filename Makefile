@@ -1,31 +1,23 @@
-# `make demo` and `make test` work on a fresh machine: both bootstrap .venv first.
+# `make demo` and `make test` work on a fresh machine: both bootstrap .venv first, with exactly
+# the versions of requirements/dev.lock (`make lock` writes it; docs/install.md).
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
-TORCH   ?= torch==2.13.0
-# Where that torch comes from: empty = pip's configured index. PyPI's Linux torch wheel is a
-# CUDA build; for the CPU build elsewhere: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
-TORCH_INDEX ?=
-# DALI is optional (its tests skip without it): DALI= leaves it out, nvidia-dali-cuda120==2.4.0
-# is the CUDA 12 wheel. Its CPU pipelines run on any machine.
-DALI    ?= nvidia-dali-cuda130==2.4.0
+LOCK    ?= requirements/dev.lock
+# The lock's torch is the CPU build, torch==2.13.0+cpu. The development machines carry its wheel;
+# elsewhere name PyTorch's CPU index: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+export TORCH_INDEX ?=
 # The whole suite runs its Triton kernels on CPU through Triton's interpreter.
 TEST_ENV := TRITON_INTERPRET=1 OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 
-.PHONY: test-transformers-floor bootstrap demo demo-ablations test test-fast lint bench ext cmake-test clean
+.PHONY: bootstrap demo demo-ablations test test-fast lint bench ext cmake-test clean lock \
+	test-gpu-image test-floor test-latest test-transformers-floor compare-deps
 
 bootstrap: $(VENV)/.bootstrapped
 
-$(VENV)/.bootstrapped: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h)
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	@# Pin a CPU torch only when none is installed (a GPU machine keeps its own).
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(PY) -m pip install -q -r requirements-dev.txt
-	$(if $(DALI),$(PY) -m pip install -q "$(DALI)")
-	@# --no-build-isolation: build unigen._C against the torch installed above.
-	$(PY) -m pip install -q --no-build-isolation -e .
-	@$(PY) -c "from unigen._extension import cpp_ops_available as a, cpp_ops_error as e; print('[unigen] C++ ops:', 'built' if a() else 'not built (' + str(e()) + ')')"
+# --keep-torch: a venv given a CUDA torch by hand (a GPU machine) keeps it.
+$(VENV)/.bootstrapped: setup.py pyproject.toml $(LOCK) tools/venv_from_requirements.sh $(wildcard csrc/*.cpp csrc/*.h)
+	tools/venv_from_requirements.sh --keep-torch $(VENV) $(LOCK) $(PYTHON)
 	@touch $@
 
 demo: bootstrap
@@ -39,27 +31,63 @@ test: bootstrap
 	$(TEST_ENV) $(VENV)/bin/pytest tests -q --timeout=900
 
 # ruff, then the import contracts of pyproject.toml (the layers of docs/architecture.md, no
-# cycles). import-linter reads the package from disk, where kernels/ is not under unigen/: it is
-# linked in as unigen/kernels (the name it installs under) for the check and removed after.
+# cycles). import-linter reads the package from disk, where the op folders are not under
+# unigen/kernels/: each kernels/<folder> is linked in as unigen/kernels/<folder> (the name it
+# installs under) for the check and removed after.
 lint: bootstrap
-	$(VENV)/bin/ruff check unigen kernels tests benchmarks setup.py
-	@ln -sfn ../kernels unigen/kernels; $(VENV)/bin/lint-imports --no-cache; \
-		status=$$?; rm -f unigen/kernels; exit $$status
+	$(VENV)/bin/ruff check unigen kernels tests benchmarks tools setup.py
+	@links=""; for dir in kernels/*/; do name=$$(basename $$dir); \
+		ln -sfn ../../kernels/$$name unigen/kernels/$$name; links="$$links unigen/kernels/$$name"; done; \
+		$(VENV)/bin/lint-imports --no-cache; status=$$?; rm -f $$links; exit $$status
 
 test-fast: bootstrap
 	$(TEST_ENV) $(VENV)/bin/pytest tests -q -x -m "not slow"
 
-# The model tests on the oldest transformers setup.py declares (unigen/model/hf_versions.py):
-# that release and the hub/tokenizers versions it pins go into an overlay put first on
-# PYTHONPATH, the venv's own transformers untouched.
-TRANSFORMERS_FLOOR := 5.6.0
-FLOOR_DIR := build/transformers-$(TRANSFORMERS_FLOOR)
-test-transformers-floor: bootstrap
-	$(VENV)/bin/pip install --quiet --target $(FLOOR_DIR)/deps "huggingface_hub>=1.5,<2" \
-		"tokenizers>=0.22,<=0.23.0" typer-slim
-	$(VENV)/bin/pip install --quiet --no-deps --target $(FLOOR_DIR)/tf transformers==$(TRANSFORMERS_FLOOR)
-	PYTHONPATH=$(CURDIR)/$(FLOOR_DIR)/tf:$(CURDIR)/$(FLOOR_DIR)/deps $(TEST_ENV) $(VENV)/bin/pytest \
-		tests/model -q -m "not slow" -p no:cacheprovider
+# The locks: requirements/*.in hold the ranges, `make lock` compiles each into its .lock with
+# pip-tools (pinned here), under the Python the lock is for. Rerun it after changing a .in file,
+# or with UPGRADE=1 to move every locked version to the newest the ranges allow; commit the
+# .lock files.
+PIP_TOOLS := pip-tools==7.7.0
+LOCK_FLAGS := --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links --no-emit-trusted-host -q
+lock:
+	@for spec in dev:3.11 compare:3.11 gpu-image:3.12 floor:3.10; do \
+		name=$${spec%%:*}; version=$${spec#*:}; python=$$(tools/find_python.sh $$version) || exit 2; \
+		tools=build/lock-tools-$$version; \
+		test -x $$tools/bin/pip-compile || { $$python -m venv $$tools && $$tools/bin/pip install -q "$(PIP_TOOLS)"; }; \
+		echo "[unigen] requirements/$$name.lock (Python $$version)"; \
+		(cd requirements && CUSTOM_COMPILE_COMMAND="make lock" ../$$tools/bin/pip-compile $(LOCK_FLAGS) \
+			$(if $(UPGRADE),--upgrade) -o $$name.lock $$name.in) || exit 1; \
+	done
+
+# The other environments the project supports, each a venv of its own made from its lock (its
+# Python differs from .venv's, so each builds its own unigen._C beside the others): the GPU
+# machine's versions and the oldest ones the package metadata admits, on the tests that touch
+# what differs between versions (the kernels under Triton's interpreter, the model, FSDP2).
+ENV_TESTS := tests/kernels tests/model tests/test_environment.py \
+	tests/pretraining/test_distributed.py::test_two_process_fsdp_resume_matches_ddp \
+	tests/pretraining/test_distributed.py::test_two_process_fsdp_sharded_checkpoint_resume_matches_ddp
+test-gpu-image:
+	tools/venv_from_requirements.sh .venv-gpu-image requirements/gpu-image.lock 3.12 3.13 3.11
+	$(TEST_ENV) .venv-gpu-image/bin/pytest $(ENV_TESTS) -q --timeout=900 -p no:cacheprovider
+
+test-floor:
+	tools/venv_from_requirements.sh .venv-floor requirements/floor.lock 3.10 3.11
+	$(TEST_ENV) .venv-floor/bin/pytest $(ENV_TESTS) -q --timeout=900 -p no:cacheprovider
+
+# the name this target had when the floor was only transformers'
+test-transformers-floor: test-floor
+
+# The newest releases the ranges allow (requirements/latest.in), on the newest Python here; the
+# whole suite. Not locked: it says what the next `make lock` would meet.
+test-latest:
+	tools/venv_from_requirements.sh .venv-latest requirements/latest.in 3.14 3.13 3.12
+	$(TEST_ENV) .venv-latest/bin/pytest tests -q --timeout=900 -p no:cacheprovider
+
+# The public alternatives the benchmarks compare against (requirements/compare.lock), installed
+# into .venv under its locked torch, which they never replace; what cannot install here is
+# said with the reason.
+compare-deps: bootstrap
+	$(PY) tools/install_comparisons.py
 
 bench: bootstrap
 	OUT=$(CURDIR)/benchmarks/results PYTHONPATH=$(CURDIR) $(VENV)/bin/pytest benchmarks --benchmark-only -q
@@ -74,4 +102,4 @@ cmake-test: bootstrap
 	cd cmake-build && ctest --output-on-failure
 
 clean:
-	rm -rf build cmake-build *.egg-info unigen/*.so
+	rm -rf build cmake-build *.egg-info unigen/*.so .venv-gpu-image .venv-floor .venv-latest

@@ -27,7 +27,9 @@ def _extensions():
         return [], {}
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    extra_compile = {"cxx": ["-O3", "-fopenmp", "-std=c++17"]}
+    # No -std: torch's BuildExtension adds the standard its headers need (C++17 up to torch 2.13,
+    # C++20 from 2.14, whose ATen refuses anything older).
+    extra_compile = {"cxx": ["-O3", "-fopenmp"]}
     extra_link = ["-fopenmp"]
     ext_cls = cpp_extension.CppExtension
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -64,18 +66,23 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+# kernels/<folder> -> unigen.kernels.<folder> (nested folders follow their parent's mapping)
+KERNEL_PACKAGES = {f"unigen.kernels.{name}": os.path.join("kernels", *name.split("."))
+                   for name in find_packages("kernels")}
+
 setup(
     name="unigen",
     version="0.1.0",
     description="UniGen: a fast training core for multilingual multimodal generative pre-training",
     python_requires=">=3.10",
-    # `kernels/` installs as the subpackage `unigen.kernels`, never as a top-level `kernels`
-    # module (PyPI's `kernels` package owns that name).
-    packages=find_packages(include=["unigen", "unigen.*"]) + ["unigen.kernels"],
-    package_dir={"unigen": "unigen", "unigen.kernels": "kernels"},
+    # Each folder of `kernels/` installs as a subpackage of `unigen.kernels` (whose public surface
+    # is unigen/kernels/__init__.py); `kernels/` itself has no __init__.py and is never a top-level
+    # `kernels` package (PyPI's `kernels`, which transformers imports, owns that name).
+    packages=find_packages(include=["unigen", "unigen.*"]) + list(KERNEL_PACKAGES),
+    package_dir={"unigen": "unigen", **KERNEL_PACKAGES},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.5", "numpy", "safetensors", "pyyaml", "tqdm"],
+    install_requires=["torch>=2.11", "numpy", "safetensors", "pyyaml", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "triton>=3.6", "ninja"],

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import bench_device, device_name, sync
 from unigen.kernels import prefix_lm_attention
-from unigen.kernels._backend import triton_available, triton_interpreting
+from unigen.kernels.common.backend import triton_available, triton_interpreting
 from unigen.kernels.prefix_lm_attention import (
     flash_attn_available,
     torch_varlen_available,

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import bench_device, device_name, results_dir
 from unigen.kernels import contrastive_loss
-from unigen.kernels._backend import triton_available, triton_interpreting
+from unigen.kernels.common.backend import triton_available, triton_interpreting
 from unigen.memory import PeakMemory
 
 CUDA = torch.cuda.is_available()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from benchmarks.conftest import bench_device, device_name, sync
 from unigen._extension import cpp_ops_available
 from unigen.kernels import fused_linear_cross_entropy
-from unigen.kernels._backend import triton_available
+from unigen.kernels.common.backend import triton_available
 from unigen.memory import PeakMemory
 
 DEVICE = bench_device()

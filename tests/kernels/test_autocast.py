@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from unigen._extension import cpp_ops_available
 from unigen.kernels import contrastive_loss, fused_linear_cross_entropy, prefix_lm_attention
-from unigen.kernels._backend import triton_available
+from unigen.kernels.common.backend import triton_available
 
 cl_module = importlib.import_module("unigen.kernels.contrastive_loss")
 attn_module = importlib.import_module("unigen.kernels.prefix_lm_attention")

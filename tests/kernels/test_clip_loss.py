@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from unigen.kernels import ClipLoss
-from unigen.kernels._backend import triton_available
+from unigen.kernels.common.backend import triton_available
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_clip_loss_dist_worker.py")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="needs triton"))]

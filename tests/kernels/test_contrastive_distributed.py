@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from unigen.kernels._backend import triton_available
+from unigen.kernels.common.backend import triton_available
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_contrastive_dist_worker.py")
 

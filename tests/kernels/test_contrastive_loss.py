@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from unigen.kernels import ContrastiveLoss, contrastive_loss
-from unigen.kernels._backend import triton_available
+from unigen.kernels.common.backend import triton_available
 from unigen.kernels.contrastive_loss import contrastive_loss_reference
 
 cl_module = importlib.import_module("unigen.kernels.contrastive_loss")

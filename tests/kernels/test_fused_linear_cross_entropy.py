@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from unigen._extension import cpp_ops_available
 from unigen.kernels import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
-from unigen.kernels._backend import triton_available
+from unigen.kernels.common.backend import triton_available
 
 BACKENDS = ["torch"]
 if cpp_ops_available():
@@ -739,3 +739,45 @@ def test_kernels_compile_for_sm90(dtype, tmp_path, run_sm90_compile):
     kernels with the launcher's GPU tiles down to an sm_90 cubin (Triton's bundled ptxas, no GPU
     needed). A subprocess, because TRITON_INTERPRET=1 replaces @triton.jit in this one."""
     run_sm90_compile(["cross_entropy", dtype], tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# a weight freed after the forward (FSDP2 resharding) and brought back before the backward
+# --------------------------------------------------------------------------------------------
+
+
+def _free(weight):
+    """What FSDP2's reshard does to an unsharded parameter: its storage shrinks to nothing."""
+    saved = weight.detach().clone()
+    weight.untyped_storage().resize_(0)
+    return saved
+
+
+def _restore(weight, saved):
+    """What FSDP2's pre-backward all-gather does: the same storage, grown back and refilled."""
+    weight.untyped_storage().resize_(saved.numel() * saved.element_size())
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(weight):
+        weight.copy_(saved)  # FSDP2 keeps the version too: the saved tensor is still the one
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_freed_after_forward_and_gathered_back_gives_the_gradients(backend):
+    hidden, weight, bias, target = make_inputs(23, 16, 61, torch.float32, seed=4)
+    upstream = torch.randn(23, generator=torch.Generator().manual_seed(1))
+    expected = grads(naive_loss(hidden, weight, target, bias, reduction="none"), (hidden, weight, bias),
+                     upstream)
+    rows = fused_linear_cross_entropy(hidden, weight, target, bias, reduction="none", backend=backend)
+    _restore(weight, _free(weight))
+    got = grads(rows, (hidden, weight, bias), upstream)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=_tol(torch.float32), atol=_tol(torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("freed", ["weight", "bias"])
+def test_weight_still_freed_at_backward_is_refused_naming_the_cause(backend, freed):
+    hidden, weight, bias, target = make_inputs(9, 8, 33, torch.float32, seed=5)
+    rows = fused_linear_cross_entropy(hidden, weight, target, bias, reduction="none", backend=backend)
+    _free(weight if freed == "weight" else bias)
+    with pytest.raises(RuntimeError, match=f"the {freed} saved for backward was freed.*FSDP2"):
+        rows.sum().backward()

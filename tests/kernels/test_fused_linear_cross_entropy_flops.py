@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from unigen.kernels import fused_linear_cross_entropy
-from unigen.kernels._backend import triton_available, triton_interpreting
+from unigen.kernels.common.backend import triton_available, triton_interpreting
 
 flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
 

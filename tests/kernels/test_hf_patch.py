@@ -14,7 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from unigen.kernels import SUPPORTED_MODEL_TYPES, patch_hf_model, patched_hf_model, unpatch_hf_model  # noqa: E402
-from unigen.kernels.hf_patch import is_hf_model_patched  # noqa: E402
+from unigen.kernels.dropin import hf_patch  # noqa: E402
+from unigen.kernels.dropin.hf_patch import is_hf_model_patched  # noqa: E402
 
 VOCAB = 301  # odd, so no tile divides it
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -226,6 +227,29 @@ def test_torch_compile_has_no_graph_break(arch):
     torch._dynamo.reset()
 
 
+def test_no_graph_break_where_transformers_has_no_slice_logits_to_keep(monkeypatch):
+    # transformers 5.17 (the GPU machine's) has no modeling_utils.slice_logits_to_keep: the patch
+    # resolves the helper when it patches, so no import is attempted inside the traced forward
+    import transformers.modeling_utils as modeling_utils
+
+    monkeypatch.delattr(modeling_utils, "slice_logits_to_keep", raising=False)
+    model = _model("llama")
+    ids, labels, mask = _batch()
+    patch_hf_model(model)
+    eager = model(ids, attention_mask=mask, labels=labels).loss
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(model)(ids, attention_mask=mask, labels=labels)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    # the inline slice it falls back to keeps the same positions as the helper
+    hidden = torch.randn(2, 7, 4)
+    for keep in (0, 3, torch.tensor([0, 4, 6])):
+        torch.testing.assert_close(hf_patch._inline_slice_to_keep(hidden, keep),
+                                   hidden if isinstance(keep, int) and not keep else
+                                   hidden[:, -keep:] if isinstance(keep, int) else hidden[:, keep])
+    assert torch.isfinite(eager)
+
+
 # --------------------------------------------------------------------------------------------
 # memory: the patched step never holds the [tokens, vocab] logits
 # --------------------------------------------------------------------------------------------
@@ -288,7 +312,7 @@ def test_trainer_steps_give_the_same_losses(tmp_path, monkeypatch):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
-    import unigen.kernels.hf_patch as hf_patch
+    import unigen.kernels.dropin.hf_patch as hf_patch
 
     reductions = []  # the Trainer passes num_items_in_batch: the patch must take the "sum" path
     fused_ce = hf_patch.fused_linear_cross_entropy

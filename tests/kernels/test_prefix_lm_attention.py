@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from unigen.kernels import prefix_lm_attention
-from unigen.kernels._backend import triton_available
+from unigen.kernels.common.backend import triton_available
 from unigen.kernels.prefix_lm_attention import (
     ATTENTION_BACKENDS,
     PrefixLMAttention,
@@ -291,7 +291,7 @@ def test_triton_strided_qkv_and_int64_metadata():
 
 
 def test_wide_index_follows_the_largest_offset():
-    from unigen.kernels._checks import needs_wide_index
+    from unigen.kernels.common.checks import needs_wide_index
 
     meta = lambda size, stride: torch.empty_strided(size, stride, device="meta")
     assert not needs_wide_index(torch.empty(3, 2, 4), torch.empty(0, 2, 4))

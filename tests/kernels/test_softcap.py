@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from unigen._extension import cpp_ops_available
 from unigen.kernels import fused_linear_cross_entropy
-from unigen.kernels._backend import triton_available
+from unigen.kernels.common.backend import triton_available
 
 BACKENDS = ["torch",
             pytest.param("cpp", marks=pytest.mark.skipif(not cpp_ops_available(), reason="unigen._C not built")),

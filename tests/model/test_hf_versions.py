@@ -14,7 +14,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 def test_declared_requirement_is_the_checked_one():
     with open(os.path.join(ROOT, "setup.py")) as f:
         setup = f.read()
-    with open(os.path.join(ROOT, "requirements-dev.txt")) as f:
+    with open(os.path.join(ROOT, "requirements", "test.in")) as f:
         dev = f.read()
     assert re.findall(r'"(transformers[^"]*)"', setup) == [TRANSFORMERS_REQUIREMENT]
     assert re.findall(r"^(transformers\S*)", dev, flags=re.M) == [TRANSFORMERS_REQUIREMENT]

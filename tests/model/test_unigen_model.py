@@ -440,3 +440,18 @@ def test_configure_backends_validates():
     with pytest.raises(ValueError, match="attention_backend"):
         model.configure_backends(attention="flash")
     assert model.config.loss.cross_entropy == "fused"  # unchanged by the refused calls
+
+
+def test_the_output_is_a_pytree_so_fsdp2_finds_the_loss():
+    # FSDP2 attaches its pre-backward all-gather (the resharded tied LM head comes back through
+    # it) to the tensors it finds in a module's output; torch < 2.13 looks inside registered
+    # dataclasses only
+    from torch.utils._pytree import tree_flatten
+
+    from unigen.model.unigen_model import UniGenOutput
+
+    loss = torch.ones((), requires_grad=True)
+    out = UniGenOutput(loss=loss, losses={"cap": torch.zeros(())}, temperature=torch.ones(()),
+                       num_tokens={"cap": 3}, num_samples={"cap": 1}, num_pairs=0)
+    leaves, _ = tree_flatten(out)
+    assert any(leaf is loss for leaf in leaves)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from unigen.kernels import fused_linear_cross_entropy
-from unigen.kernels._backend import resolve_backend
+from unigen.kernels.common.backend import resolve_backend
 from unigen.memory import PeakMemory
 
 

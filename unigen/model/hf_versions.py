@@ -5,13 +5,13 @@ The image encoder runs CLIP's vision tower layer by layer through the flattened 
 transformers 5.6 introduced (``CLIPVisionModel.embeddings`` / ``.encoder.layers``, a layer
 called as ``layer(h, mask)``); 5.0-5.5 and 4.x nest the tower under ``vision_model`` (and the
 state-dict keys with it). So the floor is 5.6, the release the oldest-version check runs on
-(``make test-transformers-floor``); the next major is excluded until it is tested.
+(``make test-floor``); the next major is excluded until it is tested.
 """
 
 from __future__ import annotations
 
 TRANSFORMERS_REQUIREMENT = "transformers>=5.6,<6"
-"""What setup.py's ``model`` extra and requirements-dev.txt declare (a test keeps them equal)."""
+"""What setup.py's ``model`` extra and requirements/test.in declare (a test keeps them equal)."""
 
 _MIN, _MAX_MAJOR = (5, 6), 6
 

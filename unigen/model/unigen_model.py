@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.export import register_dataclass
 
 from unigen.model.batch import TASK_IDS, UniGenBatch
 from unigen.model.config import TASK_NAMES, UniGenConfig
@@ -54,6 +55,12 @@ class UniGenOutput:
     num_tokens: dict[str, int]
     num_samples: dict[str, int]
     num_pairs: int
+
+
+# A pytree node: FSDP2 attaches its pre-backward hook (the all-gather that brings resharded
+# parameters back, the tied LM head's among them) to the tensors it finds in a module's output,
+# and torch < 2.13 finds them inside a dataclass only when it is registered.
+register_dataclass(UniGenOutput)
 
 
 @dataclass

@@ -31,7 +31,7 @@ import inspect
 
 import torch
 
-from .fused_linear_cross_entropy import fused_linear_cross_entropy
+from ..fused_linear_cross_entropy import fused_linear_cross_entropy
 
 OP = "patch_hf_model"
 
@@ -123,6 +123,7 @@ def patch_hf_model(model, **options):
     positional = tuple(n for n, p in params.items()
                        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
     caps_logits = model.config.model_type == "gemma2"  # the one family with a logit soft-cap
+    slice_to_keep = _resolve_slice_to_keep()  # never imported inside the (traced) forward
 
     @functools.wraps(original)  # keeps the signature generate() and Trainer inspect
     def forward(*args, **kwargs):
@@ -147,7 +148,7 @@ def patch_hf_model(model, **options):
         # looked up per call, so a head replaced after patching (resize_token_embeddings) is used
         base, head = getattr(model, base_attr), model.get_output_embeddings()
         base_out = base(**kwargs)
-        hidden = _slice_to_keep(base_out.last_hidden_state, logits_to_keep)
+        hidden = slice_to_keep(base_out.last_hidden_state, logits_to_keep)
         if shift_labels is None:
             shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         shift_labels = shift_labels.reshape(-1).to(hidden.device)
@@ -173,15 +174,26 @@ def patch_hf_model(model, **options):
     return model
 
 
-def _slice_to_keep(hidden, logits_to_keep):
-    """transformers' ``slice_logits_to_keep`` (imported lazily: the helper moved between releases)."""
+def _inline_slice_to_keep(hidden, logits_to_keep):
+    """The int/tensor slice that releases without ``slice_logits_to_keep`` inline in every model."""
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+    return hidden[:, logits_to_keep, :]
+
+
+def _resolve_slice_to_keep():
+    """transformers' ``slice_logits_to_keep`` where the installed release has it (5.2x), else the
+    inline slice of the releases without it (5.17 and older).
+
+    Resolved once, when the model is patched: an import attempted inside the forward would run
+    (and, failing, raise and catch an ImportError) inside every traced forward, which breaks
+    torch.compile's graph.
+    """
     try:
         from transformers.modeling_utils import slice_logits_to_keep
-    except ImportError:  # older releases inline the int/tensor slice in every model
-        if isinstance(logits_to_keep, int):
-            return hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
-        return hidden[:, logits_to_keep, :]
-    return slice_logits_to_keep(hidden, logits_to_keep)
+    except ImportError:
+        return _inline_slice_to_keep
+    return slice_logits_to_keep
 
 
 def unpatch_hf_model(model):

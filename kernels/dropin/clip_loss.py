@@ -33,10 +33,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._autocast import autocast_dtype, cast_inputs
-from ._backend import resolve_backend
-from ._checks import FLOAT_DTYPES, check_tensor
-from .contrastive_loss import _NEGATIVE_MODES, _contrastive_on_gathered
+from ..common.autocast import autocast_dtype, cast_inputs
+from ..common.backend import resolve_backend
+from ..common.checks import FLOAT_DTYPES, check_tensor
+from ..contrastive_loss import _NEGATIVE_MODES, _contrastive_on_gathered
 
 OP = "ClipLoss"
 

@@ -71,9 +71,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._autocast import autocast_disabled, autocast_dtype, autocast_free, cast_inputs
-from ._backend import resolve_backend, triton_available, triton_interpreting
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, needs_wide_index
+from ..common.autocast import autocast_disabled, autocast_dtype, autocast_free, cast_inputs
+from ..common.backend import resolve_backend, triton_available, triton_interpreting
+from ..common.checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, needs_wide_index
 
 OP = "prefix_lm_attention"
 

@@ -67,7 +67,7 @@ Accounting (one process, B = 4096, D = 256, bf16, 32×32 tiles, 4 splits; per st
 Autocast (``torch.autocast``, CPU and CUDA): the features are cast to the autocast dtype at entry,
 as autocast casts the inputs of the similarity matmul this op fuses; the op's math (fp32
 normalisation, log-sum-exp and accumulation) runs with autocast disabled on every backend, and
-the loss is fp32, as autocast's ``cross_entropy`` returns (see :mod:`unigen.kernels._autocast`).
+the loss is fp32, as autocast's ``cross_entropy`` returns (see :mod:`unigen.kernels.common.autocast`).
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._autocast import autocast_dtype, autocast_free, cast_inputs
-from ._backend import resolve_backend, triton_available, triton_interpreting
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from ..common.autocast import autocast_dtype, autocast_free, cast_inputs
+from ..common.backend import resolve_backend, triton_available, triton_interpreting
+from ..common.checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 _OP = "contrastive_loss"
 _NEGATIVE_MODES = {None: 0, "sample": 1, "hardest": 2}

@@ -48,7 +48,7 @@ The argmax statistic (``return_stats``) is computed only when asked (the C++ op 
 Autocast (``torch.autocast``, CPU and CUDA): hidden, weight and bias are cast to the autocast
 dtype at entry, as autocast casts the inputs of the ``F.linear`` this op fuses; the math inside
 stays fp32 (every backend runs with autocast disabled) and the loss comes back in fp32, as
-autocast's ``F.cross_entropy`` does (see :mod:`unigen.kernels._autocast`).
+autocast's ``F.cross_entropy`` does (see :mod:`unigen.kernels.common.autocast`).
 """
 
 from __future__ import annotations
@@ -60,9 +60,15 @@ import torch
 
 from unigen._extension import cpp_ops_available
 
-from ._autocast import autocast_disabled, autocast_dtype, cast_inputs
-from ._backend import resolve_backend, triton_available, triton_interpreting
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, needs_wide_index
+from ..common.autocast import autocast_disabled, autocast_dtype, cast_inputs
+from ..common.backend import resolve_backend, triton_available, triton_interpreting
+from ..common.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_saved_storage,
+    check_tensor,
+    needs_wide_index,
+)
 
 OP = "fused_linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
@@ -1192,7 +1198,7 @@ def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index
       R = 496 (99.7 MB of fp32 logits).
 
     ``fp32_logits`` (set under autocast, whose loss is fp32: the logits are then those of
-    fp32 math on the cast inputs, as the contract of :mod:`unigen.kernels._autocast` says): the
+    fp32 math on the cast inputs, as the contract of :mod:`unigen.kernels.common.autocast` says): the
     GEMM writes fp32 logits of the 16-bit operands and the row kernel narrows the gradient to
     16 bits in place, so dH and dW still run on 16-bit tensor cores; the block costs 4 bytes
     per logit instead of 2, so it has half the rows (112 at the target shape: 183 blocks).
@@ -1386,6 +1392,9 @@ def _backward(ctx, grad_rows, _grad_lse, _grad_correct):
     n_inputs = len(ctx.needs_input_grad)  # 8 (the C++ op) or 10 (…, impl, stats)
     if not (need_h or need_w or need_b):
         return (None,) * n_inputs
+    check_saved_storage(weight, "weight", op=OP)  # FSDP2 may have freed it (resharded)
+    if bias is not None:
+        check_saved_storage(bias, "bias", op=OP)
     if ctx.impl == "cpp":
         gh, gw, gb = torch.ops.unigen.fused_linear_cross_entropy_backward(
             grad_rows, hidden, weight, bias, target, lse, ctx.ignore_index, ctx.label_smoothing,

@@ -1,0 +1,1 @@
+"""What every op shares: backend selection, input checks and the autocast rule."""
