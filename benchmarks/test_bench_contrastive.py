@@ -287,7 +287,7 @@ def _write_summary():
 # reported as "ours"): (block_m, block_n, num_warps) of every sweep and the programs the splits
 # aim at. Larger tiles take 8 warps: at 4 they spill (sm_90 build, bf16, D = 256), at 8 the
 # forward does not and the backward spills 0-164 bytes. The winner replaces the defaults of
-# kernels/contrastive_loss.py (_launch_config, _TARGET_PROGRAMS).
+# kernels/contrastive_loss/launch.py (_launch_config, _TARGET_PROGRAMS).
 TILE_CONFIGS = {
     "ours": dict(tiles=None, target_programs=1024),
     "ours_m64n32w8": dict(tiles=(64, 32, 8), target_programs=1024),
@@ -302,7 +302,7 @@ TILE_CONFIGS = {
 def test_ours_tile_sweep(benchmark, provider, monkeypatch):
     if not (CUDA and triton_available()):
         pytest.skip("the tile sweep runs on a GPU only")
-    module = importlib.import_module("unigen.kernels.contrastive_loss")
+    module = importlib.import_module("unigen.kernels.contrastive_loss.launch")
     cfg = TILE_CONFIGS[provider]
     monkeypatch.setattr(module, "_BLOCK_OVERRIDE", cfg["tiles"])
     monkeypatch.setattr(module, "_TARGET_PROGRAMS", cfg["target_programs"])

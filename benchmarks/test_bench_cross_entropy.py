@@ -152,8 +152,8 @@ def test_cross_entropy_gpt2_head_cpu(benchmark, provider):
 # D (``_triton_config``), then every candidate of ``TILE_CANDIDATES`` and the default tile in the
 # previous launch order (GROUP_M >= the row blocks: every row block of a column first), which
 # isolates what the grouped order buys. The winner becomes the pick in
-# kernels/fused_linear_cross_entropy.py::_select_config.
-_FLCE = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+# kernels/fused_linear_cross_entropy/launch.py::_select_config.
+_FLCE = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
 TILE_CONFIGS = {
     "ours": None,
     **{f"ours_{name}": cfg for name, cfg in _FLCE.TILE_CANDIDATES.items()},

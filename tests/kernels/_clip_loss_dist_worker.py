@@ -51,7 +51,7 @@ def _worker(rank, init_file, backend):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         kernels = importlib.import_module("unigen.kernels")
-        importlib.import_module("unigen.kernels.contrastive_loss")._BLOCK_OVERRIDE = (16, 16)
+        importlib.import_module("unigen.kernels.contrastive_loss.launch")._BLOCK_OVERRIDE = (16, 16)
         g = torch.Generator().manual_seed(100 + rank)
         image = F.normalize(torch.randn(N_LOCAL, DIM, generator=g, dtype=torch.float64), dim=-1)
         text = F.normalize(torch.randn(N_LOCAL, DIM, generator=g, dtype=torch.float64), dim=-1)

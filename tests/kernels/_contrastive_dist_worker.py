@@ -31,7 +31,7 @@ def _worker(rank, init_file, backend):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         cl = importlib.import_module("unigen.kernels.contrastive_loss")
-        cl._BLOCK_OVERRIDE = (16, 16)
+        importlib.import_module("unigen.kernels.contrastive_loss.launch")._BLOCK_OVERRIDE = (16, 16)
         img, txt, ids = _data()
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
         for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):

@@ -57,7 +57,8 @@ def compile_sm90(kernel, arg_type, constexprs: dict, num_warps: int, num_stages:
 
 
 def cross_entropy_kernels(dtype: str):
-    m = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    m = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")  # tiles
+    k = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.triton_kernels")
     # the launchers' pick for the GPT-2 head's D = 768; when tuning, UNIGEN_FLCE_TILE=<name>
     # compiles another of m.TILE_CANDIDATES
     tile = os.environ.get("UNIGEN_FLCE_TILE")
@@ -76,8 +77,8 @@ def cross_entropy_kernels(dtype: str):
                   BLOCK_D=cfg["BLOCK_D"], GROUP_M=cfg["GROUP_M"],
                   DOT_PRECISION=m._dot_precision(TORCH_DTYPES[dtype]),
                   UPCAST_DOT=False, WIDE_INDEX=False)
-    for kernel, extra in ((m._flce_forward_kernel, {"SMOOTHING": True, "STATS": True}),
-                          (m._flce_logit_grad_kernel, {})):
+    for kernel, extra in ((k._flce_forward_kernel, {"SMOOTHING": True, "STATS": True}),
+                          (k._flce_logit_grad_kernel, {})):
         yield kernel, arg_type, {**common, **extra}, cfg["num_warps"], cfg["num_stages"]
 
     # the row-chunked "mean"/"sum" path: the row kernel (every option on) and, for 16-bit
@@ -98,19 +99,20 @@ def cross_entropy_kernels(dtype: str):
     rows = dict(HAS_SOFTCAP=True, SMOOTHING=True, STATS=True, WRITE_GRAD=True, NARROW=False,
                 BLOCK_R=rows_cfg["BLOCK_R"], BLOCK_V=rows_cfg["BLOCK_V"], RN_BF16=False)
     reduced_arg_type = reduced_arg_types(dtype)
-    yield m._flce_rows_kernel, reduced_arg_type, rows, rows_cfg["num_warps"], 3
+    yield k._flce_rows_kernel, reduced_arg_type, rows, rows_cfg["num_warps"], 3
     if dtype != "fp32":  # fp32 logits of 16-bit inputs (autocast), narrowed in place
-        yield (m._flce_rows_kernel, reduced_arg_types("fp32"), {**rows, "NARROW": True},
+        yield (k._flce_rows_kernel, reduced_arg_types("fp32"), {**rows, "NARROW": True},
                rows_cfg["num_warps"], 3)
     if dtype != "fp32":
         dw = m._dw_config()
         tiles = dict(BLOCK_V=dw["BLOCK_V"], BLOCK_D=dw["BLOCK_D"], BLOCK_K=dw["BLOCK_K"],
                      UPCAST_DOT=False, WIDE_INDEX=False, RN_SUM=False, RN_COMP=False)
-        yield m._flce_dw_kahan_kernel, reduced_arg_type, tiles, dw["num_warps"], dw["num_stages"]
+        yield k._flce_dw_kahan_kernel, reduced_arg_type, tiles, dw["num_warps"], dw["num_stages"]
 
 
 def contrastive_kernels(dtype: str, dim: str):
-    cl = importlib.import_module("unigen.kernels.contrastive_loss")
+    cl = importlib.import_module("unigen.kernels.contrastive_loss.launch")  # tiles
+    k = importlib.import_module("unigen.kernels.contrastive_loss.triton_kernels")
     block_m, block_n, block_d, num_warps = cl._launch_config(int(dim), TORCH_DTYPES[dtype])
 
     def arg_type(name):
@@ -130,24 +132,25 @@ def contrastive_kernels(dtype: str, dim: str):
     rows = dict(BLOCK_M=cl._row_block(block_d), BLOCK_D=block_d, **acc)
     # the sweep in its three shapes: sampling without ids or smoothing (the leanest reservoir),
     # sampling with both (every gated reduction on), the argmax without ids
-    fwd = (cl._fwd_kernel, {"MODE": 1, "HAS_IDS": False, "SMOOTH": False},
+    fwd = (k._fwd_kernel, {"MODE": 1, "HAS_IDS": False, "SMOOTH": False},
            {"MODE": 1, "HAS_IDS": True, "SMOOTH": True}, {"MODE": 2, "HAS_IDS": False, "SMOOTH": False})
     finish = {"BLOCK": 1024, **acc}
-    for kernel, constexprs in ((cl._prep_kernel, rows),
+    for kernel, constexprs in ((k._prep_kernel, rows),
                                *((fwd[0], {**common, **gates}) for gates in fwd[1:]),
-                               (cl._fwd_finish_kernel, {**finish, "MODE": 1, "HAS_IDS": False, "SMOOTH": False}),
-                               (cl._fwd_finish_kernel, {**finish, "MODE": 1, "HAS_IDS": True, "SMOOTH": True}),
-                               (cl._rows_bwd_kernel, {**common, "SYMMETRIC": True}),
-                               (cl._rows_bwd_kernel, {**common, "SYMMETRIC": False}),
-                               (cl._cols_bwd_kernel, common),
-                               (cl._bwd_finish_kernel, {**rows, "BLOCK_S": 1024})):
+                               (k._fwd_finish_kernel, {**finish, "MODE": 1, "HAS_IDS": False, "SMOOTH": False}),
+                               (k._fwd_finish_kernel, {**finish, "MODE": 1, "HAS_IDS": True, "SMOOTH": True}),
+                               (k._rows_bwd_kernel, {**common, "SYMMETRIC": True}),
+                               (k._rows_bwd_kernel, {**common, "SYMMETRIC": False}),
+                               (k._cols_bwd_kernel, common),
+                               (k._bwd_finish_kernel, {**rows, "BLOCK_S": 1024})):
         # the launchers' warps (the finish kernel of the forward runs with Triton's default 4)
-        warps = 4 if kernel is cl._fwd_finish_kernel else num_warps
+        warps = 4 if kernel is k._fwd_finish_kernel else num_warps
         yield kernel, arg_type, constexprs, warps, 3  # the launcher's default stages
 
 
 def attention_kernels(dtype: str, head_dim: str):
-    a = importlib.import_module("unigen.kernels.prefix_lm_attention")
+    a = importlib.import_module("unigen.kernels.prefix_lm_attention.launch")  # tiles
+    k = importlib.import_module("unigen.kernels.prefix_lm_attention.triton_kernels")
     head_dim = int(head_dim)
     cfg = a._triton_config(head_dim, dtype=TORCH_DTYPES[dtype])
 
@@ -164,10 +167,10 @@ def attention_kernels(dtype: str, head_dim: str):
 
     tiles = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], WIDE_INDEX=False)
     # both launched with Triton's default warps and stages
-    yield a._sample_ids_kernel, arg_type, dict(BLOCK=1024), 4, 3
-    yield a._bwd_preprocess_kernel, arg_type, tiles, 4, 3
+    yield k._sample_ids_kernel, arg_type, dict(BLOCK=1024), 4, 3
+    yield k._bwd_preprocess_kernel, arg_type, tiles, 4, 3
     attend = dict(tiles, BLOCK_N=cfg["BLOCK_N"], DOT=a._dot_mode(TORCH_DTYPES[dtype]))
-    for kernel in (a._fwd_kernel, a._bwd_dkdv_kernel, a._bwd_dq_kernel):
+    for kernel in (k._fwd_kernel, k._bwd_dkdv_kernel, k._bwd_dq_kernel):
         yield kernel, arg_type, attend, cfg["num_warps"], cfg["num_stages"]
     # the per-(sample, head) kernels with the launcher's tiles at UniGen's max_seqlen (75-115
     # tokens -> BLOCK 128); every dtype and head_dim, also those the op sends to the tiled
@@ -181,7 +184,7 @@ def attention_kernels(dtype: str, head_dim: str):
         per_sample = dict(HEAD_DIM=head_dim, BLOCK=scfg["BLOCK"], BLOCK_M=block_m,
                           BLOCK_D=scfg["BLOCK_D"],
                           DOT=a._dot_mode(TORCH_DTYPES[dtype]), WIDE_INDEX=False)
-        for kernel in (a._sample_fwd_kernel, a._sample_bwd_kernel):
+        for kernel in (k._sample_fwd_kernel, k._sample_bwd_kernel):
             yield kernel, arg_type, per_sample, warps, scfg["num_stages"]
 
 

@@ -17,6 +17,7 @@ from unigen.kernels import contrastive_loss, fused_linear_cross_entropy, prefix_
 from unigen.kernels.common.backend import triton_available
 
 cl_module = importlib.import_module("unigen.kernels.contrastive_loss")
+cl_launch = importlib.import_module("unigen.kernels.contrastive_loss.launch")  # reads the tiles
 attn_module = importlib.import_module("unigen.kernels.prefix_lm_attention")
 
 _needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -152,7 +153,7 @@ CL_BACKENDS = ["torch", pytest.param("triton", marks=_needs_triton)]
 @pytest.mark.parametrize("normalize", [True, False])
 def test_contrastive_loss_under_autocast(device_dtype, backend, normalize, monkeypatch):
     device, dtype = device_dtype
-    monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", (16, 16))
+    monkeypatch.setattr(cl_launch, "_BLOCK_OVERRIDE", (16, 16))
     g = torch.Generator().manual_seed(0)
     image = torch.randn(21, 16, generator=g).to(device)
     text = torch.randn(21, 16, generator=g).to(device)

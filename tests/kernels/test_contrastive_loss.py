@@ -15,7 +15,9 @@ from unigen.kernels import ContrastiveLoss, contrastive_loss
 from unigen.kernels.common.backend import triton_available
 from unigen.kernels.contrastive_loss import contrastive_loss_reference
 
-cl_module = importlib.import_module("unigen.kernels.contrastive_loss")
+# the launchers read the tile and split overrides; the op holds the custom op and the Function
+cl_launch = importlib.import_module("unigen.kernels.contrastive_loss.launch")
+cl_op = importlib.import_module("unigen.kernels.contrastive_loss.op")
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not triton_available(), reason="needs triton"))]
@@ -28,8 +30,8 @@ TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 2e-4),
 def _small_tiles(monkeypatch):
     # 16×16 tiles on tiny batches: several blocks per direction and partial edge blocks, and
     # each sweep split in two (as larger batches are on a GPU), so split merging is always on.
-    monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", (16, 16))
-    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", 2)
+    monkeypatch.setattr(cl_launch, "_BLOCK_OVERRIDE", (16, 16))
+    monkeypatch.setattr(cl_launch, "_SPLIT_OVERRIDE", 2)
 
 
 def _inputs(n, d, dtype, scale=3.0, seed=0):
@@ -203,8 +205,8 @@ def test_sampled_negatives_follow_softmax_over_non_positives(sampler, monkeypatc
     few programs.)"""
     if sampler == "triton" and not triton_available():
         pytest.skip("needs triton")
-    monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", (64, 16))
-    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", 2)
+    monkeypatch.setattr(cl_launch, "_BLOCK_OVERRIDE", (64, 16))
+    monkeypatch.setattr(cl_launch, "_SPLIT_OVERRIDE", 2)
     n, d, scale, draws = 40, 16, 2.0, 300
     g = torch.Generator().manual_seed(11)
     img, txt = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
@@ -277,8 +279,8 @@ def test_python_number_logit_scale_and_non_contiguous_inputs():
 def test_triton_launcher_default_tiles(dtype, monkeypatch):
     """The launcher's own tile and split choice (32×32 for 16-bit inputs, 16×16 for fp32),
     ragged edges."""
-    monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", None)
-    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", None)
+    monkeypatch.setattr(cl_launch, "_BLOCK_OVERRIDE", None)
+    monkeypatch.setattr(cl_launch, "_SPLIT_OVERRIDE", None)
     img, txt, s = _inputs(70, 24, dtype, scale=8.0)
     ids = torch.arange(70) // 4
     out = contrastive_loss(img, txt, s, ids=ids, label_smoothing=0.05, negatives="hardest",
@@ -303,7 +305,7 @@ def test_triton_split_sweeps_equal_one_sweep(negatives, monkeypatch):
     ids = torch.arange(75) // 3
 
     def run(splits):
-        monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", splits)
+        monkeypatch.setattr(cl_launch, "_SPLIT_OVERRIDE", splits)
         out = contrastive_loss(img, txt, s, ids=ids, label_smoothing=0.1, negatives=negatives,
                                generator=torch.Generator().manual_seed(3), backend="triton")
         return out, torch.autograd.grad(out.loss, (img, txt, s))
@@ -334,8 +336,8 @@ def test_triton_loss_does_not_depend_on_tiles(monkeypatch):
     img, txt, s = _inputs(45, 12, torch.float64, scale=2.0)
 
     def run(tiles, splits):
-        monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", tiles)
-        monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", splits)
+        monkeypatch.setattr(cl_launch, "_BLOCK_OVERRIDE", tiles)
+        monkeypatch.setattr(cl_launch, "_SPLIT_OVERRIDE", splits)
         out = contrastive_loss(img, txt, s, generator=torch.Generator().manual_seed(9),
                                backend="triton")
         negatives = torch.cat([out.neg_text_for_image, out.neg_image_for_text])
@@ -354,8 +356,8 @@ def test_triton_loss_does_not_depend_on_tiles(monkeypatch):
 def test_split_choice(monkeypatch):
     if not triton_available():
         pytest.skip("needs triton")
-    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", None)
-    splits = cl_module._splits
+    monkeypatch.setattr(cl_launch, "_SPLIT_OVERRIDE", None)
+    splits = cl_launch._splits
     # B = 4096, 32-row tiles: 256 programs alone -> 4 splits of 32 column tiles
     assert splits(4096, 32, 4096, 32) == (4, 1024)
     # B = 65536 fills the GPU without splitting: no partial buffers
@@ -483,7 +485,7 @@ def test_triton_step_launches(host_ops, with_ids):
         out = contrastive_loss(img, txt, s, ids=ids, generator=gen, backend="triton")
         torch.autograd.grad(out.loss, (img, txt, s))
 
-    ops = host_ops(cl_module, kernels, step)
+    ops = host_ops(cl_launch, kernels, step)
     assert launched == ["_prep_kernel", "_fwd_kernel", "_fwd_finish_kernel", "_rows_bwd_kernel",
                         "_bwd_finish_kernel"], launched
     stand_ins = {"aten::fill_", "aten::ones_like"}  # the flag stand-in above, autograd's seed
@@ -500,8 +502,8 @@ def test_eager_function_equals_custom_op():
     img, txt, s = _inputs(37, 12, torch.float64)
     ids = torch.arange(37) // 3
     args = (ids, torch.tensor([5]), None, 0, 37, 0.1, 1, "triton", True)
-    eager = cl_module._ContrastiveLossFunction.apply(img, txt, s, *args)
-    op = cl_module._contrastive_fwd_op(img, txt, s, *args)
+    eager = cl_op._ContrastiveLossFunction.apply(img, txt, s, *args)
+    op = cl_op._contrastive_fwd_op(img, txt, s, *args)
     for a, b in zip(eager, op):
         assert torch.equal(a, b)
     for a, b in zip(torch.autograd.grad(eager[0], (img, txt, s)), torch.autograd.grad(op[0], (img, txt, s))):
@@ -578,8 +580,8 @@ def test_bad_logit_scale_tensor_raises(scale, backend):
 @pytest.mark.parametrize("negatives", [None, "sample", "hardest"])
 def test_gpu_no_host_sync(negatives, no_host_sync, monkeypatch):
     """Loss, mining and gradients on CUDA never synchronise the host with the device."""
-    monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", None)
-    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", None)
+    monkeypatch.setattr(cl_launch, "_BLOCK_OVERRIDE", None)
+    monkeypatch.setattr(cl_launch, "_SPLIT_OVERRIDE", None)
     g = torch.Generator(device="cuda").manual_seed(0)
     img = torch.randn(700, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     txt = torch.randn(700, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -601,8 +603,8 @@ def test_gpu_no_host_sync(negatives, no_host_sync, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,d", [(1000, 256), (4097, 128)])
 def test_gpu_triton_matches_reference(dtype, n, d, monkeypatch):
-    monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", None)  # the launcher's GPU tiles
-    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", None)  # and splits
+    monkeypatch.setattr(cl_launch, "_BLOCK_OVERRIDE", None)  # the launcher's GPU tiles
+    monkeypatch.setattr(cl_launch, "_SPLIT_OVERRIDE", None)  # and splits
     g = torch.Generator(device="cuda").manual_seed(0)
     img = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_()
     txt = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_()
@@ -623,8 +625,8 @@ def test_gpu_triton_matches_reference(dtype, n, d, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_memory_is_linear_in_batch(monkeypatch):
     """B = 16384, D = 256: a B×B fp32 matrix alone would be 1 GiB; ours stays O(B·D)."""
-    monkeypatch.setattr(cl_module, "_BLOCK_OVERRIDE", None)
-    monkeypatch.setattr(cl_module, "_SPLIT_OVERRIDE", None)
+    monkeypatch.setattr(cl_launch, "_BLOCK_OVERRIDE", None)
+    monkeypatch.setattr(cl_launch, "_SPLIT_OVERRIDE", None)
     n, d = 16384, 256
     img = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     txt = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -301,7 +301,7 @@ def test_triton_other_tiles_and_chunked_backward(monkeypatch, wide_index):
     offsets that tensors of 2^31+ elements switch on."""
     import importlib
 
-    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     if not flce.triton_interpreting():
         pytest.skip("runs the kernels under TRITON_INTERPRET=1")
     monkeypatch.setattr(flce, "_wide_index", lambda *tensors: wide_index)
@@ -335,7 +335,7 @@ def test_none_path_gpu_tiles_under_interpreter(dtype, options):
     lse and all three gradients within 2× of PyTorch's same-precision error (fp64 reference)."""
     import importlib
 
-    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     if not flce.triton_interpreting():
         pytest.skip("runs the kernels under TRITON_INTERPRET=1")
     cfg = flce._select_config(dtype, 40, interpreting=False)
@@ -378,7 +378,7 @@ def test_tile_sweep_candidates_under_interpreter(name):
     rows and gradients: fp32, 300 rows (3 or 5 row blocks, partial groups), partial K and V tiles."""
     import importlib
 
-    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     if not flce.triton_interpreting():
         pytest.skip("runs the kernels under TRITON_INTERPRET=1")
     cfg = flce.TILE_CANDIDATES[name]
@@ -399,7 +399,7 @@ def test_triton_config_is_cached_per_shape_class():
     checked by name."""
     import importlib
 
-    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     a = flce._select_config(torch.bfloat16, 768, interpreting=False)
     assert flce._select_config(torch.float16, 4096, interpreting=False) is a  # one 16-bit class
     assert flce._select_config(torch.float32, 768, interpreting=False) is not a
@@ -447,12 +447,13 @@ def test_reduced_row_blocks_match_reference(monkeypatch, backend, dtype, options
     same-precision error."""
     import importlib
 
-    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     if backend == "triton" and not flce.triton_interpreting():
         pytest.skip("runs the kernels under TRITON_INTERPRET=1")
     monkeypatch.setattr(flce, "REDUCED_WORKING_BYTES", 0)
     monkeypatch.setattr(flce, "MIN_ROW_BLOCK", 16)
-    monkeypatch.setattr(flce, "REDUCED_CPU_BLOCK_BYTES", 0)
+    cpu_path = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.cpu")
+    monkeypatch.setattr(cpu_path, "REDUCED_CPU_BLOCK_BYTES", 0)
     ls, zl, cap, with_bias = options
     hidden, weight, bias, target = make_inputs(61, 19, 203, dtype, bias=with_bias, ignore_every=3,
                                                scale=2.0)
@@ -497,7 +498,7 @@ def test_reduced_row_blocks_under_autocast_keep_fp32_logits(monkeypatch):
     cast inputs, the gradients to bf16 accuracy."""
     import importlib
 
-    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     if not flce.triton_interpreting():
         pytest.skip("runs the kernels under TRITON_INTERPRET=1")
     monkeypatch.setattr(flce, "REDUCED_WORKING_BYTES", 0)
@@ -523,7 +524,7 @@ def test_stats_only_when_asked(backend):
     with it, both return the same lse and correctness."""
     import importlib
 
-    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     if backend == "triton" and not flce.triton_interpreting():
         pytest.skip("runs the kernels under TRITON_INTERPRET=1")
     hidden, weight, bias, target = make_inputs(21, 16, 40, torch.float32)
@@ -559,7 +560,7 @@ def test_accumulate_mm_in_row_blocks(monkeypatch):
     off CUDA): the same values as one fp32 product of the bf16 operands."""
     import importlib
 
-    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     monkeypatch.setattr(flce, "_ACCUMULATE_ROWS", 7)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(30, 12, generator=g).bfloat16()
@@ -578,7 +579,7 @@ def test_accumulate_mm_on_cuda():
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(5000, 512, device="cuda", generator=g).bfloat16()
     b = torch.randn(512, 96, device="cuda", generator=g).bfloat16()

@@ -13,7 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from unigen.kernels import fused_linear_cross_entropy
 from unigen.kernels.common.backend import triton_available, triton_interpreting
 
-flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy")
+# the modules whose globals the paths read: the launchers, the CPU row-block path, and the op that
+# dispatches to them
+launch = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
+cpu_path = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.cpu")
+op = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.op")
 
 
 def make_inputs(n, d, v, dtype, *, scale=1.0, seed=0):
@@ -41,11 +45,12 @@ def _matmul_flops(fn):
 
 def _small_blocks(monkeypatch):
     """Row blocks of 16 rows on both paths, so one call launches many of them."""
-    monkeypatch.setattr(flce, "REDUCED_WORKING_BYTES", 0)
-    monkeypatch.setattr(flce, "MIN_ROW_BLOCK", 16)
-    monkeypatch.setattr(flce, "REDUCED_CPU_BLOCK_BYTES", 0)
+    monkeypatch.setattr(launch, "REDUCED_WORKING_BYTES", 0)
+    monkeypatch.setattr(launch, "MIN_ROW_BLOCK", 16)
+    monkeypatch.setattr(cpu_path, "REDUCED_CPU_BLOCK_BYTES", 0)
 
 
+# the implementations behind the reduced custom op, as op.py names them (and dispatches to them)
 IMPLS = {"torch": "reference_forward_reduced", "triton": "triton_forward_reduced"}
 
 
@@ -54,7 +59,7 @@ def _reduced_pass(backend, hidden, weight, target, need_hidden, need_weight):
     custom op (a dispatch mode sees the op itself as one opaque call, not the GEMMs inside);
     the backward only rescales the gradients this returns."""
     scale = torch.ones(target.shape[0])
-    impl = getattr(flce, IMPLS[backend])
+    impl = getattr(op, IMPLS[backend])
     return impl(hidden.detach(), weight.detach(), None, target, scale, -100, 0.1, 1e-3,
                 need_hidden, need_weight, False)
 
@@ -80,8 +85,8 @@ def test_public_mean_path_is_the_counted_one(monkeypatch, backend):
     """fused_linear_cross_entropy(reduction="mean") runs exactly the counted implementation,
     once per call (the forward computes the gradients, the backward runs no matmul)."""
     calls = []
-    impl = getattr(flce, IMPLS[backend])
-    monkeypatch.setattr(flce, IMPLS[backend], lambda *a, **k: calls.append(a[8:11]) or impl(*a, **k))
+    impl = getattr(op, IMPLS[backend])
+    monkeypatch.setattr(op, IMPLS[backend], lambda *a, **k: calls.append(a[8:11]) or impl(*a, **k))
     hidden, weight, target = make_inputs(20, 8, 30, torch.float32)
     loss = fused_linear_cross_entropy(hidden, weight, target, backend=backend)
     with FlopCounterMode(display=False) as counter:
@@ -96,13 +101,13 @@ def test_reduced_bf16_path_launches_6ndv_flops(monkeypatch):
     see; its launches are counted from their shapes (2·rows·V·D each)."""
     _small_blocks(monkeypatch)
     kahan_flops = []
-    launch = flce._launch_dw_kahan
+    launch_dw = launch._launch_dw_kahan
 
     def counted(dz, h, grad_w, comp):
         kahan_flops.append(2 * dz.shape[0] * dz.shape[1] * h.shape[1])
-        return launch(dz, h, grad_w, comp)
+        return launch_dw(dz, h, grad_w, comp)
 
-    monkeypatch.setattr(flce, "_launch_dw_kahan", counted)
+    monkeypatch.setattr(launch, "_launch_dw_kahan", counted)
     n, d, v = 48, 16, 101
     hidden, weight, target = make_inputs(n, d, v, torch.bfloat16)
 
@@ -131,7 +136,7 @@ def test_reduced_bf16_weight_gradient_within_2x_of_pytorch(monkeypatch):
         return grads(loss, (hidden, weight), one)
 
     compensated = ours()
-    monkeypatch.setattr(flce, "_launch_dw_kahan", lambda dz, h, grad_w, comp: grad_w.addmm_(dz.t(), h))
+    monkeypatch.setattr(launch, "_launch_dw_kahan", lambda dz, h, grad_w, comp: grad_w.addmm_(dz.t(), h))
     plain = ours()
     err = lambda a, e: (a.double() - e).abs().max().item()
     assert err(compensated[0], exact[0]) <= 2 * err(same[0], exact[0])

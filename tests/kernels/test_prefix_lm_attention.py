@@ -33,7 +33,11 @@ from unigen.kernels.prefix_lm_attention import (
     uses_per_sample_kernels,
 )
 
-M = sys.modules["unigen.kernels.prefix_lm_attention"]
+# the op's files whose globals the tests reach: the launchers (kernels, tiles, the per-sample
+# limit, the 64-bit offsets), the registration (custom op, eager Function), the portable backends
+launch = sys.modules["unigen.kernels.prefix_lm_attention.launch"]
+op = sys.modules["unigen.kernels.prefix_lm_attention.op"]
+portable = sys.modules["unigen.kernels.prefix_lm_attention.portable_backends"]
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -194,10 +198,7 @@ def test_triton_small_tiles(case, wide_index, monkeypatch):
     """16-token tiles: query blocks straddle samples, rows span several key tiles, and the
     dK/dV programs loop over several query tiles; also with the 64-bit offsets that tensors
     of 2^31+ elements switch on."""
-    import importlib
-
-    attention = importlib.import_module("unigen.kernels.prefix_lm_attention")
-    monkeypatch.setattr(attention, "_wide_index", lambda *tensors: wide_index)
+    monkeypatch.setattr(launch, "_wide_index", lambda *tensors: wide_index)
     lengths, prefixes = CASES[case]
     q, k, v, cu, plen = _inputs(lengths, prefixes)
     do = torch.randn_like(q)
@@ -233,7 +234,7 @@ def test_triton_low_precision_within_2x_of_pytorch(dtype, head_dim, config):
     lowp = _fwd_bwd(lambda a, b, c: _lowp_reference(a, b, c, cu, plen, scale), q, k, v, do)
 
     def ours(a, b, c):
-        out, lse = M.triton_forward(a, b, c, cu, plen, scale, config=config)
+        out, lse = launch.triton_forward(a, b, c, cu, plen, scale, config=config)
         return _TritonFn.apply(a, b, c, out, lse, cu, plen, scale, config)
 
     got = _fwd_bwd(ours, q, k, v, do)
@@ -347,9 +348,9 @@ def test_triton_sample_ids_match_searchsorted():
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
         T = int(cu[-1])
-        assert torch.equal(M.triton_sample_ids(cu, T), sample_ids(cu, T))
+        assert torch.equal(launch.triton_sample_ids(cu, T), sample_ids(cu, T))
     bad = torch.tensor([5, 40, 3, 2], dtype=torch.int32)
-    ids = M.triton_sample_ids(bad, 30)
+    ids = launch.triton_sample_ids(bad, 30)
     assert ids.shape == (30,) and int(ids.min()) >= 0 and int(ids.max()) <= 2
 
 
@@ -369,7 +370,7 @@ def test_triton_step_adds_no_device_ops(host_ops):
                                   validate=False)
         torch.autograd.grad(out, (q, k, v), do)
 
-    assert host_ops(M, kernels, step) == []
+    assert host_ops(launch, kernels, step) == []
 
 
 @needs_triton
@@ -390,7 +391,7 @@ def test_per_sample_step_is_two_launches(host_ops):
                                   validate=False)
         torch.autograd.grad(out, (q, k, v), do)
 
-    assert host_ops(M, kernels, step) == []
+    assert host_ops(launch, kernels, step) == []
     # two steps ran (warm-up + profiled): each launched exactly the two per-sample kernels
     assert launched == ["_sample_fwd_kernel", "_sample_bwd_kernel"] * 2
 
@@ -404,7 +405,7 @@ def test_eager_function_equals_custom_op(prefixes, dtype):
     q, k, v, cu, plen = _inputs([5, 3, 9], prefixes, dtype=dtype)
     do = torch.randn_like(q)
     results = []
-    for fn in (M._PrefixLMAttentionFunction.apply, M._prefix_lm_attention_fwd_op):
+    for fn in (op._PrefixLMAttentionFunction.apply, op._prefix_lm_attention_fwd_op):
         a, b, c = (x.detach().requires_grad_() for x in (q, k, v))
         out = fn(a, b, c, cu, plen, 9, 0.3)
         results.append((*out, *torch.autograd.grad(out[0], (a, b, c), do)))
@@ -558,9 +559,9 @@ def test_per_sample_block_and_routing():
     max_seqlen <= 128 and head_dim <= 64 to the per-sample kernels, the rest to the tiled."""
     if triton_available():
         for max_seqlen, block in ((1, 16), (16, 16), (17, 32), (115, 128), (128, 128)):
-            assert M._per_sample_config(max_seqlen, 64, torch.bfloat16)["BLOCK"] == block
+            assert launch._per_sample_config(max_seqlen, 64, torch.bfloat16)["BLOCK"] == block
         with pytest.raises(ValueError, match="BLOCK = 32 is smaller than max_seqlen = 40"):
-            M._per_sample_config(40, 64, torch.bfloat16, {"BLOCK": 32})
+            launch._per_sample_config(40, 64, torch.bfloat16, {"BLOCK": 32})
     bf16 = torch.bfloat16
     assert uses_per_sample_kernels(115, 64, bf16) and uses_per_sample_kernels(1, 24, torch.float16)
     assert not uses_per_sample_kernels(129, 64, bf16)
@@ -575,7 +576,7 @@ def test_public_op_bf16_both_paths(per_sample, monkeypatch):
     """The public op at bf16 on short samples: the per-sample kernels by default, the tiled ones
     when the per-sample limit is lowered (the path longer samples take)."""
     if not per_sample:
-        monkeypatch.setattr(M, "PER_SAMPLE_MAX_SEQLEN", 0)
+        monkeypatch.setattr(launch, "PER_SAMPLE_MAX_SEQLEN", 0)
     lengths, prefixes = SAMPLE_CASES["edges"]
     q, k, v, cu, plen = _inputs(lengths, prefixes, dtype=torch.bfloat16)
     assert uses_per_sample_kernels(12, q.shape[-1], q.dtype) == per_sample
@@ -587,7 +588,7 @@ def test_public_op_bf16_both_paths(per_sample, monkeypatch):
 @needs_triton
 def test_per_sample_wide_index_and_strided_views(monkeypatch):
     """64-bit offsets, q/k/v as views of one [T, 3, H, D] projection."""
-    monkeypatch.setattr(M, "_wide_index", lambda *tensors: True)
+    monkeypatch.setattr(launch, "_wide_index", lambda *tensors: True)
     prefixes = [2, 8]  # samples of 5 and 8 tokens
     qkv = torch.randn(13, 3, 2, 16).to(torch.bfloat16)
     q, k, v = qkv.unbind(1)
@@ -635,8 +636,9 @@ def test_flash_attn_decomposition(case):
     do = torch.randn_like(q)
     scale = 1 / math.sqrt(q.shape[-1])
     ref = _fwd_bwd(lambda a, b, c: prefix_lm_attention_reference(a, b, c, cu, plen), q, k, v, do)
-    got = _fwd_bwd(lambda a, b, c: M._flash_attn_forward(a, b, c, cu, plen, max(lengths), scale,
-                                                         varlen_fn=_varlen_stand_in), q, k, v, do)
+    got = _fwd_bwd(lambda a, b, c: portable._flash_attn_forward(a, b, c, cu, plen, max(lengths),
+                                                                scale, varlen_fn=_varlen_stand_in),
+                   q, k, v, do)
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
@@ -785,7 +787,7 @@ def test_gpu_tiled_path_bf16(lengths, monkeypatch):
                                     device="cuda")
         max_len = max(lens)
     else:
-        monkeypatch.setattr(M, "PER_SAMPLE_MAX_SEQLEN", 0)
+        monkeypatch.setattr(launch, "PER_SAMPLE_MAX_SEQLEN", 0)
         q, k, v, cu, plen, max_len = _gpu_batch(24, 64, torch.bfloat16, "prefix")
     assert not uses_per_sample_kernels(max_len, 64, torch.bfloat16)
     do = torch.randn_like(q)

@@ -77,7 +77,7 @@ def _worker(rank, init_file):
 
         losses_mod = sys.modules["unigen.model.unigen_model"]
         losses_mod.pair_contrastive = recording
-        op_module = sys.modules["unigen.kernels.contrastive_loss"]
+        op_module = sys.modules["unigen.kernels.contrastive_loss.op"]  # contrastive_loss reads _gather there
         original_gather, gathers = op_module._gather, []
 
         def gather_recording(*args, **kw):

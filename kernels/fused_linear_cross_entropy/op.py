@@ -1,0 +1,369 @@
+"""Registration of the fused cross-entropy.
+
+- the ``torch.library`` custom ops ``unigen::flce_forward``, ``unigen::flce_backward`` and
+  ``unigen::flce_forward_reduced`` (one opaque node each for torch.compile, with fake kernels
+  and autograd attached), which dispatch to the reference, the CPU row-block path or the Triton
+  launchers;
+- the fake kernels and autograd of the C++ ops ``torch.ops.unigen.fused_linear_cross_entropy*``
+  (when ``unigen._C`` is built);
+- the functional form :func:`fused_linear_cross_entropy` and the module
+  :class:`FusedLinearCrossEntropyLoss`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from unigen._extension import cpp_ops_available
+
+from ..common.autocast import autocast_disabled, autocast_dtype, cast_inputs
+from ..common.backend import resolve_backend
+from ..common.checks import check_saved_storage
+from .checks import OP, _check_inputs
+from .cpu import reference_forward_reduced
+from .launch import triton_backward, triton_forward, triton_forward_reduced
+from .reference import _math_dtype, reference_backward, reference_forward
+
+
+class CrossEntropyStats(NamedTuple):
+    """Per-row statistics for logging (detached, fp32/bool, 0/False on ignored rows)."""
+
+    lse: torch.Tensor  # log-sum-exp of the logits
+    correct: torch.Tensor  # argmax(logits) == target
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: one opaque node for torch.compile, autograd attached
+# ---------------------------------------------------------------------------------------------
+
+_PY_IMPLS = ("torch", "triton")
+
+
+def _forward_impl(impl):
+    if impl not in _PY_IMPLS:
+        raise ValueError(f"{OP}: unknown implementation {impl!r}")
+    return triton_forward if impl == "triton" else reference_forward
+
+
+def _backward_impl(impl):
+    if impl not in _PY_IMPLS:
+        raise ValueError(f"{OP}: unknown implementation {impl!r}")
+    return triton_backward if impl == "triton" else reference_backward
+
+
+# Every op body runs with autocast disabled: its matmuls must stay in the dtypes it chose (the
+# autocast rule is applied once, at the entry of fused_linear_cross_entropy).
+@torch.library.custom_op("unigen::flce_forward", mutates_args=())
+def _flce_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                     softcap: float, impl: str, stats: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with autocast_disabled(hidden.device):
+        return _forward_impl(impl)(hidden, weight, bias, target, ignore_index, label_smoothing,
+                                   z_loss, softcap, stats=stats)
+
+
+@_flce_forward_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, impl,
+      stats=True):
+    n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
+            hidden.new_empty(n if stats else 0, dtype=torch.bool))
+
+
+@torch.library.custom_op("unigen::flce_backward", mutates_args=())
+def _flce_backward_op(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None, target: torch.Tensor, lse: torch.Tensor,
+                      ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                      impl: str, need_hidden: bool, need_weight: bool, need_bias: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with autocast_disabled(hidden.device):
+        grads = _backward_impl(impl)(grad_rows, hidden, weight, bias, target, lse, ignore_index,
+                                     label_smoothing, z_loss, need_hidden, need_weight, need_bias,
+                                     softcap)
+    # custom ops cannot return None: an unneeded gradient is an empty tensor
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@_flce_backward_op.register_fake
+def _(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, softcap,
+      impl, need_hidden, need_weight, need_bias):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    # shared by the Python op (…, z_loss, softcap, impl) and the C++ op (…, z_loss, softcap)
+    hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap = inputs[:8]
+    ctx.impl = inputs[8] if len(inputs) > 8 else "cpp"
+    ctx.ignore_index, ctx.label_smoothing, ctx.z_loss = ignore_index, label_smoothing, z_loss
+    ctx.softcap = softcap
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias, target, output[1])
+
+
+def _backward(ctx, grad_rows, _grad_lse, _grad_correct):
+    hidden, weight, bias, target, lse = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    n_inputs = len(ctx.needs_input_grad)  # 8 (the C++ op) or 10 (…, impl, stats)
+    if not (need_h or need_w or need_b):
+        return (None,) * n_inputs
+    check_saved_storage(weight, "weight", op=OP)  # FSDP2 may have freed it (resharded)
+    if bias is not None:
+        check_saved_storage(bias, "bias", op=OP)
+    if ctx.impl == "cpp":
+        gh, gw, gb = torch.ops.unigen.fused_linear_cross_entropy_backward(
+            grad_rows, hidden, weight, bias, target, lse, ctx.ignore_index, ctx.label_smoothing,
+            ctx.z_loss, ctx.softcap, [need_h, need_w, need_b])
+    else:
+        gh, gw, gb = _flce_backward_op(grad_rows, hidden, weight, bias, target, lse,
+                                       ctx.ignore_index, ctx.label_smoothing, ctx.z_loss,
+                                       ctx.softcap, ctx.impl, need_h, need_w, need_b)
+    grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None)
+    return grads + (None,) * (n_inputs - 3)
+
+
+torch.library.register_autograd("unigen::flce_forward", _backward, setup_context=_setup_context)
+
+
+def _forward_reduced_impl(impl):
+    if impl not in _PY_IMPLS:
+        raise ValueError(f"{OP}: unknown implementation {impl!r}")
+    return triton_forward_reduced if impl == "triton" else reference_forward_reduced
+
+
+@torch.library.custom_op("unigen::flce_forward_reduced", mutates_args=())
+def _flce_forward_reduced_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             target: torch.Tensor, row_scale: torch.Tensor, ignore_index: int,
+                             label_smoothing: float, z_loss: float, softcap: float, impl: str,
+                             need_hidden: bool, need_weight: bool, need_bias: bool,
+                             stats: bool = True, fp32_logits: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor]:
+    with autocast_disabled(hidden.device):
+        out = _forward_reduced_impl(impl)(hidden, weight, bias, target, row_scale, ignore_index,
+                                          label_smoothing, z_loss, need_hidden, need_weight,
+                                          need_bias, softcap, stats=stats,
+                                          fp32_logits=fp32_logits)
+    return out[:3] + tuple(g if g is not None else hidden.new_empty(0) for g in out[3:])
+
+
+def _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss,
+                  need_hidden, need_weight, need_bias, stats=True):
+    n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(n, dtype=acc),
+            hidden.new_empty(n if stats else 0, dtype=torch.bool),
+            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
+
+
+@_flce_forward_reduced_op.register_fake
+def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, impl,
+      need_hidden, need_weight, need_bias, stats=True, fp32_logits=False):
+    return _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
+                         z_loss, need_hidden, need_weight, need_bias, stats)
+
+
+def _setup_context_reduced(ctx, inputs, output):
+    ctx.save_for_backward(*output[3:])
+
+
+def _backward_reduced(ctx, grad_total, *_unused):
+    # The gradients were computed in the forward. In eager mode they are scaled in place, so
+    # autograd adopts them as .grad without a copy (saving their whole size at the peak); a
+    # second backward through the same graph would then scale them twice, so it is refused.
+    # While tracing (torch.compile, export: tensors are fake/functional subclasses) the graph
+    # gets the out-of-place product instead, which the compiler may fuse as it likes.
+    if getattr(ctx, "grads_consumed", False):
+        raise RuntimeError(
+            f"{OP}: backward ran twice through one reduced ('mean'/'sum') fused loss "
+            f"(retain_graph=True); its gradients are computed in the forward and handed "
+            f"over once. Compute the loss again, or use reduction='none' and reduce it.")
+    gh, gw, gb = ctx.saved_tensors
+    in_place = all(type(g) is torch.Tensor for g in (gh, gw, gb, grad_total))
+    if in_place and torch.is_grad_enabled():
+        # create_graph=True: the forward's gradients are constants here, so a gradient of them
+        # (a double backward, a gradient penalty) would be silently wrong
+        raise RuntimeError(
+            f"{OP}: double backward (create_graph=True) is not supported through a reduced "
+            f"('mean'/'sum') fused loss, whose gradients are computed in the forward; use "
+            f"F.cross_entropy(F.linear(...)) for higher-order gradients.")
+    ctx.grads_consumed = in_place
+
+    def scale(g):
+        if not g.numel():
+            return None
+        factor = grad_total.to(g.dtype)
+        return g.mul_(factor) if in_place else g * factor
+
+    n_nondiff = len(ctx.needs_input_grad) - 3
+    return (scale(gh), scale(gw), scale(gb)) + (None,) * n_nondiff
+
+
+torch.library.register_autograd("unigen::flce_forward_reduced", _backward_reduced,
+                                setup_context=_setup_context_reduced)
+
+
+def _register_cpp_op():
+    """Fake kernels and autograd for the C++ op ``torch.ops.unigen.fused_linear_cross_entropy``."""
+    @torch.library.register_fake("unigen::fused_linear_cross_entropy")
+    def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap):
+        n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
+        return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
+                hidden.new_empty(n, dtype=torch.bool))
+
+    @torch.library.register_fake("unigen::fused_linear_cross_entropy_backward")
+    def _(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing, z_loss,
+          softcap, output_mask):
+        return (torch.empty_like(hidden) if output_mask[0] else hidden.new_empty(0),
+                torch.empty_like(weight) if output_mask[1] else hidden.new_empty(0),
+                torch.empty_like(bias) if (output_mask[2] and bias is not None) else hidden.new_empty(0))
+
+    torch.library.register_autograd("unigen::fused_linear_cross_entropy", _backward,
+                                    setup_context=_setup_context)
+
+    @torch.library.register_fake("unigen::fused_linear_cross_entropy_reduced")
+    def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
+          output_mask):
+        return _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index,
+                             label_smoothing, z_loss, *output_mask)
+
+    torch.library.register_autograd("unigen::fused_linear_cross_entropy_reduced",
+                                    _backward_reduced, setup_context=_setup_context_reduced)
+
+
+if cpp_ops_available():
+    _register_cpp_op()
+
+
+# ---------------------------------------------------------------------------------------------
+# functional form and module
+# ---------------------------------------------------------------------------------------------
+
+
+def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
+                               label_smoothing=0.0, z_loss=0.0, token_weights=None,
+                               reduction="mean", backend="auto", return_stats=False, softcap=None):
+    """Loss of ``F.cross_entropy(F.linear(hidden, weight, bias), target)`` without the N×V logits.
+
+    Args:
+        hidden: ``[..., D]`` activations (fp16, bf16, fp32; fp64 on the torch and C++ paths).
+        weight: ``[V, D]`` output projection (same dtype as ``hidden``).
+        target: ``[...]`` class indices in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]``.
+        ignore_index: rows with this target carry no loss and are dropped before any matmul.
+        label_smoothing: ε of PyTorch's label smoothing (uniform over all V classes).
+        z_loss: coefficient of ``lse²`` added to every row's loss (0 disables it).
+        softcap: logit soft-cap c: the loss is that of ``c·tanh(logits/c)`` (Gemma 2's
+            ``final_logit_softcapping``); None or 0 disables it.
+        token_weights: optional ``[...]`` per-row weights multiplying each row's loss. With
+            ``reduction="sum"`` weights ``coef_task / n_task`` give ``Σ_task coef_task·mean_task``;
+            with ``"mean"`` the result is ``Σ w·loss / Σ w`` over non-ignored rows (PyTorch's
+            weighted-mean convention).
+        reduction: ``"mean"`` (0/0 = nan when every row is ignored, as PyTorch), ``"sum"``
+            (0 when every row is ignored) or ``"none"`` (``[...]``, 0 on ignored rows).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpp"`` (see :mod:`unigen.kernels`).
+        return_stats: also return :class:`CrossEntropyStats` (per-row lse and argmax-correctness,
+            detached) for logging.
+
+    Autocast: under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype (as
+    the ``F.linear`` this op fuses would be), the math stays fp32 and the loss is fp32 (as
+    autocast's ``F.cross_entropy``), on every backend and for every reduction.
+
+    Returns:
+        the loss in ``hidden``'s dtype (fp32 under autocast), and the stats when ``return_stats``.
+    """
+    cast_to = autocast_dtype(hidden.device) if isinstance(hidden, torch.Tensor) else None
+    hidden, weight, bias = cast_inputs(cast_to, hidden, weight, bias)
+    _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, label_smoothing,
+                  z_loss, reduction, softcap)
+    cap = float(softcap or 0.0)
+    impl = resolve_backend(backend, hidden.device, op=OP)
+    if impl == "triton" and hidden.dtype == torch.float64:
+        raise TypeError(f"{OP}: backend='triton' supports float16, bfloat16 and float32 inputs; "
+                        f"use backend='torch' or 'cpp' for float64")
+    lead_shape = target.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = target.reshape(-1)
+    ls, zl = float(label_smoothing), float(z_loss)
+    valid = t1 != ignore_index
+    w = token_weights.reshape(-1) if token_weights is not None else None
+    if reduction != "none" and (w is None or not w.requires_grad):
+        # "mean"/"sum": one pass computes the loss and (if needed) its gradients.
+        if backend == "auto" and impl == "cpp":
+            # the PyTorch row-block path: ~660-row blocks, a transposed logits GEMM and the row
+            # factors kept out of the [R, V] block beat the C++ op's ~80-row blocks (GPT-2 head,
+            # N = 2048, fp32, 1 core: 5.63 s against 7.35 s, the naive formula 7.83 s; see
+            # benchmarks/test_bench_cross_entropy.py::test_cross_entropy_gpt2_head_cpu)
+            impl = "torch"
+        grad_on = torch.is_grad_enabled()
+        need = [grad_on and x is not None and x.requires_grad for x in (h2, weight, bias)]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        scale = w.to(acc) if w is not None else torch.ones(t1.shape[0], dtype=acc, device=h2.device)
+        if impl == "cpp":
+            total, lse, correct, *_ = torch.ops.unigen.fused_linear_cross_entropy_reduced(
+                h2, weight, bias, t1, scale, ignore_index, ls, zl, cap, need)
+        else:
+            total, lse, correct, *_ = _flce_forward_reduced_op(
+                h2, weight, bias, t1, scale, ignore_index, ls, zl, cap, impl, *need,
+                stats=bool(return_stats), fp32_logits=cast_to is not None)
+        loss = total if reduction == "sum" else _safe_mean(total, torch.where(valid, scale, 0.0).sum())
+    else:
+        if impl == "cpp":
+            rows, lse, correct = torch.ops.unigen.fused_linear_cross_entropy(
+                h2, weight, bias, t1, ignore_index, ls, zl, cap)
+        else:
+            rows, lse, correct = _flce_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, cap, impl,
+                                                  stats=bool(return_stats))
+        if w is not None:
+            rows = rows * w.to(rows.dtype)
+        if reduction == "none":
+            loss = rows.reshape(lead_shape)
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            denom = torch.where(valid, w.to(rows.dtype), 0.0).sum() if w is not None else valid.sum(dtype=rows.dtype)
+            loss = _safe_mean(rows.sum(), denom)
+    # under autocast the loss stays in the math dtype, as autocast's F.cross_entropy returns fp32
+    loss = loss.to(hidden.dtype) if cast_to is None else loss
+    if return_stats:
+        return loss, CrossEntropyStats(lse.detach().reshape(lead_shape), correct.reshape(lead_shape))
+    return loss
+
+
+def _safe_mean(total, denom):
+    """total / denom, nan when every row is ignored (PyTorch's convention) with zero gradients."""
+    inv = torch.where(denom > 0, 1.0 / denom, 0.0)
+    return torch.where(denom > 0, total * inv, torch.full_like(total, float("nan")))
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_cross_entropy`: a drop-in for
+    ``nn.CrossEntropyLoss()(F.linear(hidden, weight, bias), target)``."""
+
+    def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
+                 backend="auto", softcap=None):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, hidden, weight, target, bias=None, *, token_weights=None, return_stats=False):
+        return fused_linear_cross_entropy(
+            hidden, weight, target, bias, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, token_weights=token_weights,
+            reduction=self.reduction, backend=self.backend, return_stats=return_stats,
+            softcap=self.softcap)
+
+    def extra_repr(self):
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"z_loss={self.z_loss}, softcap={self.softcap}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")
