@@ -1,7 +1,7 @@
 """The loader's image work per CPU worker: reading stored ViT features (a feature store,
 ``data.image_features``) against decoding JPEGs, and the read bandwidth a paper run needs.
 
-One process stands for one DataLoader worker. Each round hands it the images of paper-size
+One process on one thread stands for one DataLoader worker. Each round hands it the images of paper-size
 steps (48 images: 64 samples per GPU, of which the image tasks cap, qus and match are 3/4) and
 times what the loader does for them:
 
@@ -23,6 +23,7 @@ encoding's error against bf16 on these features. Results: ``feature_loader.md`` 
 
 import io
 import json
+import os
 import tarfile
 import time
 
@@ -67,6 +68,15 @@ def _cc3m_jpeg(i: int) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A DataLoader worker runs torch on one thread (torch sets it so in every worker)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("feature_loader")
@@ -91,6 +101,7 @@ def data(tmp_path_factory):
     for dtype in ("bf16", "fp8"):
         extract_features(plan, str(root / dtype), dtype=dtype, batch_size=32, workers=0,
                          device="cpu", rank=0, world_size=1, log=lambda line: None)
+    os.sync()  # the stores' pages written back before any read is timed
     return {"root": root, "shard": str(shard), "keys": keys, "jpeg_bytes": jpeg_bytes / IMAGES}
 
 

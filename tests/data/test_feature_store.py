@@ -69,8 +69,9 @@ def write_config(root, name="config.yaml", **data):
 
 
 def extract(root, out, *args, config=None):
+    workers = () if "--workers" in args else ("--workers", "0")
     return prepare(["image-features", config or write_config(root), "--out", str(root / out),
-                    "--workers", "0", *args])
+                    *workers, *args])
 
 
 def test_every_image_is_stored_once_as_the_training_loader_sees_it(sources, capsys):
@@ -101,19 +102,23 @@ def test_every_image_is_stored_once_as_the_training_loader_sees_it(sources, caps
 def test_a_stopped_extraction_resumes_and_a_finished_one_does_nothing(sources, capsys):
     assert extract(sources, "resumed") == 0
     first = FeatureStore(sources / "resumed")
-    before = {k: first.lookup(k).values for k in ("00000", "10000")}
-    # a stop inside unit 00001: its record never written, a part left behind
+    before = {k: first.lookup(k).values for k in first._where}
+    # a stop inside unit 00001: its record never written, a part left behind; the rerun reads
+    # through two loader workers, in ViT batches of 3 and files of 2 images
     os.remove(sources / "resumed" / "done" / "00001.json")
     capsys.readouterr()
-    assert extract(sources, "resumed") == 0
+    assert extract(sources, "resumed", "--workers", "2", "--batch-size", "3",
+                   "--images-per-file", "2") == 0
     out = capsys.readouterr().out
     assert "this process takes 2 (1 done before)" in out and "unit 00001 done" in out
     assert "unit 00000 done" not in out
     again = FeatureStore(sources / "resumed")
     assert sorted(os.listdir(sources / "resumed" / "shards")) == [
-        "00000-00000.safetensors", "00001-00000.safetensors"]
+        "00000-00000.safetensors", "00001-00000.safetensors", "00001-00001.safetensors",
+        "00001-00002.safetensors"]
+    assert again._where.keys() == before.keys()
     for k, v in before.items():
-        assert torch.equal(again.lookup(k).values, v)
+        assert torch.equal(again.lookup(k).values, v), k
     assert extract(sources, "resumed") == 0
     assert "(2 done before)" in capsys.readouterr().out
 
