@@ -198,12 +198,13 @@ else
   run_stage cross_entropy 90 benchmarks/test_bench_cross_entropy.py -k "not tile_sweep"
   run_stage contrastive 70 benchmarks/test_bench_contrastive.py -k "not tile_sweep"
   run_stage attention 70 benchmarks/test_bench_attention.py -k "not tile_sweep"
-  # one UniGen training step of the paper-size model at the per-GPU batch 64, fused vs naive
-  run_stage train_step 50 benchmarks/test_bench_train_step.py
+  # one UniGen training step of the paper-size model at the per-GPU batch 64: fused, fused
+  # from stored ViT features (the feature store's step, goal >= 2x fused), naive
+  run_stage train_step 70 benchmarks/test_bench_train_step.py
   # a training step of a 1B-class Llama (random weights, 4096 tokens, bf16), unpatched vs
   # patch_hf_model (and Liger / CCE when carried); needs transformers, skips without it
-  run_stage hf_patch 45 benchmarks/test_bench_hf_patch.py
-  run_stage tile_sweeps 35 benchmarks/test_bench_attention.py benchmarks/test_bench_contrastive.py \
+  run_stage hf_patch 35 benchmarks/test_bench_hf_patch.py
+  run_stage tile_sweeps 25 benchmarks/test_bench_attention.py benchmarks/test_bench_contrastive.py \
     benchmarks/test_bench_cross_entropy.py -k tile_sweep
   best_tiles
 fi

@@ -107,3 +107,51 @@ def test_two_process_random_mixing_with_uneven_pairs(ddp_run):
     state = _trainer_state(run_dir)
     assert state["step"] == 6
     assert all(v == v for v in state["history"]["loss"])  # finite, no nan
+
+
+def test_two_process_extraction_then_training_from_the_store(ddp_run, tmp_path):
+    """The feature store under torchrun: two processes extract their shares of the shards
+    (the store equals one process's, bit for bit), then FSDP2 trains from it with the per-step
+    losses of the DDP run from the images up to float rounding (FSDP2 reduce-scatters where DDP
+    all-reduces; one process from a store is bit-exact, test_feature_store_training.py). One
+    training run only: the whole suite must stay within its time on two cores."""
+    from unigen.configuration import load_config
+    from unigen.data.feature_store import FeatureStore
+    from unigen.data.prepare import main as prepare
+    from unigen.model.unigen_model import UniGen
+    from unigen.pretraining import PretrainConfig
+    from unigen.training.trainer import seed_everything
+
+    path, _, _, ddp = ddp_run
+    cfg = load_config(PretrainConfig, path)
+    # The run's ViT: the weights its seeded random initialisation gives (Trainer seeds, then
+    # builds the model), saved so the extraction can load them; the hash check proves it.
+    seed_everything(cfg.run.seed)
+    UniGen(cfg.model).save_pretrained(tmp_path / "init")
+    cfg.init.from_pretrained = str(tmp_path / "init")
+    extract_config = str(tmp_path / "extract.yaml")
+    save_config(cfg, extract_config)
+    store = str(tmp_path / "store")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "unigen.data.prepare", "image-features", extract_config, "--out", store,
+           "--dtype", "fp32", "--workers", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    # three shards: rank 0 takes the first and third, rank 1 the second
+    assert "[rank 0/2]: 3 webdataset unit(s), this process takes 2" in proc.stdout
+    assert "[rank 1/2]: 3 webdataset unit(s), this process takes 1" in proc.stdout
+    assert "3 of 3 units (complete), 120 images" in proc.stdout  # rank 0, after both
+    assert prepare(["image-features", extract_config, "--out", str(tmp_path / "one"),
+                    "--dtype", "fp32", "--workers", "0"]) == 0
+    two, one = FeatureStore(store), FeatureStore(tmp_path / "one")
+    assert len(two) == len(one) == 120 and not two.missing_units
+    assert all(torch.equal(two.lookup(k).values, one.lookup(k).values) for k in one._where)
+
+    run_dir = str(tmp_path / "fsdp")
+    _torchrun(path, f"--run.output_dir={run_dir}", f"--data.image_features={store}",
+              "--distributed.parallelism=fsdp")
+    fsdp = _trainer_state(run_dir)
+    assert fsdp["step"] == 6
+    for key in ("loss", "cl", "trans", "cap", "qus", "match", "grad_norm"):
+        assert fsdp["history"][key] == pytest.approx(ddp["history"][key], rel=1e-5), key

@@ -78,3 +78,8 @@ def test_extends_merges_and_reports_bad_chains(tmp_path):
     (tmp_path / "orphan.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(PretrainConfig, tmp_path / "orphan.yaml")
+
+
+def test_the_feature_store_preset_is_the_papers_run_without_crops_from_a_store():
+    assert _diff(_load("paper.yaml"), _load("paper_features.yaml")) == {
+        "data.random_resized_crop": None, "data.image_features": "data/cc3m-vitl14-bf16"}

@@ -22,6 +22,7 @@ import torch
 
 from unigen.model.batch import UniGenBatch
 from unigen.model.config import TASK_IDS, TASK_NAMES
+from unigen.model.vit_features import ImageFeatures
 
 from .build import build_mixed_dataset
 from .collate import decode_batch_images
@@ -34,7 +35,9 @@ def batch_from_task_groups(groups: dict, *, encoder_pad_id: int = 1) -> UniGenBa
     """Build a batch from :func:`unigen.data.collate.collate_task_batch`'s output.
 
     ``groups`` maps a task name to ``{"target": packed ids, "encoder": packed ids (not for
-    cap), "images": [n, 3, H, W] (image tasks), "key": [...]}`` (other entries, e.g.
+    cap), "images": [n, 3, H, W] or the stored ViT features of a feature-store run
+    (:class:`~unigen.model.vit_features.ImageFeatures`; image tasks), "key": [...]}`` (other
+    entries, e.g.
     "dropped" or "data_state", are ignored). trans/cap/qus groups become generative samples.
     The "match" group's (image, text) pairs become the pairs of L_CL and of the [match]
     task, whose "yes"/"no" samples the model builds itself (positives + mined negatives), so
@@ -57,12 +60,16 @@ def batch_from_task_groups(groups: dict, *, encoder_pad_id: int = 1) -> UniGenBa
     def take_images(g, t):
         nonlocal n_img
         im = g.get("images")
-        if not isinstance(im, torch.Tensor):
+        if not isinstance(im, (torch.Tensor, ImageFeatures)):
             raise ValueError(f"batch_from_task_groups: the {t} group needs decoded "
-                             f"images ([n, 3, H, W] tensor; call decode_batch_images first)")
+                             f"images ([n, 3, H, W] tensor; call decode_batch_images first) "
+                             f"or stored ViT features")
+        if images and type(im) is not type(images[0]):
+            raise ValueError("batch_from_task_groups: a batch holds pixels or stored ViT "
+                             "features, not both")
         images.append(im)
-        n_img += im.shape[0]
-        return list(range(n_img - im.shape[0], n_img))
+        n_img += len(im)
+        return list(range(n_img - len(im), n_img))
 
     def take_texts(g, t):
         nonlocal n_txt
@@ -110,13 +117,17 @@ def batch_from_task_groups(groups: dict, *, encoder_pad_id: int = 1) -> UniGenBa
     cu = torch.zeros(lens.numel() + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lens, 0).to(torch.int32)
     key_ids: dict = {}
+    stored = ImageFeatures.cat(images) if images and isinstance(images[0], ImageFeatures) \
+        else None
     return UniGenBatch(
         task=torch.tensor(task, dtype=torch.long),
         image_index=torch.tensor(img_idx, dtype=torch.long),
         text_index=torch.tensor(txt_idx, dtype=torch.long),
         target_ids=torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long),
         target_cu_seqlens=cu,
-        images=torch.cat(images) if images else None,
+        images=torch.cat(images) if images and stored is None else None,
+        image_features=None if stored is None else stored.values,
+        image_feature_scales=None if stored is None else stored.scales,
         text_ids=text_ids, text_mask=text_mask,
         pair_image_index=torch.tensor(pair_img, dtype=torch.long),
         pair_text_index=torch.tensor(pair_txt, dtype=torch.long),
@@ -209,9 +220,10 @@ def finish_batch(item: LoaderBatch, *, image_decoder=None, encoder_pad_id: int =
 
 
 def build_training_dataset(cfg: DataConfig, tokenizer: TaskTokenizer, *, rank: int,
-                           world_size: int) -> MixedTaskDataset:
+                           world_size: int, feature_store=None) -> MixedTaskDataset:
     """The mixed-task dataset of :func:`unigen.data.build.build_mixed_dataset`, whose batches
     come out as :class:`LoaderBatch` es (see :class:`UniGenCollate`)."""
-    dataset = build_mixed_dataset(cfg, tokenizer, rank=rank, world_size=world_size)
+    dataset = build_mixed_dataset(cfg, tokenizer, rank=rank, world_size=world_size,
+                                  feature_store=feature_store)
     dataset.collate = UniGenCollate(dataset.collate, encoder_pad_id=tokenizer.encoder_pad_id)
     return dataset

@@ -153,6 +153,7 @@ def main(argv=None) -> int:
         raw = read_config_file(args.config)
         cfg = config_from_dict(DataConfig, raw.get("data") or {}, prefix="data")
         rows = source_counts(cfg)
+        store = _feature_store(cfg, raw) if cfg.image_features else None
     except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as exc:
         print(f"unigen.data.check: {exc}", file=sys.stderr)
         return 2
@@ -161,7 +162,20 @@ def main(argv=None) -> int:
         for lang, n in counts["languages"].items():
             print(f"{key:<16} {lang:<9} {n:>12,}")
         print(f"{key:<16} {'(skipped)':<9} {counts['skipped']:>12,}")
+    if store is not None:
+        print(f"{'image_features':<16} {'(images)':<9} {len(store):>12,}")
     return 0
+
+
+def _feature_store(cfg: DataConfig, raw: dict):
+    """``data.image_features`` opened and checked as a run opens it (the image size left unset
+    is the model section's, as in a run)."""
+    from .build import open_training_store
+    from .feature_extraction import model_config_section
+
+    if cfg.image_size is None:
+        cfg.image_size = model_config_section(raw).vision.image_size
+    return open_training_store(cfg)
 
 
 if __name__ == "__main__":

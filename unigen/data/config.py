@@ -52,6 +52,10 @@ class DataConfig:
     area (BLIP-2: 0.5, 1.0; aspect 3/4-4/3) before the resize; None resizes whole images. No
     flip (captions say left and right). The crops are drawn per process and loader worker from
     ``seed`` and the rank, and are not part of a checkpoint: a resumed run draws other crops."""
+    image_features: str = ""
+    """A feature store (``python -m unigen.data.prepare image-features``): the frozen ViT's
+    output for every image of ``image_shards``, read instead of decoding the images and running
+    the ViT (frozen ViT, many epochs; docs/training.md). Empty: decode the images."""
     encoder_tokenizer: str = ""
     """Local directory of the XLM-R-style encoder tokenizer."""
     decoder_tokenizer: str = ""
@@ -96,6 +100,10 @@ class DataConfig:
         for name in ("image_size", "batch_size", "max_encoder_len", "max_target_len"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.image_features and self.image_backend == "dali":
+            raise ValueError("data.image_features and data.image_backend=dali exclude each "
+                             "other: a feature-store run decodes no image (leave image_backend "
+                             "auto)")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("num_workers and shuffle_buffer must be >= 0")
         needs = {"trans": bool(self.wikimatrix or self.cclm_text_pairs),

@@ -16,6 +16,7 @@ import torch
 from unigen.model.batch import UniGenBatch
 from unigen.model.config import TASK_IDS, TASK_NAMES
 from unigen.model.image_encoder import preprocess_images
+from unigen.model.vit_features import ImageFeatures
 
 
 @dataclass
@@ -24,7 +25,9 @@ class Example:
 
     task:     "trans", "cap", "qus" or "match", or None for a pair used only by L_CL/[match].
     target:   the English target text (or decoder token ids; eos is appended when missing).
-    image:    preprocessed float tensor [3, H, W] or a PIL image (cap, qus, match, pairs).
+    image:    preprocessed float tensor [3, H, W] or a PIL image (cap, qus, match, pairs), or
+              the image's stored ViT output (an ImageFeatures of one row: a feature-store run;
+              every image of a batch is then stored features).
     text:     encoder input: the source sentence (trans), the question (qus), the text (match).
     image_id: any hashable identifying the image: examples with the same id share one row of
               `images` (encoded once) and their pairs are positives of each other.
@@ -119,8 +122,9 @@ def collate_examples(examples: Sequence[Example], *, text_tokenizer, decoder_tok
             pair_txt.append(text_row(ex.pair_text, i, "pair_text"))
             pair_key.append(("id", ex.image_id) if ex.image_id is not None else ("row", r))
 
+    stored = _stored_features(images)
     images_t = preprocess_images(images, image_size=image_size, mean=image_mean,
-                                 std=image_std) if images else None
+                                 std=image_std) if images and stored is None else None
     text_ids = text_mask = None
     if texts:
         enc = text_tokenizer(texts, padding=True, truncation=True, max_length=max_text_length,
@@ -140,6 +144,8 @@ def collate_examples(examples: Sequence[Example], *, text_tokenizer, decoder_tok
         target_ids=torch.tensor([t for ids in targets for t in ids], dtype=torch.long),
         target_cu_seqlens=cu,
         images=images_t, text_ids=text_ids, text_mask=text_mask,
+        image_features=None if stored is None else stored.values,
+        image_feature_scales=None if stored is None else stored.scales,
         pair_image_index=torch.tensor(pair_img, dtype=torch.long),
         pair_text_index=torch.tensor(pair_txt, dtype=torch.long),
         pair_ids=torch.tensor(pair_ids, dtype=torch.long),
@@ -148,3 +154,15 @@ def collate_examples(examples: Sequence[Example], *, text_tokenizer, decoder_tok
     )
     batch.validate(image_size=image_size, max_text_length=max_text_length)
     return batch
+
+
+def _stored_features(images: list) -> ImageFeatures | None:
+    """The batch's stored ViT features when its images are :class:`ImageFeatures` (all of
+    them: pixels and stored features do not mix in one batch), else None."""
+    stored = [isinstance(im, ImageFeatures) for im in images]
+    if not any(stored):
+        return None
+    if not all(stored):
+        raise ValueError("collate_examples: a batch's images are all pixels or all stored ViT "
+                         "features (ImageFeatures), not a mix")
+    return ImageFeatures.cat(images)

@@ -33,6 +33,8 @@ import torch
 from unigen.model.config import CLIP_MEAN, CLIP_STD
 
 INTERPOLATIONS = ("bilinear", "bicubic")
+IMAGE_FILE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+"""Extensions (lower-cased) of the image files an image folder holds (IGLUE's releases)."""
 
 
 def dali_available() -> bool:
@@ -120,6 +122,20 @@ def random_crop_box(height: int, width: int, scale: tuple[float, float],
     return 0, 0, height, width
 
 
+def crop_resize_rgb(rgb: np.ndarray, box: tuple[int, int, int, int], spec: ImageSpec) -> np.ndarray:
+    """The ``(top, left, h, w)`` box of ``rgb`` resized to ``size × size`` with the spec's
+    filter (RandomResizedCrop's second half; a box already at the size is not resampled)."""
+    top, left, h, w = box
+    crop = rgb[top:top + h, left:left + w]
+    if crop.shape[:2] == (spec.size, spec.size):
+        return np.ascontiguousarray(crop)
+    from PIL import Image
+
+    resample = Image.BILINEAR if spec.interpolation == "bilinear" else Image.BICUBIC
+    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(
+        (spec.size, spec.size), resample=resample))
+
+
 class PilImageTransform:
     """The fallback path for one image: bytes → ``[3, size, size]`` float32 (picklable)."""
 
@@ -133,16 +149,8 @@ class PilImageTransform:
 
             info = get_worker_info()
             self._rng = np.random.default_rng([self.spec.seed, 0 if info is None else info.id + 1])
-        top, left, h, w = random_crop_box(rgb.shape[0], rgb.shape[1], self.spec.crop_scale,
-                                          self._rng)
-        crop = rgb[top:top + h, left:left + w]
-        if crop.shape[:2] == (self.spec.size, self.spec.size):
-            return np.ascontiguousarray(crop)
-        from PIL import Image
-
-        resample = Image.BILINEAR if self.spec.interpolation == "bilinear" else Image.BICUBIC
-        return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(
-            (self.spec.size, self.spec.size), resample=resample))
+        box = random_crop_box(rgb.shape[0], rgb.shape[1], self.spec.crop_scale, self._rng)
+        return crop_resize_rgb(rgb, box, self.spec)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         rgb = decode_rgb_pil(data)

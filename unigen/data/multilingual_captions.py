@@ -48,6 +48,8 @@ class MultilingualCaptionStream(JsonLinesStream):
         multilingual_fraction: share of images given a random non-English caption (paper: 0.1).
         languages: the non-English languages that may be chosen (default: all present).
         image_transform: applied to the image bytes (decode errors skip the sample).
+        image_ref: a feature-store run's image references (the bytes are not read; see
+            :class:`~unigen.data.webdataset_images.WebdatasetImageTextStream`).
         task: task name of the samples (``"match"``: CC6L feeds image–text matching and the
             contrastive loss).
     """
@@ -57,7 +59,8 @@ class MultilingualCaptionStream(JsonLinesStream):
     def __init__(self, paths, *, images: ImageStore | Any, multilingual_fraction: float = 0.1,
                  languages: Sequence[str] | None = None,
                  image_transform: Callable[[bytes], Any] | None = None, task: str = "match",
-                 english: str = "en", all_languages: Sequence[str] | None = None, **kwargs):
+                 english: str = "en", all_languages: Sequence[str] | None = None,
+                 image_ref: Callable[[str, int], Any] | None = None, **kwargs):
         super().__init__(paths, **kwargs)
         if all_languages is not None and (not all_languages or english not in all_languages):
             raise ValueError(f"all_languages must name the captions' languages, {english!r} "
@@ -70,6 +73,7 @@ class MultilingualCaptionStream(JsonLinesStream):
         self.multilingual_fraction = float(multilingual_fraction)
         self.languages = None if languages is None else tuple(languages)
         self.image_transform = image_transform
+        self.image_ref = image_ref
         self.task = task
         self.english = english
 
@@ -119,7 +123,9 @@ class MultilingualCaptionStream(JsonLinesStream):
                           and (self.languages is None or l in self.languages))
             if pool:
                 lang = pool[int(_uniform(self.seed, key, "lang") * len(pool))]
-        image = self.images.load(key, self.image_transform, location)
+        image = (self.image_ref(self.images.require(key, location), self._epoch)
+                 if self.image_ref is not None else
+                 self.images.load(key, self.image_transform, location))
         return {"task": self.task, "key": key, "image": image, "caption": caps[lang],
                 "lang": lang, "english_caption": english, "origin": location,
                 "image_origin": self.images.origin(key)}

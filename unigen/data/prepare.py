@@ -17,6 +17,11 @@ to the last has its tar and its stats, and each tar holds the ``successes`` its 
 
 ``cc6l``: UC2's or CCLM's translated CC3M captions joined by URL to the img2dataset keys of
 that folder (:mod:`unigen.data.cc6l_release`).
+
+``image-features``: the frozen ViT's output for every image of a training config's image
+sources, computed once into a feature store that ``data.image_features`` trains from
+(:mod:`unigen.data.feature_extraction`, :mod:`unigen.data.feature_store`); under torchrun each
+process takes its share of the shards.
 """
 
 from __future__ import annotations
@@ -160,6 +165,42 @@ def check_img2dataset_folder(folder: str) -> dict:
     return {"shards": len(tars), "samples": samples}
 
 
+def _image_features(args) -> None:
+    from unigen.configuration import read_config_file
+
+    from .feature_extraction import extract_features, plan_from_config, store_summary
+
+    out = args.out or (read_config_file(args.config).get("data") or {}).get("image_features")
+    if not out:
+        raise ValueError("image-features: give --out DIR (the config sets no "
+                         "data.image_features)")
+    plan = plan_from_config(args.config, images_per_file=args.images_per_file)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        # only to wait for every process at the end; a rank may finish hours before another
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    try:
+        counts = extract_features(plan, out, dtype=args.dtype, views=args.views,
+                                  crop_seed=args.crop_seed, batch_size=args.batch_size,
+                                  images_per_file=args.images_per_file, workers=args.workers,
+                                  device=args.device)
+        who = f"rank {os.environ.get('RANK', '0')} stored" if world > 1 else "stored"
+        print(f"image-features: {who} {counts['images']} images of {counts['units']} unit(s) "
+              f"({counts['undecodable']} undecodable, {counts['no_image']} samples without "
+              f"image; {counts['skipped_units']} unit(s) done before)", flush=True)
+        if world > 1:
+            dist.barrier()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(store_summary(out), flush=True)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unigen.data.prepare",
                                      description="From the public releases to the training files.")
@@ -185,6 +226,25 @@ def main(argv=None) -> int:
     c6.add_argument("--lang", default=None, help="language of a single UC2 file whose name "
                                                   "does not say it")
     c6.add_argument("--url-field", default="url", help="CCLM: the field holding the image URL")
+    fe = sub.add_parser("image-features", help="the frozen ViT over every image of a training "
+                                               "config's image sources, once: a feature store")
+    fe.add_argument("config", help="a pre-training or IGLUE fine-tuning config file")
+    fe.add_argument("--out", default=None,
+                    help="the store's folder (default: the config's data.image_features)")
+    fe.add_argument("--dtype", choices=("bf16", "fp8", "fp32"), default="bf16",
+                    help="bf16 (526 KB per ViT-L/14 image), fp8 e4m3 with a per-image scale "
+                         "(half), fp32 (exact for an fp32 ViT; double)")
+    fe.add_argument("--views", type=int, default=1,
+                    help="RandomResizedCrop views per image, one per epoch (needs "
+                         "data.random_resized_crop in the config; default 1)")
+    fe.add_argument("--crop-seed", type=int, default=0, help="seeds the views' crop boxes")
+    fe.add_argument("--batch-size", type=int, default=64, help="images per ViT call")
+    fe.add_argument("--images-per-file", type=int, default=512,
+                    help="images per feature file (one file ≈ this × views × bytes per view)")
+    fe.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="loader processes decoding images (per process)")
+    fe.add_argument("--device", default="auto",
+                    help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu), cpu, cuda:N")
     args = parser.parse_args(argv)
     try:
         if args.command == "wikimatrix":
@@ -193,6 +253,8 @@ def main(argv=None) -> int:
                                         shard_lines=args.shard_lines)
             print(f"wikimatrix: {sum(r['kept'] for r in report.values())} pairs in "
                   f"{len(report)} language pairs → {args.out}")
+        elif args.command == "image-features":
+            _image_features(args)
         elif args.command == "cc6l":
             prepare_cc6l(args.inputs, args.images, args.out, source=args.source, lang=args.lang,
                          url_field=args.url_field)
@@ -201,7 +263,8 @@ def main(argv=None) -> int:
             print(f"cc3m-check: {args.folder} complete: {r['shards']} shards, {r['samples']} "
                   f"samples")
     except (DataFormatError, FileNotFoundError, ValueError, OSError, ImportError) as exc:
-        print(f"unigen.data.prepare: {exc}", file=sys.stderr)
+        message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"unigen.data.prepare: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -20,15 +20,19 @@ from .webdataset_images import ImageStore
 
 
 class QAStream(JsonLinesStream):
-    """CCQA JSON lines + image shards → question-answering samples."""
+    """CCQA JSON lines + image shards → question-answering samples (``image_ref``: a
+    feature-store run's image references, as for
+    :class:`~unigen.data.webdataset_images.WebdatasetImageTextStream`)."""
 
     name = "ccqa"
 
     def __init__(self, paths, *, images: ImageStore | Any,
-                 image_transform: Callable[[bytes], Any] | None = None, **kwargs):
+                 image_transform: Callable[[bytes], Any] | None = None,
+                 image_ref: Callable[[str, int], Any] | None = None, **kwargs):
         super().__init__(paths, **kwargs)
         self.images = images if isinstance(images, ImageStore) else ImageStore(images)
         self.image_transform = image_transform
+        self.image_ref = image_ref
 
     def _parse(self, unit, location: str) -> dict:
         obj = self.load_object(unit)
@@ -41,7 +45,9 @@ class QAStream(JsonLinesStream):
                                                     f"{type(caption).__name__}")
         if not question or not answer:
             raise CorruptSampleError("empty_text", location)
-        image = self.images.load(key, self.image_transform, location)
+        image = (self.image_ref(self.images.require(key, location), self._epoch)
+                 if self.image_ref is not None else
+                 self.images.load(key, self.image_transform, location))
         return {"task": "qus", "key": key, "image": image, "question": question,
                 "answer": answer, "caption": caption.strip(), "origin": location,
                 "image_origin": self.images.origin(key)}

@@ -89,6 +89,14 @@ def _read_member(path: str, tar: tarfile.TarFile, member: tarfile.TarInfo) -> by
     return data
 
 
+def iter_shard_images(path: str) -> Iterator[tuple[str, bytes | None]]:
+    """``(key, encoded image)`` of each sample of a shard in file order (the key without any
+    directory part, as the streams give it); None for a sample without an image member."""
+    for _, key, group, tar in _iter_tar_groups(path):
+        ext = next((e for e in IMAGE_EXTS if e in group), None)
+        yield key.rsplit("/", 1)[-1], (None if ext is None else _read_member(path, tar, group[ext]))
+
+
 def index_path_for(tar_path: str, index_dir: str | None = None) -> str:
     base = os.path.basename(tar_path)
     stem = base[: -len(".tar")] if base.endswith(".tar") else base
@@ -172,19 +180,24 @@ class WebdatasetImageTextStream(RecordStream):
         caption_from: ``"txt"`` (img2dataset's caption file) or ``"json"`` (its ``caption``).
         task: the task name put in each sample (``"cap"``; ``"match"`` when CC3M pairs feed
             image–text matching directly).
+        image_ref: a feature-store run's ``(key, epoch) -> reference``
+            (:class:`~unigen.data.feature_store.StoredImageRefs`): the sample's image is that
+            reference and the image bytes are never read.
     """
 
     name = "webdataset"
     patterns = ("*.tar", "*.tar.gz", "*.tgz")
 
     def __init__(self, paths, *, image_transform: Callable[[bytes], Any] | None = None,
-                 caption_from: str = "txt", task: str = "cap", **kwargs):
+                 caption_from: str = "txt", task: str = "cap",
+                 image_ref: Callable[[str, int], Any] | None = None, **kwargs):
         super().__init__(paths, **kwargs)
         self.task = task
         if caption_from not in ("txt", "json"):
             raise ValueError(f"caption_from must be 'txt' or 'json', got {caption_from!r}")
         self.image_transform = image_transform
         self.caption_from = caption_from
+        self.image_ref = image_ref
 
     def _units(self, path: str):
         for n, key, group, tar in _iter_tar_groups(path):
@@ -192,7 +205,9 @@ class WebdatasetImageTextStream(RecordStream):
 
     def _materialise(self, handle):
         path, key, group, tar = handle
-        return path, key, {ext: _read_member(path, tar, m) for ext, m in group.items()}
+        # with stored features the image member's presence is all a sample needs of it
+        return path, key, {ext: (None if self.image_ref is not None and ext in IMAGE_EXTS
+                                 else _read_member(path, tar, m)) for ext, m in group.items()}
 
     def _parse(self, unit, location: str) -> dict:
         _, key, parts = unit
@@ -221,12 +236,14 @@ class WebdatasetImageTextStream(RecordStream):
         if not caption:
             raise CorruptSampleError("missing_caption", location)
         image = parts[image_ext]
-        if self.image_transform is not None:
+        key = key.rsplit("/", 1)[-1]
+        if self.image_ref is not None:
+            image = self.image_ref(key, self._epoch)
+        elif self.image_transform is not None:
             try:
                 image = self.image_transform(image)
             except Exception as exc:  # any decoder failure is a corrupt image, never a crash
                 raise CorruptSampleError("image_decode", f"{location}: {exc}") from None
-        key = key.rsplit("/", 1)[-1]
         return {"task": self.task, "key": key, "image": image, "caption": caption, "lang": "en",
                 "meta": meta, "origin": location, "image_origin": f"{unit[0]}[{key}]"}
 
@@ -286,12 +303,16 @@ class ImageStore:
         """Where the image of ``key`` is, ``"<shard>[<key>]"`` (for logs of dropped samples)."""
         return f"{self.paths[self._where[key][0]]}[{key}]"
 
+    def require(self, key: str, location: str = "") -> str:
+        """``key``, or CorruptSampleError when no shard holds its image."""
+        if key not in self._where:
+            raise CorruptSampleError("missing_image", f"{location}: key {key!r} is in no shard")
+        return key
+
     def load(self, key: str, transform: Callable[[bytes], Any] | None = None,
              location: str = "") -> Any:
         """The image of ``key`` (transformed), or CorruptSampleError when absent/undecodable."""
-        if key not in self._where:
-            raise CorruptSampleError("missing_image", f"{location}: key {key!r} is in no shard")
-        data = self[key]
+        data = self[self.require(key, location)]
         if transform is None:
             return data
         try:

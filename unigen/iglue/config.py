@@ -98,6 +98,10 @@ class FinetuneDataConfig:
     processes``)."""
     workers: int = 2
     """DataLoader processes decoding images."""
+    image_features: str = ""
+    """A feature store of ``images`` (``python -m unigen.data.prepare image-features`` on this
+    config): training reads each image's stored ViT output instead of decoding it and running
+    the ViT (dev scoring still reads the images). Empty: decode the images."""
 
     def __post_init__(self):
         self.train, self.dev = tuple(self.train), tuple(self.dev)
@@ -151,6 +155,12 @@ class FinetuneConfig:
         check_choices(self, "finetune")
         check_decode(self.task, self.scoring.decode, "finetune", self.scoring.answers)
         check_pair_images(self.task, self.pair_images, "finetune")
+        if self.data.image_features and self.task == "marvl" and \
+                self.pair_images == "side_by_side":
+            raise ValueError("finetune: data.image_features cannot honour "
+                             "pair_images=side_by_side (MaRVL's two images pasted into one "
+                             "before the ViT; a store holds single images): set "
+                             "pair_images=two_prefixes")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("finetune: model must name a pre-trained model directory")
         if self.distributed.parallelism != "ddp":

@@ -41,6 +41,7 @@ import torch
 
 from unigen.configuration import ConfigError, config_from_argv, config_to_dict, run_cli
 from unigen.data.examples import Example, collate_examples
+from unigen.data.feature_store import FeatureStore, FeatureStoreError, check_store_vit
 from unigen.training.distributed import barrier, init_distributed, teardown_distributed
 from unigen.training.recipe import Recipe, StepOutput
 from unigen.training.trainer import Trainer
@@ -79,10 +80,12 @@ class _Examples(torch.utils.data.Dataset):
     ``files`` are the records' resolved image files."""
 
     def __init__(self, task: str, records: list[IGLUERecord], files: list[tuple[str, ...]],
-                 resolver: ImageResolver, size: int, pair_images: str = "side_by_side"):
+                 resolver: ImageResolver, size: int, pair_images: str = "side_by_side",
+                 feature_store: FeatureStore | None = None):
         self.task, self.records, self.files = task, records, files
         self.two_prefixes = pair_images == "two_prefixes"
         self.resolver, self.size = resolver, size
+        self.feature_store = feature_store
         self.retrieval = task in RETRIEVAL_TASKS
         self.items = [(r, t) for r, rec in enumerate(records)
                       for t in (range(len(rec.texts)) if self.retrieval else (0,))
@@ -91,19 +94,51 @@ class _Examples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _image(self, files: tuple[str, ...]):
+        """The image of ``files`` (side by side): uint8 pixels, or its stored ViT features
+        (one file: a store holds single images)."""
+        if self.feature_store is None:
+            return self.resolver.files_tensor(files, self.size)
+        return self.feature_store.lookup(store_key(self.resolver, files[0]))
+
     def __getitem__(self, i: int) -> Example:
         r, t = self.items[i]
         rec = self.records[r]
         files = self.files[r]
         if self.two_prefixes and len(files) == 2:  # E_v(left) ⊕ E_v(right)
-            left, right = (self.resolver.files_tensor((f,), self.size) for f in files)
+            left, right = (self._image((f,)) for f in files)
             return Example("qus", target=rec.answer, image=left, text=rec.texts[0],
                            image_id=files[0], second_image=right, second_image_id=files[1])
-        image = self.resolver.files_tensor(files, self.size)
+        image = self._image(files)
         if self.retrieval:
             return Example(None, image=image, image_id=rec.images, pair_text=rec.texts[t])
         return Example("qus", target=rec.answer, image=image, text=rec.texts[0],
                        image_id=rec.images)
+
+
+def store_key(resolver: ImageResolver, path: str) -> str:
+    """An image's key in a feature store of the image folder: its path below the root."""
+    return os.path.relpath(path, resolver.root)
+
+
+def _open_feature_store(cfg: FinetuneConfig, resolver: ImageResolver,
+                        train_images: list[tuple[str, ...]]) -> FeatureStore:
+    """``data.image_features`` opened, holding every training image (an image its extraction
+    could not decode stops the run naming it, as it does from pixels)."""
+    store = FeatureStore(cfg.data.image_features)
+    keys = sorted({store_key(resolver, f) for files in train_images for f in files})
+    missing = [k for k in keys if k not in store]
+    if missing:
+        raise FeatureStoreError(
+            f"data.image_features: the store {store.directory!r} has no features of "
+            f"{len(missing)} of the {len(keys)} training images (e.g. {missing[0]!r} below "
+            f"data.images): it was made from another image folder or is unfinished; rerun "
+            f"python -m unigen.data.prepare image-features on this config (it resumes)")
+    bad = [k for k in keys if k in store.undecodable]
+    if bad:
+        raise ValueError(f"image {store.undecodable[bad[0]]!r} cannot be decoded (its feature "
+                         f"extraction found so{f', and {len(bad) - 1} more' if len(bad) > 1 else ''})")
+    return store
 
 
 class _BatchOrder(torch.utils.data.Sampler):
@@ -157,6 +192,8 @@ class FinetuneRecipe(Recipe):
                              for f in self.resolver.check(tf.path, tf.records)]
         for f in self.dev_files:
             self.resolver.check(f.path, f.records)
+        self.feature_store = (_open_feature_store(cfg, self.resolver, self.train_images)
+                              if cfg.data.image_features else None)
         self.answer_set = read_answer_set(cfg.scoring.answers) if cfg.scoring.answers else None
         self.run = {"dev": [], "best": -1.0, "best_epoch": None}
         self.best_model = None
@@ -183,9 +220,20 @@ class FinetuneRecipe(Recipe):
             for part in _ENCODER_PARTS:
                 getattr(model, part).requires_grad_(False)
         mc = model.config
+        if self.feature_store is not None:
+            v = mc.vision
+            self.feature_store.check_preprocessing(
+                image_size=v.image_size, interpolation="bicubic", random_resized_crop=None,
+                mean=v.image_mean, std=v.image_std,
+                names={"image_size": "the model's vision.image_size",
+                       "interpolation": "fine-tuning's resize filter",
+                       "random_resized_crop": "fine-tuning's crops (none)",
+                       "mean": "the model's vision.image_mean",
+                       "std": "the model's vision.image_std"})
+            check_store_vit(self.feature_store, model, self.trainer.amp_dtype)
         records = [r for f in self.train_files for r in f.records]
         self.data = _Examples(cfg.task, records, self.train_images, self.resolver,
-                              mc.vision.image_size, cfg.pair_images)
+                              mc.vision.image_size, cfg.pair_images, self.feature_store)
         retrieval = cfg.task in RETRIEVAL_TASKS
         if retrieval and len({r for r, _ in self.data.items}) < 2:
             raise ValueError("finetune: retrieval needs captioned images of at least 2 images "

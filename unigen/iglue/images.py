@@ -33,10 +33,12 @@ import unicodedata
 from collections import defaultdict
 from urllib.parse import unquote, urlparse
 
+from unigen.data.image_pipeline import IMAGE_FILE_EXTENSIONS
+
 from .readers import IGLUERecord
 
 # Extensions a WIT image may carry in a release named by wit_ix (lower-cased).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = IMAGE_FILE_EXTENSIONS
 
 
 def _key(name: str) -> str:

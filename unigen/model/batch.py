@@ -12,6 +12,10 @@ Layout (N_img images, N_txt encoder texts, S generative samples, P image-text pa
 
     images           float [N_img, 3, H, W]   CLIP-normalised pixels (H = W = vision.image_size),
                                               or None when no sample uses an image
+    image_features   [N_img, 1 + patches, W]  instead of `images`: the frozen ViT's output for
+                                              each image, read from a feature store (fp32, bf16
+                                              or fp8; see unigen.model.vit_features), or None
+    image_feature_scales float32 [N_img]      fp8 features' per-image scales, else None
     text_ids         int64 [N_txt, L]         XLM-R token ids, right-padded with the pad id,
                                               L <= text.max_length (40), or None
     text_mask        bool  [N_txt, L]         True on real tokens (each row's True run starts at 0)
@@ -69,6 +73,8 @@ class UniGenBatch:
     pair_text_index: torch.Tensor | None = None
     pair_ids: torch.Tensor | None = None
     second_image_index: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
+    image_feature_scales: torch.Tensor | None = None
 
     def __post_init__(self):
         dev = self.task.device if isinstance(self.task, torch.Tensor) else None
@@ -92,6 +98,8 @@ class UniGenBatch:
 
     @property
     def num_images(self) -> int:
+        if self.image_features is not None:
+            return int(self.image_features.shape[0])
         return 0 if self.images is None else int(self.images.shape[0])
 
     @property
@@ -170,6 +178,10 @@ class UniGenBatch:
             if image_size is not None and tuple(im.shape[2:]) != (image_size, image_size):
                 raise ValueError(f"UniGenBatch.images must be {image_size}x{image_size} "
                                  f"(vision.image_size), got {tuple(im.shape[2:])}")
+        if self.image_features is not None:
+            self._validate_image_features(tensor)
+        elif self.image_feature_scales is not None:
+            raise ValueError("UniGenBatch.image_feature_scales is set but image_features is None")
         if self.text_ids is not None:
             ti = tensor("text_ids", 2, ints)
             tm = tensor("text_mask", 2, (torch.bool, torch.int64, torch.int32, torch.uint8))
@@ -236,3 +248,19 @@ class UniGenBatch:
                 if int(v.min()) < 0 or int(v.max()) >= n:
                     raise ValueError(f"UniGenBatch.{name} must be in [0, {n}), got values in "
                                      f"[{int(v.min())}, {int(v.max())}]")
+
+    def _validate_image_features(self, tensor) -> None:
+        from unigen.model.vit_features import FEATURE_DTYPES
+
+        if self.images is not None:
+            raise ValueError("UniGenBatch: images and image_features exclude each other (pixels "
+                             "for the ViT, or its stored output)")
+        feats = tensor("image_features", 3, tuple(FEATURE_DTYPES.values()))
+        fp8 = feats.dtype == FEATURE_DTYPES["fp8"]
+        if fp8 != (self.image_feature_scales is not None):
+            raise ValueError("UniGenBatch.image_feature_scales must be given for fp8 "
+                             "image_features, and only for them")
+        if fp8 and tuple(tensor("image_feature_scales", 1, (torch.float32,)).shape) != (
+                feats.shape[0],):
+            raise ValueError(f"UniGenBatch.image_feature_scales must be [{feats.shape[0]}] (one "
+                             f"per image), got {tuple(self.image_feature_scales.shape)}")

@@ -47,35 +47,94 @@ def vision_config_from_hf(directory: str | os.PathLike, **overrides) -> VisionCo
     return VisionConfig(**kw)
 
 
+def vision_config_from_clip_dir(directory: str | os.PathLike, base: VisionConfig) -> VisionConfig:
+    """The vision config of a pre-trained CLIP directory: its sizes, with ``base``'s choices of
+    how to run it (feature layer, frozen, compute dtype, normalisation) kept."""
+    v = vision_config_from_hf(directory)
+    for f in ("feature_layer", "frozen", "compute_dtype", "image_mean", "image_std"):
+        setattr(v, f, getattr(base, f))
+    return v
+
+
+def build_frozen_clip(vision: VisionConfig) -> nn.Module:
+    """The CLIP vision tower as UniGen runs it: only the layers up to ``feature_layer`` are
+    built (BLIP-2 reads the penultimate layer, so the last ViT layer would be dead weight), no
+    post-LayerNorm; when ``vision.frozen``, without gradients, in eval mode and stored in
+    ``vision.compute_dtype``."""
+    from transformers import CLIPVisionModel
+
+    from unigen.model.hf_versions import check_transformers_version
+
+    check_transformers_version()
+    clip = CLIPVisionModel(_hf_clip_config(vision, vision.num_layers_used))
+    # The pooled/post-LayerNorm output is never used (features are token-level).
+    clip.post_layernorm = nn.Identity()
+    if vision.frozen:
+        clip.requires_grad_(False)
+        clip.eval()
+        clip.to(_DTYPES[vision.compute_dtype])
+    return clip
+
+
+def load_clip_vision_weights(clip: nn.Module, vision: VisionConfig,
+                             directory: str | os.PathLike) -> None:
+    """Load ``clip`` (:func:`build_frozen_clip`) from a local HF CLIP directory (``CLIPModel``
+    or ``CLIPVisionModel``). The checkpoint's layers after ``feature_layer`` and its
+    post-LayerNorm are dropped; every other weight must be present (an error lists what is
+    missing or mis-shaped)."""
+    from transformers import CLIPVisionModel
+
+    loaded = CLIPVisionModel.from_pretrained(os.fspath(directory))
+    src = loaded.state_dict()
+    dst = clip.state_dict()
+    missing = sorted(k for k in dst if k not in src)
+    bad = sorted(k for k in dst if k in src and src[k].shape != dst[k].shape)
+    if missing or bad:
+        raise ValueError(
+            f"load_clip_vision: {os.fspath(directory)!r} does not match vision config "
+            f"{vision}: missing keys {missing or 'none'}; shape mismatches "
+            f"{[(k, tuple(src[k].shape), tuple(dst[k].shape)) for k in bad] or 'none'}")
+    clip.load_state_dict({k: src[k] for k in dst}, strict=True)
+
+
+def vit_forward(clip: nn.Module, vision: VisionConfig, images: torch.Tensor) -> torch.Tensor:
+    """Penultimate-layer (``feature_layer``) ViT token features ``[B, 1 + patches, vision
+    width]``, float32: what the Q-Former's ``ln_vision`` reads, and what a feature store holds
+    (:mod:`unigen.model.vit_features`)."""
+    size = vision.image_size
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"ImageEncoder: images must be a [B, 3, {size}, {size}] tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if tuple(images.shape[2:]) != (size, size):
+        raise ValueError(f"ImageEncoder: images must be {size}x{size} (vision.image_size), "
+                         f"got {tuple(images.shape[2:])}; resize with preprocess_images")
+    dtype = clip.embeddings.patch_embedding.weight.dtype
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not vision.frozen):
+        h = clip.embeddings(images.to(dtype))
+        h = clip.pre_layrnorm(h)
+        for layer in clip.encoder.layers:
+            out = layer(h, None)
+            h = out[0] if isinstance(out, (tuple, list)) else out
+    return h.float()
+
+
 class ImageEncoder(nn.Module):
     """``forward(images [B, 3, S, S]) -> (query_out [B, Q, Dq], prefix [B, Q, decoder_width])``.
 
     ``query_out[:, 0]`` is the image [CLS] of L_CL (§3.3: the first query, not BLIP-2's max over
-    queries); ``prefix`` is E_v, what the decoder reads.
+    queries); ``prefix`` is E_v, what the decoder reads. :meth:`from_vit_features` starts from
+    the frozen ViT's output instead (a feature store's, computed once).
     """
 
     def __init__(self, vision: VisionConfig, qformer: QFormerConfig, decoder_width: int):
         super().__init__()
-        from transformers import CLIPVisionModel
-
-        from unigen.model.hf_versions import check_transformers_version
-
-        check_transformers_version()
         self.vision_config = vision
-        # Only the layers up to `feature_layer` are built: BLIP-2 reads the penultimate layer, so
-        # the last ViT layer would be dead weight.
-        self.clip = CLIPVisionModel(_hf_clip_config(vision, vision.num_layers_used))
-        # The pooled/post-LayerNorm output is never used (features are token-level).
-        self.clip.post_layernorm = nn.Identity()
+        self.clip = build_frozen_clip(vision)
         # BLIP-2's trainable LayerNorm on the frozen ViT features (Blip2Base.ln_vision).
         self.ln_vision = nn.LayerNorm(vision.hidden_size)
         self.qformer = QFormer(qformer, vision.hidden_size)
         # Q-Former outputs → decoder width (BLIP-2 has the same projection into its LLM).
         self.proj = nn.Linear(qformer.hidden_size, decoder_width)
-        if vision.frozen:
-            self.clip.requires_grad_(False)
-            self.clip.eval()
-            self.clip.to(_DTYPES[vision.compute_dtype])
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -84,47 +143,21 @@ class ImageEncoder(nn.Module):
         return self
 
     def load_clip_vision(self, directory: str | os.PathLike) -> None:
-        """Load the frozen ViT from a local HF CLIP directory (``CLIPModel`` or ``CLIPVisionModel``).
-
-        The checkpoint's layers after ``feature_layer`` and its post-LayerNorm are dropped; every
-        other weight must be present (an error lists what is missing or mis-shaped)."""
-        from transformers import CLIPVisionModel
-
-        loaded = CLIPVisionModel.from_pretrained(os.fspath(directory))
-        src = loaded.state_dict()
-        dst = self.clip.state_dict()
-        missing = sorted(k for k in dst if k not in src)
-        bad = sorted(k for k in dst if k in src and src[k].shape != dst[k].shape)
-        if missing or bad:
-            raise ValueError(
-                f"load_clip_vision: {os.fspath(directory)!r} does not match vision config "
-                f"{self.vision_config}: missing keys {missing or 'none'}; shape mismatches "
-                f"{[(k, tuple(src[k].shape), tuple(dst[k].shape)) for k in bad] or 'none'}")
-        self.clip.load_state_dict({k: src[k] for k in dst}, strict=True)
+        """Load the frozen ViT from a local HF CLIP directory (:func:`load_clip_vision_weights`)."""
+        load_clip_vision_weights(self.clip, self.vision_config, directory)
 
     def vit_features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer ViT token features [B, 1 + patches, vision width], float32."""
-        size = self.vision_config.image_size
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"ImageEncoder: images must be a [B, 3, {size}, {size}] tensor, got "
-                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-        if tuple(images.shape[2:]) != (size, size):
-            raise ValueError(f"ImageEncoder: images must be {size}x{size} (vision.image_size), "
-                             f"got {tuple(images.shape[2:])}; resize with preprocess_images")
-        dtype = self.clip.embeddings.patch_embedding.weight.dtype
-        frozen = self.vision_config.frozen
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            h = self.clip.embeddings(images.to(dtype))
-            h = self.clip.pre_layrnorm(h)
-            for layer in self.clip.encoder.layers:
-                out = layer(h, None)
-                h = out[0] if isinstance(out, (tuple, list)) else out
-        return h.float()
+        return vit_forward(self.clip, self.vision_config, images)
+
+    def from_vit_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query_out, prefix) from the ViT's output ``[B, 1 + patches, vision width]``
+        (float32): everything of :meth:`forward` after the frozen ViT."""
+        queries = self.qformer(self.ln_vision(feats))
+        return queries, self.proj(queries)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.ln_vision(self.vit_features(images))
-        queries = self.qformer(feats)
-        return queries, self.proj(queries)
+        return self.from_vit_features(self.vit_features(images))
 
 
 # ---- preprocessing ---------------------------------------------------------------------------

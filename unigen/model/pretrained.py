@@ -96,6 +96,38 @@ def load_pretrained(cls, directory, *, map_location="cpu", load_tokenizers: bool
     return model.eval()
 
 
+def load_frozen_vit(directory):
+    """``(clip, vision config)``: the frozen CLIP ViT of a ``save_pretrained`` folder alone, as
+    the model built from it runs it (:func:`unigen.model.image_encoder.build_frozen_clip`); only
+    its ``image_encoder.clip.*`` weights are read from the file."""
+    from safetensors import safe_open
+
+    from unigen.model.config import UniGenConfig
+    from unigen.model.image_encoder import build_frozen_clip
+
+    directory = os.fspath(directory)
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"no {CONFIG_NAME} in {directory!r}" + _model_folder_hint(directory))
+    try:
+        vision = UniGenConfig.load(cfg_path).vision
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"bad {cfg_path!r}: {e}") from e
+    clip = build_frozen_clip(vision)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise CheckpointError(f"no weights file {weights_path!r}")
+    prefix = "image_encoder.clip."
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except Exception as e:  # safetensors raises its own error types on truncated/corrupt files
+        raise CheckpointError(f"cannot read {weights_path!r} (truncated or corrupt?): {e}") from e
+    check_state_dict(clip, sd, f"the ViT weights ({prefix}*) of {weights_path!r}")
+    clip.load_state_dict(sd, strict=True)
+    return clip, vision
+
+
 def _model_folder_hint(directory: str) -> str:
     """Where the model is when ``directory`` is a training run folder or one of its
     checkpoints (a common slip: pointing at the run instead of its model)."""

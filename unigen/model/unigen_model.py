@@ -259,6 +259,23 @@ class UniGen(nn.Module):
         """(Q-Former outputs [N, Q, Dq], visual prefix E_v [N, Q, D])."""
         return self.image_encoder(images.to(self.device))
 
+    def encode_image_features(self, features: torch.Tensor, scales: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_images` from the frozen ViT's stored output instead of pixels
+        (``features`` ``[N, 1 + patches, vision width]`` in a :mod:`unigen.model.vit_features`
+        encoding, fp8 with its per-image ``scales``): the ViT does not run."""
+        from unigen.model.vit_features import dequantize, feature_shape
+
+        expected = feature_shape(self.config.vision)
+        if features.dim() != 3 or tuple(features.shape[1:]) != expected:
+            raise ValueError(f"UniGen: image_features must be [N, {expected[0]}, {expected[1]}] "
+                             f"(the ViT's tokens and width for vision.image_size "
+                             f"{self.config.vision.image_size}), got {tuple(features.shape)}")
+        dev = self.device
+        feats = dequantize(features.to(dev, non_blocking=True),
+                           None if scales is None else scales.to(dev, non_blocking=True))
+        return self.image_encoder.from_vit_features(feats)
+
     def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor, *, check_ids: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(XLM-R hidden states [N, L, Dt], text prefix E_t [N, L, D])."""
@@ -398,6 +415,9 @@ class UniGen(nn.Module):
         txt_lens = torch.zeros(0, dtype=torch.long, device=dev)
         if batch.images is not None and batch.num_images:
             img_q, img_prefix = self.encode_images(batch.images)
+        elif batch.image_features is not None and batch.num_images:
+            img_q, img_prefix = self.encode_image_features(batch.image_features,
+                                                           batch.image_feature_scales)
         if batch.text_ids is not None and batch.num_texts:
             # the ids' range is the batch validation's (host) business, not a device read here
             txt_hidden, txt_prefix = self.encode_texts(batch.text_ids, batch.text_mask,
@@ -799,15 +819,12 @@ class UniGen(nn.Module):
         qformer_checkpoint: LAVIS's BLIP-2 (ViT-L) checkpoint file. The sizes of the parts set the
         vision, text and decoder configs; any part left None keeps its random initialisation.
         """
-        from unigen.model.image_encoder import vision_config_from_hf
+        from unigen.model.image_encoder import vision_config_from_clip_dir
         from unigen.model.text_encoder import text_config_from_hf
 
         config = copy.deepcopy(config) if config is not None else UniGenConfig.paper()
         if clip_dir is not None:
-            v = vision_config_from_hf(clip_dir)
-            for f in ("feature_layer", "frozen", "compute_dtype", "image_mean", "image_std"):
-                setattr(v, f, getattr(config.vision, f))
-            config.vision = v
+            config.vision = vision_config_from_clip_dir(clip_dir, config.vision)
         if xlmr_dir is not None:
             config.text = text_config_from_hf(xlmr_dir, max_length=config.text.max_length,
                                               hidden_dropout=config.text.hidden_dropout,

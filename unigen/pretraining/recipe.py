@@ -18,9 +18,11 @@ import torch
 
 from unigen.configuration import ConfigError
 from unigen.data.batches import build_training_dataset, finish_batch
+from unigen.data.build import open_training_store
 from unigen.data.check import check_sources
 from unigen.data.drops import DroppedSampleMonitor, TooManyDroppedSamples
 from unigen.data.errors import DataFormatError
+from unigen.data.feature_store import check_store_vit
 from unigen.data.mixing import DataPosition
 from unigen.data.sizes import image_pair_count
 from unigen.data.task_tokenizer import TaskTokenizer
@@ -110,15 +112,21 @@ class PretrainRecipe(Recipe):
                                           report=self._report_drop)
         self.dropped_total = 0  # over every process, from the log intervals
         self.image_decoder = None  # DALI in the main process, built at first need
+        # data.image_features: opened and checked against the data options before any run
+        # folder is made; against the model's ViT once it is built
+        self.feature_store = open_training_store(cfg.data) if cfg.data.image_features else None
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
         self.dataset = build_training_dataset(self.cfg.data, self.tokenizer,
                                               rank=self.env.rank,
-                                              world_size=self.env.world_size)
+                                              world_size=self.env.world_size,
+                                              feature_store=self.feature_store)
 
     def build_model(self):
         self.model = _build_model(self.cfg, self.text_tok, self.dec_tok)
+        if self.feature_store is not None:
+            check_store_vit(self.feature_store, self.model, self.trainer.amp_dtype)
         self.num_trainable = self.model.num_parameters(trainable_only=True)
         self.peak = peak_flops(self.env.device, self.trainer.amp_dtype or torch.float32)
         return self.model
