@@ -161,8 +161,11 @@ def check_img2dataset_folder(folder: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from unigen.version import add_version_argument
+
     parser = argparse.ArgumentParser(prog="python -m unigen.data.prepare",
                                      description="From the public releases to the training files.")
+    add_version_argument(parser, parser.prog)
     sub = parser.add_subparsers(dest="command", required=True)
     wm = sub.add_parser("wikimatrix", help="English with IGLUE's languages, thresholded, "
                                            "deduplicated, sharded")

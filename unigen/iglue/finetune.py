@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unigen.configuration import ConfigError, config_from_argv, config_to_dict, run_cli
+from unigen.configuration import config_from_argv, run_cli
 from unigen.data.examples import Example, collate_examples
 from unigen.training.distributed import barrier, init_distributed, teardown_distributed
 from unigen.training.recipe import Recipe, StepOutput
@@ -51,9 +51,6 @@ from .readers import RETRIEVAL_TASKS, IGLUERecord, read_answer_set, read_iglue
 from .scoring import evaluate_file, headline
 
 MODEL_DIR = "model"
-# What must not change between an interrupted run and its resumption (the batches follow them).
-_RESUME_KEYS = (("task",), ("model",), ("trainable",), ("pair_images",), ("data", "train"),
-                ("data", "dev"), ("data", "images"), ("data", "batch_size"), ("run", "seed"))
 # What "trainable: decoder" leaves frozen besides what pre-training froze (§4.2).
 _ENCODER_PARTS = ("image_encoder", "text_encoder", "image_proj", "text_proj", "logit_scale")
 
@@ -137,6 +134,10 @@ class _BatchOrder(torch.utils.data.Sampler):
 class FinetuneRecipe(Recipe):
     name = "unigen.finetune"
     resume_hint = "--resume (checkpoint.resume=auto) continues"
+    # What an interrupted run and its resumption must share: the batches follow them (other
+    # keys that change the run, such as a longer --epochs, resume with --accept-changes).
+    resume_fixed_keys = ("task", "model", "trainable", "pair_images", "data.train", "data.dev",
+                         "data.images", "data.batch_size", "run.seed")
 
     def __init__(self, cfg: FinetuneConfig):
         if not isinstance(cfg, FinetuneConfig):
@@ -222,6 +223,12 @@ class FinetuneRecipe(Recipe):
     def micro_batches_per_epoch(self) -> int:
         return len(self.order)
 
+    def micro_batch_size(self) -> int:
+        return self.batch_size
+
+    def new_run_hint(self, checkpoint: str) -> str:
+        return f"--model {os.path.join(checkpoint, 'model')} starts one from its weights"
+
     def batches(self, epoch: int, done: int):
         def epochs(epoch, done):
             while True:
@@ -294,20 +301,6 @@ class FinetuneRecipe(Recipe):
         return self.model_dir
 
     # ---- resuming --------------------------------------------------------------------------
-    def check_resume(self, saved_config: dict) -> None:
-        now = config_to_dict(self.cfg)
-
-        def at(d, path):
-            for p in path:
-                d = d.get(p) if isinstance(d, dict) else None
-            return d
-
-        changed = [".".join(p) for p in _RESUME_KEYS if at(saved_config, p) != at(now, p)]
-        if changed:
-            raise ConfigError(f"finetune: resuming with other {', '.join(changed)} than the "
-                              f"checkpoint's run; start a new run.output_dir instead",
-                              kind="invalid")
-
     def state_dict(self) -> dict:
         return dict(self.run)
 

@@ -21,7 +21,7 @@ from unigen.data.batches import build_training_dataset, finish_batch
 from unigen.data.check import check_sources
 from unigen.data.drops import DroppedSampleMonitor, TooManyDroppedSamples
 from unigen.data.errors import DataFormatError
-from unigen.data.mixing import DataPosition
+from unigen.data.mixing import DataPosition, interleave_max_gap
 from unigen.data.sizes import image_pair_count
 from unigen.data.task_tokenizer import TaskTokenizer
 from unigen.model.config import TASK_NAMES
@@ -32,6 +32,7 @@ from unigen.training.signals import worker_ignores_sigint
 from unigen.training.trainer import Trainer, TrainResult
 
 from .config import PretrainConfig
+from .synthetic import with_synthetic_world
 
 HISTORY_KEYS = ("loss",) + TASK_NAMES + ("cl", "temperature", "lr", "grad_norm")
 # Columns of the recipe's per-step statistics (summed over micro-batches, then over ranks).
@@ -83,6 +84,13 @@ def _build_model(cfg: PretrainConfig, text_tok, dec_tok):
     return model
 
 
+def _has_weights(checkpoint: str) -> bool:
+    from unigen.model.pretrained import WEIGHTS_NAME
+    from unigen.training.checkpointing import MODEL_DIR
+
+    return os.path.isfile(os.path.join(checkpoint, MODEL_DIR, WEIGHTS_NAME))
+
+
 class PretrainRecipe(Recipe):
     name = "unigen.train"
     resume_hint = "the next launch resumes from its checkpoint (checkpoint.resume: auto)"
@@ -90,6 +98,9 @@ class PretrainRecipe(Recipe):
                   *(f"{t}_tokens" for t in TASK_NAMES), "target_tokens", "input_tokens",
                   "dropped")
     data_errors = (DataFormatError, TooManyDroppedSamples)
+    loss_columns = (*TASK_NAMES, "cl")
+    # the checkpoint holds this model and its data position: a change is a new run
+    resume_fixed_keys = ("model", "init", "data", "synthetic")
 
     def __init__(self, cfg: PretrainConfig):
         from unigen.model.tokenizers import load_decoder_tokenizer, load_text_tokenizer
@@ -122,6 +133,43 @@ class PretrainRecipe(Recipe):
         self.num_trainable = self.model.num_parameters(trainable_only=True)
         self.peak = peak_flops(self.env.device, self.trainer.amp_dtype or torch.float32)
         return self.model
+
+    def describe(self) -> list[str]:
+        d, mc = self.cfg.data, self.model.config
+        total = self.model.num_parameters(trainable_only=False)
+        sources = [f"{name} ({len(paths)})" for name, paths in (
+            ("WikiMatrix", d.wikimatrix), ("CCLM text pairs", d.cclm_text_pairs),
+            ("image shards", d.image_shards), ("CC6L", d.cc6l), ("CCQA", d.ccqa)) if paths]
+        init = self.cfg.init
+        start = (f"from {init.from_pretrained}" if init.from_pretrained
+                 else "from pre-trained parts" if init.uses_parts else "randomly initialised")
+        return [f"UniGen, {self.num_trainable:,} trainable of {total:,} parameters, {start} "
+                f"(decoder vocabulary {mc.decoder.vocab_size} + {len(TASK_NAMES)} task tokens)",
+                f"data: tasks {', '.join(f'{t} {r:g}' for t, r in d.ratios.items())} "
+                f"({d.mixing} mixing) from {', '.join(sources)}; "
+                f"{d.num_workers} loader worker(s) per process"]
+
+    def micro_batch_size(self) -> int:
+        return self.cfg.data.batch_size
+
+    def every_parameter_used(self) -> bool:
+        """A [match] sample in every micro-batch, with L_CL on, reaches every trainable part:
+        both encoders, the Q-Former, the decoder and the contrastive projections (checked
+        under DDP with every other task switched off). Only interleaved mixing promises one
+        per batch; random mixing may draw a batch without."""
+        d = self.cfg.data
+        if d.mixing != "interleave" or "match" not in d.ratios \
+                or self.model.config.loss.contrastive_weight <= 0:
+            return False
+        return interleave_max_gap(d.ratios, "match") <= d.batch_size
+
+    def new_run_hint(self, checkpoint: str) -> str:
+        model = os.path.join(checkpoint, "model")
+        if _has_weights(checkpoint):
+            return f"--init.from_pretrained={model} starts one from its weights"
+        exported = checkpoint.rstrip(os.sep) + "-model"
+        return (f"its weights are sharded: python -m unigen.training.export {checkpoint} "
+                f"{exported}, then --init.from_pretrained={exported}")
 
     # ---- data ------------------------------------------------------------------------------
     def micro_batches_per_epoch(self) -> int | None:
@@ -251,9 +299,7 @@ class PretrainRecipe(Recipe):
     def finish(self, trainer) -> str | None:
         if not self.cfg.run.save_final_model:
             return None
-        path = trainer.save_model(os.path.join(trainer.run_dir, "final_model"))
-        trainer.log(f"final model saved: {path}")
-        return path
+        return trainer.save_model(os.path.join(trainer.run_dir, "final_model"))
 
 
 def pretrain(config: PretrainConfig, *, log=None) -> TrainResult:
@@ -263,6 +309,12 @@ def pretrain(config: PretrainConfig, *, log=None) -> TrainResult:
                         f"{type(config).__name__}")
     env = init_distributed(config.distributed, config.run)
     try:
+        if config.synthetic.dir:
+            def say(line: str) -> None:  # as the trainer's event lines (rank 0, console on)
+                if config.logging.console:
+                    (log or print)(f"[{PretrainRecipe.name}] {line}")
+
+            config = with_synthetic_world(config, env, log=say)
         return Trainer(PretrainRecipe(config), config, env, log=log).fit()
     finally:
         teardown_distributed(env)
