@@ -42,6 +42,18 @@ def missing(module: str) -> str | None:
     return None
 
 
+def triton_unavailable() -> str | None:
+    """Why our Triton kernels cannot be timed here, or None: they run on GPUs, and on a CPU
+    only under Triton's interpreter (which times the interpreter, a smoke case)."""
+    from unigen.kernels.common.backend import triton_available, triton_interpreting
+
+    if not triton_available():
+        return "triton not installed"
+    if bench_device().type != "cuda" and not triton_interpreting():
+        return f"{NEEDS_CUDA} (or TRITON_INTERPRET=1 for Triton's interpreter on the CPU)"
+    return None
+
+
 def pytest_addoption(parser):
     parser.addoption("--long", action="store_true", default=False,
                      help="also run the benchmark cases marked long (minutes each on 2 CPU "

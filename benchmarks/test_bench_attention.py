@@ -40,9 +40,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import NEEDS_CUDA, bench_device, device_name, sync
+from benchmarks.conftest import NEEDS_CUDA, bench_device, device_name, sync, triton_unavailable
 from unigen.kernels import prefix_lm_attention
-from unigen.kernels.common.backend import triton_available, triton_interpreting
+from unigen.kernels.common.backend import triton_available
 from unigen.kernels.prefix_lm_attention import (
     flash_attn_available,
     torch_varlen_available,
@@ -164,10 +164,7 @@ def _varlen_step(provider, w, mask):
 def unavailable(provider: str) -> str | None:
     """Why ``provider`` cannot run here (the skip reason), or None."""
     if provider == "ours":
-        if not triton_available():
-            return "triton not installed"
-        return None if CUDA or triton_interpreting() else \
-            f"{NEEDS_CUDA} (or TRITON_INTERPRET=1 for Triton's interpreter on the CPU)"
+        return triton_unavailable()
     if provider == "flex" and not CUDA:
         return f"{NEEDS_CUDA} (FlexAttention has no CPU backward)"
     if provider == "flash_attn":

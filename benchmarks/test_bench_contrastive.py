@@ -37,9 +37,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import NEEDS_CUDA, bench_device, device_name, missing, results_dir
+from benchmarks.conftest import (
+    NEEDS_CUDA,
+    bench_device,
+    device_name,
+    missing,
+    results_dir,
+    triton_unavailable,
+)
 from unigen.kernels import contrastive_loss
-from unigen.kernels.common.backend import triton_available, triton_interpreting
+from unigen.kernels.common.backend import triton_available
 from unigen.memory import PeakMemory
 
 CUDA = torch.cuda.is_available()
@@ -128,10 +135,7 @@ def _vectorised_step(img, txt, log_scale):
 def unavailable(provider: str) -> str | None:
     """Why ``provider`` cannot run here (the skip reason), or None."""
     if provider == "ours":
-        if not triton_available():
-            return "triton not installed"
-        return None if CUDA or triton_interpreting() else \
-            f"{NEEDS_CUDA} (or TRITON_INTERPRET=1 for Triton's interpreter on the CPU)"
+        return triton_unavailable()
     if provider == "torch_compiled" and not CUDA:
         # inductor's compile time on 2 CPU cores is not worth it for a smoke case
         return f"{NEEDS_CUDA} (compiled on GPUs only)"

@@ -27,8 +27,8 @@ def test_a_file_that_exists_wins_and_bad_names_are_none(tmp_path, monkeypatch):
     own.write_text("schedule: {steps: 7, warmup_steps: 0}\n")
     monkeypatch.chdir(tmp_path)
     assert load_config(PretrainConfig, "tiny.yaml").schedule.steps == 7  # the local file
-    assert load_config(PretrainConfig, "tiny").schedule.steps == 300     # the preset
-    assert load_config(PretrainConfig, "configs/tiny.yaml").schedule.steps == 300
+    assert load_config(PretrainConfig, "tiny").schedule.steps == 800     # the preset
+    assert load_config(PretrainConfig, "configs/tiny.yaml").schedule.steps == 800
     for bad in ("nope", "../configs/tiny", "/abs/tiny", ""):
         assert find_preset(bad) is None
 

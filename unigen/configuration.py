@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "config_to_dict", "config_from_dict", "load_config", "save_config",
+__all__ = ["ConfigError", "config_to_dict", "plain_data", "config_from_dict", "load_config", "save_config",
            "apply_overrides", "parse_override_args", "config_from_argv", "check_int",
            "check_number", "check_choices", "Flag", "config_help", "print_error", "run_cli"]
 
@@ -224,23 +224,25 @@ def _coerce(value: Any, tp: Any, key: str, *, from_string: bool = False) -> Any:
     raise ConfigError(f"{key!r}: unsupported annotation {tp!r}")
 
 
+def plain_data(v):
+    """``v`` as YAML/JSON data: dataclasses become dicts, tuples lists, enums their values (a
+    value and its round trip through a saved config compare equal this way)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: plain_data(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, (list, tuple)):
+        return [plain_data(x) for x in v]
+    if isinstance(v, dict):
+        return {k: plain_data(x) for k, x in v.items()}
+    return v
+
+
 def config_to_dict(cfg) -> dict:
     """A plain dict (YAML/JSON-ready: tuples become lists, enums their values)."""
-
-    def plain(v):
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
-        if isinstance(v, enum.Enum):
-            return v.value
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
     if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
         raise TypeError(f"config_to_dict needs a dataclass instance, got {type(cfg).__name__}")
-    return plain(cfg)
+    return plain_data(cfg)
 
 
 PRESET_KEY = "preset"

@@ -355,3 +355,33 @@ def test_finetune_and_evaluate_read_a_config_file(world, tmp_path, capsys):
     assert finetune_main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "--optim.lr  float = 3e-05" in text and "--lr" in text and "--resume" in text
+
+
+@pytest.mark.parametrize("task,used", [("xflickrco", True), ("wit", True), ("xgqa", False),
+                                       ("xvnli", False), ("marvl", False)])
+def test_ddp_searches_for_unused_parameters_only_for_qus_tasks(task, used):
+    # retrieval's L_CL and [match] reach every trainable part on every batch; [qus] leaves the
+    # contrastive projections and the temperature without a gradient
+    from types import SimpleNamespace
+
+    from unigen.iglue.finetune import FinetuneRecipe
+
+    assert FinetuneRecipe.every_parameter_used(SimpleNamespace(cfg=SimpleNamespace(task=task))) \
+        is used
+
+
+def test_more_epochs_extend_a_finished_run_only_when_accepted(world):
+    root, images, files = world
+    base = dict(task="xgqa", model=str(root / "pre"), train=[str(files["train"])],
+                images=str(images), lr=1e-3, batch_size=16, workers=0, device="cpu",
+                out=str(root / "extend"))
+    first = finetune(ft_config(**base, epochs=1), log=lambda _: None)
+    with pytest.raises(ValueError, match=r"schedule.epochs 1 → 2; .*--checkpoint.accept_changes="
+                                         r"schedule.epochs"):
+        finetune(ft_config(**base, epochs=2, resume=True), log=lambda _: None)
+    lines = []
+    longer = finetune(ft_config(**base, epochs=2, resume=True, accept_changes="schedule.epochs"),
+                      log=lines.append)
+    assert longer.step == 2 * first.step
+    assert "[unigen.finetune] resuming with schedule.epochs 1 → 2 (checkpoint.accept_changes)" \
+        in lines

@@ -107,3 +107,15 @@ def test_two_process_random_mixing_with_uneven_pairs(ddp_run):
     state = _trainer_state(run_dir)
     assert state["step"] == 6
     assert all(v == v for v in state["history"]["loss"])  # finite, no nan
+
+
+def test_a_two_process_checkpoint_resumed_by_one_says_how_to_go_on(ddp_run, capsys):
+    from unigen.train import main
+
+    path, root, _, _ = ddp_run
+    checkpoint = ckpt.latest_checkpoint(ckpt.checkpoint_root(os.path.join(root, "straight")))
+    assert main(["--config", path]) == 2  # one process, the two-process run's folder
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was written by 2 processes, this run has 1" in err
+    assert "relaunch with 2 (torchrun --nproc_per_node 2)" in err
+    assert f"--init.from_pretrained={os.path.join(checkpoint, 'model')}" in err

@@ -27,7 +27,7 @@ def test_the_preset_is_a_run_that_fits():
     cfg = load_config(PretrainConfig, "configs/tiny.yaml")
     assert cfg.synthetic.dir and not cfg.data.image_shards  # the world supplies the data
     s = cfg.schedule
-    assert s.steps <= 500 and 0 < s.warmup_steps <= s.steps // 5
+    assert s.steps <= 1000 and 0 < s.warmup_steps <= s.steps // 5  # ~30 s on 2 idle cores
     assert cfg.checkpoint.every <= s.steps and cfg.logging.every <= cfg.checkpoint.every
     assert cfg.data.mixing == "interleave" and cfg.run.cpu_threads == 1
     # by name too, as an installed wheel finds it from any folder

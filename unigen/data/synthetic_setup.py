@@ -56,11 +56,23 @@ def _refuse_other(what: str, path: str, found: dict, wanted: dict) -> None:
                          f"({'; '.join(differ)}): remove it or choose another folder")
 
 
-def _publish(tmp: str, final: str) -> None:
+def _part(folder: str, name: str, marker: str, write) -> bool:
+    """``folder/name``, which is complete when it holds ``marker``: written by ``write(tmp)``
+    under a temporary name and renamed when it is not there; returns whether it was written."""
+    final = os.path.join(folder, name)
+    if os.path.isfile(os.path.join(final, marker)):
+        return False
+    if os.path.exists(final):
+        raise ValueError(f"{final} exists but holds no {marker}: remove it or choose another "
+                         f"folder")
+    tmp = os.path.join(folder, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
     if os.path.exists(final):  # another process finished first: keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.rename(tmp, final)
+    return True
 
 
 def ensure_synthetic_world(folder: str, *, num_images: int = 2000, num_text_pairs: int = 1000,
@@ -72,43 +84,21 @@ def ensure_synthetic_world(folder: str, *, num_images: int = 2000, num_text_pair
     when absent, refused when present with others (``ValueError`` naming them)."""
     os.makedirs(folder, exist_ok=True)
     made = []
-    world_dir = os.path.join(folder, WORLD_DIR)
-    wanted = _world_settings(num_images, num_text_pairs, num_eval_images, image_size,
-                             max_objects, seed)
-    if os.path.isfile(os.path.join(world_dir, "world.json")):
-        world = WorldFiles.load(world_dir)
-        _refuse_other("world", world_dir, world.counts, wanted)
-    else:
-        if os.path.exists(world_dir):
-            raise ValueError(f"{world_dir} exists but holds no world.json: remove it or choose "
-                             f"another folder")
-        tmp = os.path.join(folder, f".tmp-{WORLD_DIR}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_synthetic_world(tmp, num_images=num_images, num_text_pairs=num_text_pairs,
-                              num_eval_images=num_eval_images, image_size=image_size,
-                              max_objects=max_objects, seed=seed)
-        _publish(tmp, world_dir)
-        world = WorldFiles.load(world_dir)
+    settings = _world_settings(num_images, num_text_pairs, num_eval_images, image_size,
+                               max_objects, seed)
+    if _part(folder, WORLD_DIR, "world.json", lambda tmp: write_synthetic_world(
+            tmp, num_images=num_images, num_text_pairs=num_text_pairs,
+            num_eval_images=num_eval_images, image_size=image_size, max_objects=max_objects,
+            seed=seed)):
         made.append("world")
+    world_dir = os.path.join(folder, WORLD_DIR)
+    world = WorldFiles.load(world_dir)
+    _refuse_other("world", world_dir, world.counts, settings)
 
-    tok_dir = os.path.join(folder, TOKENIZERS_DIR)
-    manifest = os.path.join(tok_dir, TOKENIZERS_MANIFEST)
     wanted = {"text_vocab_size": text_vocab_size, "decoder_vocab_size": decoder_vocab_size,
-              "world": wanted}
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            saved = json.load(f)
-        _refuse_other("tokenizer pair", tok_dir, saved["requested"], wanted)
-        tok = TinyTokenizers(text_dir=os.path.join(tok_dir, "text"),
-                             decoder_dir=os.path.join(tok_dir, "decoder"),
-                             text_vocab_size=saved["text_vocab_size"],
-                             decoder_vocab_size=saved["decoder_vocab_size"])
-    else:
-        if os.path.exists(tok_dir):
-            raise ValueError(f"{tok_dir} exists but holds no {TOKENIZERS_MANIFEST}: remove it or "
-                             f"choose another folder")
-        tmp = os.path.join(folder, f".tmp-{TOKENIZERS_DIR}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+              "world": settings}
+
+    def train_tokenizers(tmp: str) -> None:
         trained = train_tiny_tokenizers(all_texts(world), tmp, text_vocab_size=text_vocab_size,
                                         decoder_vocab_size=decoder_vocab_size,
                                         task_tokens=task_tokens)
@@ -117,10 +107,15 @@ def ensure_synthetic_world(folder: str, *, num_images: int = 2000, num_text_pair
         with open(os.path.join(tmp, TOKENIZERS_MANIFEST), "w", encoding="utf-8") as f:
             json.dump({"requested": wanted, "text_vocab_size": trained.text_vocab_size,
                        "decoder_vocab_size": trained.decoder_vocab_size}, f, indent=1)
-        _publish(tmp, tok_dir)
-        tok = TinyTokenizers(text_dir=os.path.join(tok_dir, "text"),
-                             decoder_dir=os.path.join(tok_dir, "decoder"),
-                             text_vocab_size=trained.text_vocab_size,
-                             decoder_vocab_size=trained.decoder_vocab_size)
+
+    if _part(folder, TOKENIZERS_DIR, TOKENIZERS_MANIFEST, train_tokenizers):
         made.append("tokenizers")
+    tok_dir = os.path.join(folder, TOKENIZERS_DIR)
+    with open(os.path.join(tok_dir, TOKENIZERS_MANIFEST), encoding="utf-8") as f:
+        saved = json.load(f)
+    _refuse_other("tokenizer pair", tok_dir, saved["requested"], wanted)
+    tok = TinyTokenizers(text_dir=os.path.join(tok_dir, "text"),
+                         decoder_dir=os.path.join(tok_dir, "decoder"),
+                         text_vocab_size=saved["text_vocab_size"],
+                         decoder_vocab_size=saved["decoder_vocab_size"])
     return SyntheticSetup(world=world, tokenizers=tok, made=tuple(made))

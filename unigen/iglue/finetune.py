@@ -23,7 +23,7 @@ folder is pre-training's: ``config.yaml``, ``metrics.jsonl`` (loss lines, and on
 per epoch), ``checkpoints/step_<N>`` (every ``checkpoint.every`` steps and after each epoch).
 ``--resume`` (``checkpoint.resume=auto``) continues an interrupted run on the same batches in
 the same order (each epoch's order is drawn from the seed and the epoch alone), and a larger
-``--epochs`` extends a finished one.
+``--epochs`` with ``--accept-changes schedule.epochs`` extends a finished one.
 
 Under ``torchrun --nproc_per_node N -m unigen.finetune ...`` (the paper fine-tuned retrieval on
 8 GPUs) each process takes one GPU and ``data.batch_size`` examples of every global batch of
@@ -225,6 +225,12 @@ class FinetuneRecipe(Recipe):
 
     def micro_batch_size(self) -> int:
         return self.batch_size
+
+    def every_parameter_used(self) -> bool:
+        """Retrieval trains L_CL and [match] on every batch, which reach every trainable part;
+        the [qus] tasks leave the contrastive projections and the temperature without a
+        gradient (both checked step by step on the tiny model)."""
+        return self.cfg.task in RETRIEVAL_TASKS
 
     def new_run_hint(self, checkpoint: str) -> str:
         return f"--model {os.path.join(checkpoint, 'model')} starts one from its weights"

@@ -48,7 +48,9 @@ def _check_runnable(cfg: PretrainConfig) -> None:
     d = cfg.data
     if not any((d.wikimatrix, d.cclm_text_pairs, d.image_shards, d.cc6l, d.ccqa)):
         raise ConfigError("no training data: set data.wikimatrix / data.cclm_text_pairs, "
-                          "data.image_shards, data.cc6l, data.ccqa", kind="invalid")
+                          "data.image_shards, data.cc6l, data.ccqa, or synthetic.dir (a first "
+                          "run on the synthetic world: --config configs/tiny.yaml)",
+                          kind="invalid")
     for key in ("encoder_tokenizer", "decoder_tokenizer"):
         path = getattr(d, key)
         if not path or not os.path.isdir(path):

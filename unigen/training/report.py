@@ -61,8 +61,10 @@ def start_lines(trainer, launch_config: str, launch: int) -> list[str]:
         if cfg.distributed.parallelism == "ddp":
             where += (", unused-parameter search " + ("on" if trainer.find_unused else "off")
                       + (" (auto)" if cfg.distributed.find_unused_parameters == "auto" else ""))
-    schedule = (f"lr {o.lr:g}, {s.warmup_steps} warm-up steps, {s.decay} decay"
-                + (f" to {s.min_lr_ratio:g}×" if s.min_lr_ratio and s.decay != "constant" else ""))
+    parts = [f"lr {o.lr:g}"] + ([f"{s.warmup_steps} warm-up steps"] if s.warmup_steps else [])
+    parts.append("constant" if s.decay == "constant" else f"{s.decay} decay"
+                 + (f" to {s.min_lr_ratio:g}×" if s.min_lr_ratio else ""))
+    schedule = ", ".join(parts)
     every = cfg.checkpoint.every
     lines = [f"{length}, on {where}; {schedule}",
              *recipe.describe(),

@@ -35,7 +35,7 @@ def config_changes(saved: dict, config, prefix: str = "") -> list[tuple[str, obj
     skipped (a config of another version of the code)."""
     import dataclasses
 
-    from unigen.configuration import config_to_dict
+    from unigen.configuration import plain_data
 
     out = []
     for f in dataclasses.fields(config):
@@ -44,24 +44,9 @@ def config_changes(saved: dict, config, prefix: str = "") -> list[tuple[str, obj
         key, old, new = f"{prefix}{f.name}", saved[f.name], getattr(config, f.name)
         if dataclasses.is_dataclass(new) and isinstance(old, dict):
             out.extend(config_changes(old, new, key + "."))
-            continue
-        new = config_to_dict(new) if dataclasses.is_dataclass(new) else new
-        if _plain(old) != _plain(new):
+        elif plain_data(old) != plain_data(new):  # a checkpoint's tuples come back as lists
             out.append((key, old, new))
     return out
-
-
-def _plain(v):
-    # a checkpoint's tuples come back as lists, its enums as their values: compare the values
-    import enum
-
-    if isinstance(v, enum.Enum):
-        return v.value
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
 
 
 def _short(v, limit: int = 40) -> str:
