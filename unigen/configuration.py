@@ -28,9 +28,10 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "config_to_dict", "plain_data", "config_from_dict", "load_config", "save_config",
-           "apply_overrides", "parse_override_args", "config_from_argv", "check_int",
-           "check_number", "check_choices", "Flag", "config_help", "print_error", "run_cli"]
+__all__ = ["ConfigError", "config_to_dict", "plain_data", "config_from_dict", "load_config",
+           "save_config", "apply_overrides", "parse_override_args", "config_from_argv",
+           "check_int", "check_number", "check_choices", "Flag", "config_help", "print_error",
+           "run_cli"]
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}

@@ -25,6 +25,8 @@ from unigen.data.mixing import DataPosition, interleave_max_gap
 from unigen.data.sizes import image_pair_count
 from unigen.data.task_tokenizer import TaskTokenizer
 from unigen.model.config import TASK_NAMES
+from unigen.model.pretrained import WEIGHTS_NAME
+from unigen.training.checkpointing import MODEL_DIR
 from unigen.training.distributed import init_distributed, teardown_distributed
 from unigen.training.metrics import estimate_mfu, peak_flops
 from unigen.training.recipe import Recipe, StepOutput
@@ -84,13 +86,6 @@ def _build_model(cfg: PretrainConfig, text_tok, dec_tok):
                           f"{len(dec_tok) - len(mc.tasks.task_tokens)} base tokens: set "
                           f"model.decoder.vocab_size to that)", kind="invalid") from None
     return model
-
-
-def _has_weights(checkpoint: str) -> bool:
-    from unigen.model.pretrained import WEIGHTS_NAME
-    from unigen.training.checkpointing import MODEL_DIR
-
-    return os.path.isfile(os.path.join(checkpoint, MODEL_DIR, WEIGHTS_NAME))
 
 
 class PretrainRecipe(Recipe):
@@ -166,8 +161,8 @@ class PretrainRecipe(Recipe):
         return interleave_max_gap(d.ratios, "match") <= d.batch_size
 
     def new_run_hint(self, checkpoint: str) -> str:
-        model = os.path.join(checkpoint, "model")
-        if _has_weights(checkpoint):
+        model = os.path.join(checkpoint, MODEL_DIR)
+        if os.path.isfile(os.path.join(model, WEIGHTS_NAME)):  # a full checkpoint
             return f"--init.from_pretrained={model} starts one from its weights"
         exported = checkpoint.rstrip(os.sep) + "-model"
         return (f"its weights are sharded: python -m unigen.training.export {checkpoint} "

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import os
 
+import torch
+
 
 def _mean_of_last(values: list, n: int) -> float | None:
     tail = [v for v in values[-n:] if v is not None and math.isfinite(v)]
@@ -52,8 +54,6 @@ def start_lines(trainer, launch_config: str, launch: int) -> list[str]:
     precision = "bf16 autocast" if trainer.amp_dtype is not None else "fp32"
     where = f"{trainer.device.type} ({precision}"
     if trainer.device.type == "cpu":
-        import torch
-
         where += f", {torch.get_num_threads()} thread(s) per process"
     where += ")"
     if env.world_size > 1:

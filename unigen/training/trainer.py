@@ -48,7 +48,7 @@ from .distributed import (
 )
 from .metrics import MetricLogger, peak_memory_gib
 from .optim import autocast_dtype, build_optimizer
-from .plots import LOSS_CURVE, write_loss_curve
+from .plots import LOSS_CURVE, matplotlib_available, write_loss_curve
 from .recipe import Recipe, StepOutput
 from .report import end_lines, start_lines
 from .resume import check_resume_config
@@ -162,6 +162,7 @@ class Trainer:
         self.history: dict[str, list] = {"step": [], "loss": [], "lr": [], "grad_norm": []}
         self.last_checkpoint: str | None = None
         self.resumed_from: str | None = None
+        self._accepted_changes: list[tuple[str, object, object]] = []  # by a resume
         self.stop = StopRequest()
         self.logger: MetricLogger | None = None
         self._pending: list[torch.Tensor] = []
@@ -502,7 +503,7 @@ class Trainer:
         if env.is_main:
             for line in start_lines(self, launch_config, launch):
                 self.log(line)
-            for key, old, new in getattr(self, "_accepted_changes", ()):
+            for key, old, new in self._accepted_changes:
                 self.log(f"resuming with {key} {old!r} → {new!r} (checkpoint.accept_changes)")
         if self.steps_per_epoch is None:
             epoch, done = 1, 0
@@ -583,7 +584,8 @@ class Trainer:
     def _report_end(self, seconds: float, final_dir: str | None, stopped: str | None,
                     wall: float) -> str | None:
         """The loss-curve picture and the summary lines (rank 0); returns the picture's path."""
-        curve, note = None, "matplotlib is not installed (pip install matplotlib)"
+        curve, note = None, ("not drawn, no step yet" if matplotlib_available() else
+                             "matplotlib is not installed (pip install matplotlib)")
         try:
             curve = write_loss_curve(self.history, self.recipe.loss_columns,
                                      os.path.join(self.run_dir, LOSS_CURVE),
