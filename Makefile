@@ -89,8 +89,9 @@ test-latest:
 compare-deps: bootstrap
 	$(PY) tools/install_comparisons.py
 
+# --long: the long CPU cases too (the GPT-2 head, minutes per provider): the README's table
 bench: bootstrap
-	OUT=$(CURDIR)/benchmarks/results PYTHONPATH=$(CURDIR) $(VENV)/bin/pytest benchmarks --benchmark-only -q
+	OUT=$(CURDIR)/benchmarks/results PYTHONPATH=$(CURDIR) $(VENV)/bin/pytest benchmarks --benchmark-only --long -q
 
 ext: bootstrap
 	$(PY) setup.py build_ext --inplace

@@ -9,6 +9,7 @@ torch that is already installed (an isolated build would fetch another torch).
 
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -70,16 +71,55 @@ ext_modules, cmdclass = _extensions()
 KERNEL_PACKAGES = {f"unigen.kernels.{name}": os.path.join("kernels", *name.split("."))
                    for name in find_packages("kernels")}
 
+# The config presets (configs/*.yaml) ship as package data, unigen/configs/ in the wheel, so
+# `--config tiny` / `--config configs/tiny.yaml` work from any folder once installed
+# (unigen/presets.py looks there, then in a checkout's configs/). Data only: no __init__.py.
+PRESET_PACKAGES = {"unigen.configs": "configs", "unigen.configs.ablations": "configs/ablations"}
+
+
+def _read(*parts):
+    with open(os.path.join(ROOT, *parts), encoding="utf-8") as f:
+        return f.read()
+
+
+# One version: the package's own (unigen/version.py), read without importing the package.
+VERSION = re.search(r'^__version__ = "([^"]+)"', _read("unigen", "version.py"), re.M).group(1)
+
 setup(
     name="unigen",
-    version="0.1.0",
+    version=VERSION,
     description="UniGen: a fast training core for multilingual multimodal generative pre-training",
+    long_description=_read("README.md"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    project_urls={
+        "Paper": "https://doi.org/10.1145/3655497.3655509",
+    },
+    keywords=["multilingual", "multimodal", "vision-language", "pre-training", "triton",
+              "cross-entropy", "contrastive learning", "flash attention"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Programming Language :: C++",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.10",
     # Each folder of `kernels/` installs as a subpackage of `unigen.kernels` (whose public surface
     # is unigen/kernels/__init__.py); `kernels/` itself has no __init__.py and is never a top-level
     # `kernels` package (PyPI's `kernels`, which transformers imports, owns that name).
-    packages=find_packages(include=["unigen", "unigen.*"]) + list(KERNEL_PACKAGES),
-    package_dir={"unigen": "unigen", **KERNEL_PACKAGES},
+    packages=find_packages(include=["unigen", "unigen.*"]) + list(KERNEL_PACKAGES)
+    + list(PRESET_PACKAGES),
+    package_dir={"unigen": "unigen", **KERNEL_PACKAGES, **PRESET_PACKAGES},
+    package_data={name: ["*.yaml"] for name in PRESET_PACKAGES},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.11", "numpy", "safetensors", "pyyaml", "tqdm"],

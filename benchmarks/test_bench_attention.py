@@ -40,9 +40,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import bench_device, device_name, sync
+from benchmarks.conftest import NEEDS_CUDA, bench_device, device_name, sync, triton_unavailable
 from unigen.kernels import prefix_lm_attention
-from unigen.kernels.common.backend import triton_available, triton_interpreting
+from unigen.kernels.common.backend import triton_available
 from unigen.kernels.prefix_lm_attention import (
     flash_attn_available,
     torch_varlen_available,
@@ -161,8 +161,24 @@ def _varlen_step(provider, w, mask):
     return run
 
 
+def unavailable(provider: str) -> str | None:
+    """Why ``provider`` cannot run here (the skip reason), or None."""
+    if provider == "ours":
+        return triton_unavailable()
+    if provider == "flex" and not CUDA:
+        return f"{NEEDS_CUDA} (FlexAttention has no CPU backward)"
+    if provider == "flash_attn":
+        return NEEDS_CUDA if not CUDA else None if flash_attn_available() else \
+            "flash_attn not installed"
+    if provider == "torch_varlen":
+        return NEEDS_CUDA if not CUDA else None if torch_varlen_available() else \
+            f"torch.nn.attention.varlen is not in torch {torch.__version__}"
+    return None
+
+
 def _step(provider, w, mask):
-    """A closure running one forward + backward of ``provider``; None when it cannot run here."""
+    """A closure running one forward + backward of ``provider`` (one :func:`unavailable`
+    accepts)."""
     if provider == "sdpa_padded":
         q, k, v, do, dense_mask = _padded(w)
         q, k, v = (x.requires_grad_() for x in (q, k, v))
@@ -172,14 +188,8 @@ def _step(provider, w, mask):
             return torch.autograd.grad(out, (q, k, v), do)
 
         return run
-    if provider == "ours" and not (triton_available() and (CUDA or triton_interpreting())):
-        return None
-    if provider == "flex" and not CUDA:
-        return None  # PyTorch's FlexAttention has no CPU backward
-    if provider == "flash_attn":
-        return _varlen_step(provider, w, mask) if CUDA and flash_attn_available() else None
-    if provider == "torch_varlen":
-        return _varlen_step(provider, w, mask) if CUDA and torch_varlen_available() else None
+    if provider in ("flash_attn", "torch_varlen"):
+        return _varlen_step(provider, w, mask)
     backend = {"ours": "triton", "flex": "flex"}[provider]
     q, k, v = (w[n].detach().requires_grad_() for n in ("q", "k", "v"))
 
@@ -214,10 +224,11 @@ def _measure(benchmark, run, **info):
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_attention_fwd_bwd(benchmark, provider, mask):
+    reason = unavailable(provider)
+    if reason:
+        pytest.skip(f"{provider}: {reason}")
     w = _workload(mask)
     step = _step(provider, w, mask)
-    if step is None:
-        pytest.skip(f"{provider} is not available on {DEVICE.type}")
     _measure(benchmark, _synced(step), tokens=int(w["cu"][-1]))
 
 
@@ -242,7 +253,7 @@ TILE_CONFIGS = {
 @pytest.mark.parametrize("provider", TILE_CONFIGS)
 def test_ours_tile_sweep(benchmark, provider, mask):
     if not (CUDA and triton_available()):
-        pytest.skip("the tile sweep runs on a GPU only")
+        pytest.skip(f"tile sweep: {NEEDS_CUDA} and triton")
     path, cfg = TILE_CONFIGS[provider]
     w = _workload(mask)
     scale = SHAPE["head_dim"] ** -0.5

@@ -37,9 +37,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import bench_device, device_name, results_dir
+from benchmarks.conftest import (
+    NEEDS_CUDA,
+    bench_device,
+    device_name,
+    missing,
+    results_dir,
+    triton_unavailable,
+)
 from unigen.kernels import contrastive_loss
-from unigen.kernels.common.backend import triton_available, triton_interpreting
+from unigen.kernels.common.backend import triton_available
 from unigen.memory import PeakMemory
 
 CUDA = torch.cuda.is_available()
@@ -125,13 +132,26 @@ def _vectorised_step(img, txt, log_scale):
     return grads, neg_text, neg_image
 
 
+def unavailable(provider: str) -> str | None:
+    """Why ``provider`` cannot run here (the skip reason), or None."""
+    if provider == "ours":
+        return triton_unavailable()
+    if provider == "torch_compiled" and not CUDA:
+        # inductor's compile time on 2 CPU cores is not worth it for a smoke case
+        return f"{NEEDS_CUDA} (compiled on GPUs only)"
+    if provider == "open_clip":
+        return missing("open_clip")
+    if provider == "inf_cl":
+        return NEEDS_CUDA if not CUDA else missing("inf_cl")
+    return None
+
+
 def _step(provider, n):
-    """A closure running one step of ``provider`` at batch n; None when it cannot run here."""
+    """A closure running one step of ``provider`` (one :func:`unavailable` accepts) at
+    batch n."""
     img, txt, log_scale = _workload(n)
     if provider in ("ours", "ours_torch"):
         backend = "triton" if provider == "ours" else "torch"
-        if provider == "ours" and not (triton_available() and (CUDA or triton_interpreting())):
-            return None
         gen = torch.Generator(device=DEVICE).manual_seed(0)
 
         def run():
@@ -145,15 +165,10 @@ def _step(provider, n):
     if provider == "torch_vectorised":
         return lambda: _vectorised_step(img, txt, log_scale)
     if provider == "torch_compiled":
-        if not CUDA:
-            return None  # inductor compile time on 2 CPU cores is not worth it for a smoke run
         compiled = torch.compile(_vectorised_step, dynamic=False)
         return lambda: compiled(img, txt, log_scale)
     if provider == "open_clip":
-        try:  # absent, or present without its own dependencies (torchvision, ftfy, timm)
-            from open_clip.loss import ClipLoss
-        except ImportError:
-            return None
+        from open_clip.loss import ClipLoss
 
         clip_loss = ClipLoss()
 
@@ -164,12 +179,7 @@ def _step(provider, n):
 
         return run
     if provider == "inf_cl":
-        if not CUDA:
-            return None
-        try:
-            from inf_cl import cal_inf_loss
-        except ImportError:
-            return None
+        from inf_cl import cal_inf_loss
 
         def run():
             a, b = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
@@ -205,10 +215,10 @@ def test_contrastive_fwd_bwd_mining(benchmark, provider, size):
         pytest.skip(f"{provider} holds B×B matrices: not run at B = {n}")
     if provider == "torch_compiled" and size not in COMPILED_SIZES:
         pytest.skip(f"torch_compiled is only measured at {sorted(COMPILED_SIZES)}")
-    step = _step(provider, n)
-    if step is None:
-        pytest.skip(f"{provider} is not available on {DEVICE}")
-    run = _synced(step)
+    reason = unavailable(provider)
+    if reason:
+        pytest.skip(f"{provider}: {reason}")
+    run = _synced(_step(provider, n))
     rounds = 2 if size == "memory" else SLOW_ROUNDS.get(provider, ROUNDS)
     try:
         peak_mb = _measure(benchmark, run, "contrastive_loss", rounds, size=size, batch=n,
@@ -301,7 +311,7 @@ TILE_CONFIGS = {
 @pytest.mark.parametrize("provider", TILE_CONFIGS)
 def test_ours_tile_sweep(benchmark, provider, monkeypatch):
     if not (CUDA and triton_available()):
-        pytest.skip("the tile sweep runs on a GPU only")
+        pytest.skip(f"tile sweep: {NEEDS_CUDA} and triton")
     module = importlib.import_module("unigen.kernels.contrastive_loss.launch")
     cfg = TILE_CONFIGS[provider]
     monkeypatch.setattr(module, "_BLOCK_OVERRIDE", cfg["tiles"])

@@ -4,7 +4,8 @@ GPU grid: N ∈ {4096, 20480} target tokens, D = 768, V = 50257 (GPT-2 head), bf
 row-chunked "mean" path, "ours_reduction_none" the fused kernels of ``reduction="none"``.
 CPU grid: N ∈ {2048, 8192}, D = 256, V = 8192, fp32 (a few seconds per case on 2 cores), and
 ``test_cross_entropy_gpt2_head_cpu``: the GPT-2 head itself (N = 8192, D = 768, V = 50257, fp32),
-one timed round per provider (~15-30 s each on 2 cores: run it alone).
+one timed round per provider (~1 min each on 2 cores, 4.5 GB for eager PyTorch: marked ``long``,
+run with ``--long``, as ``make bench`` does).
 Memory: ``peak_mem_mb`` is the peak above the inputs during one fwd+bwd, the gradients of h and
 W included; ``outputs_mb`` is the size of those gradients, which every provider must produce, so
 the working memory a provider adds is the difference (the GPU target: under 100 MB at N = 20480).
@@ -13,13 +14,13 @@ the working memory a provider adds is the difference (the GPU target: under 100 
 Run: ``pytest benchmarks/test_bench_cross_entropy.py --benchmark-only``.
 """
 
-import importlib.util
+import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import bench_device, device_name, sync
+from benchmarks.conftest import NEEDS_CUDA, bench_device, device_name, missing, sync
 from unigen._extension import cpp_ops_available
 from unigen.kernels import fused_linear_cross_entropy
 from unigen.kernels.common.backend import triton_available
@@ -125,10 +126,10 @@ def _measure(benchmark, fn, shape, group="fused_linear_cross_entropy", rounds=5,
 @pytest.mark.parametrize("shape", GRID, ids=lambda s: f"N{s[0]}-D{s[1]}-V{s[2]}")
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_cross_entropy_fwd_bwd(benchmark, provider, shape):
-    if provider in REQUIRES and importlib.util.find_spec(REQUIRES[provider]) is None:
-        pytest.skip(f"{REQUIRES[provider]} not installed")
-    if provider in ("liger", "cut_cross_entropy") and not ON_GPU:
-        pytest.skip("GPU-only provider")
+    if provider in REQUIRES:  # GPU kernels: on a CPU, installing them would not help
+        reason = NEEDS_CUDA if not ON_GPU else missing(REQUIRES[provider])
+        if reason:
+            pytest.skip(f"{provider}: {reason}")
     _measure(benchmark, PROVIDERS[provider], shape)
 
 
@@ -137,13 +138,14 @@ HEAD_PROVIDERS = ["torch", "torch.compile", "ours", "ours_cpp"]
 
 
 @pytest.mark.parametrize("provider", HEAD_PROVIDERS)
+@pytest.mark.long("about 1 minute per provider, 4.5 GB for eager PyTorch")
 def test_cross_entropy_gpt2_head_cpu(benchmark, provider):
     """The GPT-2 head on CPU (fp32, fwd+bwd): one warm-up (compilation), one step under the
     memory probe, one timed round; compare ``peak_mem_mb`` with the "torch" row's."""
     if ON_GPU:
-        pytest.skip("the CPU case of the GPT-2 head")
-    if provider not in PROVIDERS:
-        pytest.skip(f"{provider} is not available here")
+        pytest.skip("the CPU case of the GPT-2 head (the GPU grid measures it on a GPU)")
+    if provider not in PROVIDERS:  # ours_cpp
+        pytest.skip(f"{provider}: unigen._C is not built (pip install --no-build-isolation -e .)")
     _measure(benchmark, PROVIDERS[provider], GPT2_HEAD_CPU, group="fused_linear_cross_entropy_gpt2_head_cpu",
              rounds=1, warmup_rounds=0)
 
@@ -165,7 +167,7 @@ TILE_CONFIGS = {
 @pytest.mark.parametrize("provider", TILE_CONFIGS)
 def test_ours_tile_sweep(benchmark, provider):
     if not (ON_GPU and triton_available()):
-        pytest.skip("the tile sweep runs on a GPU only")
+        pytest.skip(f"tile sweep: {NEEDS_CUDA} and triton")
     flce = _FLCE
     cfg = TILE_CONFIGS[provider] or flce._triton_config(None, DTYPE, GRID[-1][1])
 

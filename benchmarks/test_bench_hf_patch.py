@@ -13,15 +13,13 @@ parameter gradients included (``outputs_mb``); the logits of the unpatched step 
 Run: ``pytest benchmarks/test_bench_hf_patch.py --benchmark-only``.
 """
 
-import importlib.util
-
 import pytest
 import torch
 
-from benchmarks.conftest import bench_device, device_name, sync
+from benchmarks.conftest import NEEDS_CUDA, bench_device, device_name, missing, sync
 from unigen.memory import PeakMemory
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="transformers not installed")
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -68,11 +66,10 @@ def _model():
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_hf_llama_train_step(benchmark, provider):
-    if provider in REQUIRES:
-        if not ON_GPU:
-            pytest.skip("GPU-only provider")
-        if importlib.util.find_spec(REQUIRES[provider]) is None:
-            pytest.skip(f"{REQUIRES[provider]} not installed")
+    if provider in REQUIRES:  # GPU kernels: on a CPU, installing them would not help
+        reason = NEEDS_CUDA if not ON_GPU else missing(REQUIRES[provider])
+        if reason:
+            pytest.skip(f"{provider}: {reason}")
     model = PROVIDERS[provider](_model())
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, CONFIG["vocab_size"], (BATCH, SEQ), generator=g).to(DEVICE)

@@ -4,7 +4,7 @@ The fused ops live in :mod:`unigen.kernels`; the model (``UniGen``, ``UniGenConf
 :mod:`unigen.model`. Heavy submodules are imported lazily so ``import unigen`` stays cheap.
 """
 
-__version__ = "0.1.0"
+from unigen.version import __version__  # noqa: F401  (the package's version, one source)
 
 _LAZY = {"UniGen": "unigen.model", "UniGenConfig": "unigen.model.config"}
 

@@ -28,9 +28,10 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "config_to_dict", "config_from_dict", "load_config", "save_config",
-           "apply_overrides", "parse_override_args", "config_from_argv", "check_int",
-           "check_number", "check_choices", "Flag", "config_help", "run_cli"]
+__all__ = ["ConfigError", "config_to_dict", "plain_data", "config_from_dict", "load_config",
+           "save_config", "apply_overrides", "parse_override_args", "config_from_argv",
+           "check_int", "check_number", "check_choices", "Flag", "config_help", "print_error",
+           "run_cli"]
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -224,23 +225,25 @@ def _coerce(value: Any, tp: Any, key: str, *, from_string: bool = False) -> Any:
     raise ConfigError(f"{key!r}: unsupported annotation {tp!r}")
 
 
+def plain_data(v):
+    """``v`` as YAML/JSON data: dataclasses become dicts, tuples lists, enums their values (a
+    value and its round trip through a saved config compare equal this way)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: plain_data(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, (list, tuple)):
+        return [plain_data(x) for x in v]
+    if isinstance(v, dict):
+        return {k: plain_data(x) for k, x in v.items()}
+    return v
+
+
 def config_to_dict(cfg) -> dict:
     """A plain dict (YAML/JSON-ready: tuples become lists, enums their values)."""
-
-    def plain(v):
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
-        if isinstance(v, enum.Enum):
-            return v.value
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
     if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
         raise TypeError(f"config_to_dict needs a dataclass instance, got {type(cfg).__name__}")
-    return plain(cfg)
+    return plain_data(cfg)
 
 
 PRESET_KEY = "preset"
@@ -459,6 +462,17 @@ def _merge(base: dict, top: dict) -> dict:
 
 def _read_file(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict:
     path = os.fspath(path)
+    if not os.path.isfile(path) and not _chain:
+        # not a file here: a preset's name (``tiny``, ``configs/tiny.yaml`` from an installed
+        # wheel, run from any folder)
+        from unigen.presets import find_preset, preset_names
+
+        found = find_preset(path)
+        if found is None:
+            names = preset_names()
+            raise FileNotFoundError(f"config file {path!r} does not exist"
+                                    + (f" and is no preset ({', '.join(names)})" if names else ""))
+        path = found
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist"
                                 + (f" (extended by {_chain[-1]})" if _chain else ""))
@@ -568,7 +582,8 @@ def config_help(cls, *, prog: str, description: str = "",
     and docstring), then the short flags of ``aliases``."""
     import textwrap
 
-    lines = [f"usage: {prog} [--config FILE.yaml] [--section.key=VALUE ...] [--print-config]"]
+    lines = [f"usage: {prog} [--config FILE.yaml] [--section.key=VALUE ...] [--print-config] "
+             "[--version]"]
     if description:
         lines += ["", description.strip()]
     lines += ["", "Keys (a YAML file sets any of them; --key=VALUE overrides one; lists take "
@@ -625,16 +640,21 @@ def check_choices(obj, owner: str) -> None:
 def run_cli(cls, run, argv: Sequence[str] | None = None, *, prog: str, description: str = "",
             aliases: Mapping[str, str | Flag] | None = None,
             errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)) -> int:
-    """An entry point's front: ``--help`` prints :func:`config_help`; ``--print-config``
-    prints the resolved config (defaults ← file ← overrides) as YAML and runs nothing;
-    otherwise the config read by :func:`config_from_argv` goes to ``run``. The ``errors`` (a
-    bad config, a missing file) print one line and give exit status 2; returns the exit
-    status."""
+    """An entry point's front: ``--help`` prints :func:`config_help`; ``--version`` the
+    package's version; ``--print-config`` prints the resolved config (defaults ← file ←
+    overrides) as YAML and runs nothing; otherwise the config read by :func:`config_from_argv`
+    goes to ``run``. The ``errors`` (a bad config, a missing file) print one line and give exit
+    status 2; returns the exit status (``run``'s own when it returns an int)."""
     import sys
+
+    from unigen.version import version_line
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(config_help(cls, prog=prog, description=description, aliases=aliases))
+        return 0
+    if "--version" in argv:
+        print(version_line(prog))
         return 0
     print_only = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
@@ -644,10 +664,17 @@ def run_cli(cls, run, argv: Sequence[str] | None = None, *, prog: str, descripti
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True),
                   end="")
             return 0
-        run(cfg)
+        status = run(cfg)
     except errors as e:
-        # one line, whatever the message (tarfile's, for one, spans several)
-        message = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
-        print(f"{prog.split()[-1]}: error: {message}", file=sys.stderr, flush=True)
+        print_error(prog, e)
         return 2
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def print_error(prog: str, error: BaseException | str) -> None:
+    """``<module>: error: <message>`` on stderr, on one line whatever the message (tarfile's,
+    for one, spans several): how every entry point reports what stops it."""
+    import sys
+
+    message = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    print(f"{prog.split()[-1]}: error: {message}", file=sys.stderr, flush=True)

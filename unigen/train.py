@@ -1,5 +1,6 @@
 """UniGen pre-training (paper §3.3, §4.2).
 
+    python -m unigen.train --config configs/tiny.yaml    # a small run on the synthetic world
     python -m unigen.train --config run.yaml [--section.key=value ...]
     torchrun --nproc_per_node 8 -m unigen.train --config run.yaml
 
@@ -20,7 +21,6 @@ In-process use (tests, the demo)::
 
 from __future__ import annotations
 
-import os
 import sys
 
 from unigen.configuration import ConfigError, run_cli
@@ -32,11 +32,7 @@ train = pretrain
 
 
 def _run(config: PretrainConfig) -> None:
-    result = pretrain(config)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"[unigen.train] done: {result.step} steps, run folder {result.run_dir}"
-              + (f" (stopped by {result.stopped_by_signal})" if result.stopped_by_signal
-                 else ""), flush=True)
+    pretrain(config)  # the run's banner and end summary are the trainer's (rank 0)
 
 
 def main(argv: list[str] | None = None) -> int:

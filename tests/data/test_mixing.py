@@ -177,3 +177,19 @@ def test_data_position_resumes_exactly_without_replaying(world, monkeypatch):
     wrong.load_state_dict(dict(saved, batches_consumed=7))
     with pytest.raises(ValueError, match="saved data state of worker role"):
         next(iter(wrong))
+
+
+def test_interleave_max_gap_is_the_window_that_always_holds_the_task():
+    from unigen.data.mixing import TaskMixer, interleave_max_gap
+
+    ratios = {"trans": 2.0, "cap": 1.0, "qus": 0.5, "match": 1.0}
+    for task in ratios:
+        gap = interleave_max_gap(ratios, task)
+        draws = TaskMixer({t: () for t in ratios}, ratios, mode="interleave").draw_tasks(400)
+        windows = [draws[i:i + gap] for i in range(len(draws) - gap)]
+        assert all(task in w for w in windows), task  # every window of that size holds it
+        assert not all(task in draws[i:i + gap - 1] for i in range(len(draws) - gap)), task
+    assert interleave_max_gap({"trans": 1, "cap": 1, "qus": 1, "match": 1}, "match") == 4
+    assert interleave_max_gap({"match": 1.0}, "match") == 1
+    with pytest.raises(ValueError, match="no positive ratio"):
+        interleave_max_gap({"trans": 1.0, "match": 0.0}, "match")

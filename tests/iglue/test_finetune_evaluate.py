@@ -149,7 +149,17 @@ def test_finetune_and_score_every_task(world, task):
         assert metrics["images"] == 8 and metrics["texts"] == 12
         assert 0.0 <= metrics["r1"] <= 1.0 and metrics["tr_chance"] == pytest.approx(
             sum(len(s) for s in [["a"], ["a", "b"]] * 4) / 8 / 12)
-        assert not os.path.exists(out / "preds") or not os.listdir(out / "preds")
+        # retrieval writes its rankings: every caption's images, then every image's captions,
+        # whose hits are the R@1 the metrics report
+        (written,) = os.listdir(out / "preds")
+        rows = [json.loads(line) for line in open(out / "preds" / written)]
+        by_text = [r for r in rows if r["query"] == "text"]
+        by_image = [r for r in rows if r["query"] == "image"]
+        assert len(by_text) == 12 and len(by_image) == 8 and len(rows) == 20
+        assert all(len(r["ranked"]) == 3 for r in rows)  # the re-ranked top k = 3
+        assert sum(r["correct"] for r in by_text) / 12 == pytest.approx(metrics["ir_r1"])
+        assert sum(r["correct"] for r in by_image) / 8 == pytest.approx(metrics["tr_r1"])
+        assert all(r["correct"] == (r["ranked"][0] == r["image"]) for r in by_text)
     else:
         assert 0.0 <= metrics["accuracy"] <= 1.0 and "not_a_label" in metrics
         # a bare path names the predictions file, its folders joined by "_"
@@ -242,7 +252,7 @@ def test_an_interrupted_run_resumes_on_the_same_batches(world, task, batch_size,
     a, b = latest_weights(root / f"whole_{task}"), latest_weights(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[n], b[n]) for n in a)
-    with pytest.raises(ValueError, match="resuming with other data.batch_size"):
+    with pytest.raises(ValueError, match=r"data.batch_size \d+ → 2 cannot change when resuming"):
         finetune(ft_config(**{**base, "batch_size": 2}, out=out, resume=True),
                  log=lambda _: None)
 
@@ -290,8 +300,11 @@ def test_stop_at_step_then_resume(world):
     out = str(root / "stop")
     lines = []
     finetune(ft_config(**base, out=out, stop_at_step=9), log=lines.append)
-    assert lines[-1] == ("[unigen.finetune] stopped at step 9 (run.stop_at_step); --resume "
-                         "(checkpoint.resume=auto) continues")
+    assert ("[unigen.finetune] stopped at step 9 (run.stop_at_step); --resume "
+            "(checkpoint.resume=auto) continues") in lines
+    # the summary says why there is no model yet
+    assert any(line.startswith("[unigen.finetune] final model: not written, the run is not "
+                               "complete (--resume") for line in lines)
     assert not os.path.exists(os.path.join(out, "model"))
     resumed = finetune(ft_config(**base, out=out, resume=True), log=lambda _: None)
     assert list(zip(resumed.history["step"], resumed.history["loss"])) == \
@@ -342,3 +355,33 @@ def test_finetune_and_evaluate_read_a_config_file(world, tmp_path, capsys):
     assert finetune_main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "--optim.lr  float = 3e-05" in text and "--lr" in text and "--resume" in text
+
+
+@pytest.mark.parametrize("task,used", [("xflickrco", True), ("wit", True), ("xgqa", False),
+                                       ("xvnli", False), ("marvl", False)])
+def test_ddp_searches_for_unused_parameters_only_for_qus_tasks(task, used):
+    # retrieval's L_CL and [match] reach every trainable part on every batch; [qus] leaves the
+    # contrastive projections and the temperature without a gradient
+    from types import SimpleNamespace
+
+    from unigen.iglue.finetune import FinetuneRecipe
+
+    assert FinetuneRecipe.every_parameter_used(SimpleNamespace(cfg=SimpleNamespace(task=task))) \
+        is used
+
+
+def test_more_epochs_extend_a_finished_run_only_when_accepted(world):
+    root, images, files = world
+    base = dict(task="xgqa", model=str(root / "pre"), train=[str(files["train"])],
+                images=str(images), lr=1e-3, batch_size=16, workers=0, device="cpu",
+                out=str(root / "extend"))
+    first = finetune(ft_config(**base, epochs=1), log=lambda _: None)
+    with pytest.raises(ValueError, match=r"schedule.epochs 1 → 2; .*--checkpoint.accept_changes="
+                                         r"schedule.epochs"):
+        finetune(ft_config(**base, epochs=2, resume=True), log=lambda _: None)
+    lines = []
+    longer = finetune(ft_config(**base, epochs=2, resume=True, accept_changes="schedule.epochs"),
+                      log=lines.append)
+    assert longer.step == 2 * first.step
+    assert "[unigen.finetune] resuming with schedule.epochs 1 → 2 (checkpoint.accept_changes)" \
+        in lines

@@ -239,14 +239,14 @@ def test_fewshot_runner_resumes_and_table_renders(release, tmp_path):
     lines = []
     cfg = config_from_argv(FewshotConfig, [str(a) for a in [*xvnli, *common]])
     run_fewshot(cfg, log=lines.append)
-    assert "[fewshot] xvnli: 6 cells, 5 done already, 1 to run" in lines
+    assert f"[fewshot] xvnli: 6 cells, 5 done already, 1 to run; results in {cfg.out}" in lines
     assert not any("[fewshot] fine-tuning" in line for line in lines)
     assert sum("fine-tuned already, reused" in line for line in lines) == 2  # zero-shot, es 5
     assert all(os.path.getmtime(results / f) == t for f, t in mtimes.items()
                if f != "few_shot/5/es.json")
     lines.clear()
     run_fewshot(cfg, log=lines.append)
-    assert lines == ["[fewshot] xvnli: 6 cells, 6 done already, 0 to run"]
+    assert lines == [f"[fewshot] xvnli: 6 cells, 6 done already, 0 to run; results in {cfg.out}"]
     # retrieval: a 1-shot file has no in-batch negative; that cell is recorded as not run
     _run(fewshot_main, ["--task", "xflickrco", "--images", roots["flickr"].parent,
                         "--languages", "de", "--shots", "1", "5", *common])
@@ -254,8 +254,10 @@ def test_fewshot_runner_resumes_and_table_renders(release, tmp_path):
     assert "needs at least 2" in not_run["not_run"]
 
     _run(table_main, ["--results", out / "results", "--out", tmp_path / "table"])
-    table = json.load(open(tmp_path / "table.json"))
-    md = open(tmp_path / "table.md").read()
+    # --out names the folder the two files go into (not a prefix of their names)
+    assert sorted(os.listdir(tmp_path / "table")) == ["table.json", "table.md"]
+    table = json.load(open(tmp_path / "table" / "table.json"))
+    md = open(tmp_path / "table" / "table.md").read()
     assert "| zero-shot |" in md and "### xvnli per language" in md
     zs = [json.load(open(results / "zero_shot" / f"{lang}.json"))["metrics"]["accuracy"]
           for lang in ("ar", "es")]
@@ -281,7 +283,7 @@ def test_table_from_a_results_folder_by_hand(tmp_path, capsys):
     cell("xflickrco", "zero_shot", "de", {"ir_r1": 0.6, "tr_r1": 0.5, "r1": 0.55})
     cell("xflickrco", "zero_shot", "ja", {"ir_r1": 0.4, "tr_r1": 0.3, "r1": 0.35})
     assert table_main(["--results", str(res), "--out", str(tmp_path / "t")]) == 0
-    t = json.load(open(tmp_path / "t.json"))
+    t = json.load(open(tmp_path / "t" / "table.json"))
     row = t["table1"]["zero_shot"]
     assert row["XVNLI"] == {"value": pytest.approx(72.5), "partial": False}
     assert row["xFlickr&CO IR"] == {"value": pytest.approx(50.0), "partial": True}
@@ -290,8 +292,13 @@ def test_table_from_a_results_folder_by_hand(tmp_path, capsys):
     langs = t["per_language"]["xvnli"]["rows"]
     assert list(langs) == ["zero-shot", "few-shot 1", "few-shot 48"]
     assert langs["few-shot 1"]["mean"] == pytest.approx(50.0)
-    md = open(tmp_path / "t.md").read()
+    md = open(tmp_path / "t" / "table.md").read()
     assert "| zero-shot | 72.50 | - | - | 50.00* | 40.00* | - | - |" in md
     assert "xflickrco zero_shot: mean over 2 of 7 languages (de, ja)" in md
-    assert md in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert md in out and f"wrote {tmp_path / 't' / 'table.md'}" in out
     assert table_main(["--results", str(tmp_path / "none")]) == 2
+    # --out naming a file: one line saying what it must be
+    (tmp_path / "afile").write_text("")
+    assert table_main(["--results", str(res), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file; it names the folder" in capsys.readouterr().err

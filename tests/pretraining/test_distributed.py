@@ -155,3 +155,15 @@ def test_two_process_extraction_then_training_from_the_store(ddp_run, tmp_path):
     assert fsdp["step"] == 6
     for key in ("loss", "cl", "trans", "cap", "qus", "match", "grad_norm"):
         assert fsdp["history"][key] == pytest.approx(ddp["history"][key], rel=1e-5), key
+
+
+def test_a_two_process_checkpoint_resumed_by_one_says_how_to_go_on(ddp_run, capsys):
+    from unigen.train import main
+
+    path, root, _, _ = ddp_run
+    checkpoint = ckpt.latest_checkpoint(ckpt.checkpoint_root(os.path.join(root, "straight")))
+    assert main(["--config", path]) == 2  # one process, the two-process run's folder
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was written by 2 processes, this run has 1" in err
+    assert "relaunch with 2 (torchrun --nproc_per_node 2)" in err
+    assert f"--init.from_pretrained={os.path.join(checkpoint, 'model')}" in err

@@ -138,7 +138,9 @@ def test_stop_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
                                                            progress_bar=False)),
                 log=lines.append)
     assert first.step == 4 and first.final_model_dir is None
-    assert lines[-1] == "[toy] stopped at step 4 (run.stop_at_step); the next launch resumes from it"
+    assert "[toy] stopped at step 4 (run.stop_at_step); the next launch resumes from it" in lines
+    assert "[toy] final model: not written, the run is not complete (the next launch resumes " \
+           f"from it; newest checkpoint {first.last_checkpoint})" in lines
     # a crash after step 4 left a log line of step 5 behind: the resumed run redoes step 5
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 5, "loss/total": 123.0}) + "\n")

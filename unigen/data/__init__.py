@@ -31,7 +31,6 @@ from .multilingual_captions import MultilingualCaptionStream
 from .qa import QAStream
 from .sharding import ShardSpec, resolve_shard
 from .stream import RecordStream, take
-from .synthetic_world import WorldFiles, write_synthetic_world
 from .text_pairs import CCLMTextPairStream, WikiMatrixStream
 from .webdataset_images import (
                              ImageStore,
@@ -52,3 +51,16 @@ __all__ = [
     "make_image_decoder", "pack_token_ids", "read_wds_index", "resolve_shard", "take",
     "write_wds_index", "WorldFiles", "write_synthetic_world",
 ]
+
+# The synthetic world is imported on first use, not here: ``python -m unigen.data.synthetic_world``
+# runs that module as __main__, and runpy warns when the package import has already loaded it
+# under its own name (two copies of one module).
+_LAZY = {"WorldFiles": "synthetic_world", "write_synthetic_world": "synthetic_world"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -145,8 +145,10 @@ def main(argv=None) -> int:
     import sys
 
     from unigen.configuration import ConfigError, config_from_dict, read_config_file
+    from unigen.version import add_version_argument
 
     parser = argparse.ArgumentParser(prog="python -m unigen.data.check", description=main.__doc__)
+    add_version_argument(parser, parser.prog)
     parser.add_argument("config", help="a training config file (its data section is read)")
     args = parser.parse_args(argv)
     try:

@@ -45,6 +45,22 @@ def validate_ratios(ratios: Mapping[str, float], known=TASK_NAMES) -> dict[str, 
     return out
 
 
+def interleave_max_gap(ratios: Mapping[str, float], task: str, draws: int = 10_000) -> int:
+    """The most consecutive draws of ``mode="interleave"`` that hold ``task`` at most once
+    from the start, i.e. the longest span to wait for it: every window of that many draws
+    (a batch of that size, wherever it starts) holds ``task``. Measured over ``draws`` draws
+    of the deterministic order (exact for integer ratios, whose order repeats every
+    ``sum(ratios)`` draws)."""
+    mixer = TaskMixer({t: () for t in ratios}, ratios, mode="interleave")
+    if task not in mixer.ratios:
+        raise ValueError(f"task {task!r} has no positive ratio in {dict(ratios)}")
+    last, gap = -1, 0
+    for i, t in enumerate(mixer.draw_tasks(draws)):
+        if t == task:
+            gap, last = max(gap, i - last), i
+    return max(gap, draws - last)
+
+
 class TaskMixer:
     """Draws samples from ``streams`` (task → iterable of samples) by ``ratios``.
 

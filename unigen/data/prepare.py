@@ -202,8 +202,11 @@ def _image_features(args) -> None:
 
 
 def main(argv=None) -> int:
+    from unigen.version import add_version_argument
+
     parser = argparse.ArgumentParser(prog="python -m unigen.data.prepare",
                                      description="From the public releases to the training files.")
+    add_version_argument(parser, parser.prog)
     sub = parser.add_subparsers(dest="command", required=True)
     wm = sub.add_parser("wikimatrix", help="English with IGLUE's languages, thresholded, "
                                            "deduplicated, sharded")

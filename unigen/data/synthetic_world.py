@@ -440,7 +440,12 @@ def main(argv=None) -> None:
     import argparse
     import time
 
-    parser = argparse.ArgumentParser(description="Write UniGen's synthetic multilingual world.")
+    from unigen.version import add_version_argument
+
+    prog = "python -m unigen.data.synthetic_world"
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description="Write UniGen's synthetic multilingual world.")
+    add_version_argument(parser, prog)
     parser.add_argument("out_dir")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--num-text-pairs", type=int, default=1000,
@@ -449,13 +454,15 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-objects", type=int, default=2, choices=(1, 2),
+                        help="shapes per image")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     files = write_synthetic_world(args.out_dir, num_images=args.num_images,
                                   num_text_pairs=args.num_text_pairs,
                                   num_eval_images=args.num_eval_images,
                                   image_size=args.image_size, shard_size=args.shard_size,
-                                  seed=args.seed)
+                                  max_objects=args.max_objects, seed=args.seed)
     print(f"wrote {args.num_images} images in {len(files.image_shards)} shards, "
           f"{args.num_text_pairs} translation pairs for each of "
           f"{len(IMAGE_LANGUAGES + TEXT_ONLY_LANGUAGES)} languages and "

@@ -54,7 +54,11 @@ def train(loss_name, args, device, data):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from unigen.version import add_version_argument
+
+    parser = argparse.ArgumentParser(prog="python -m unigen.demo.fused_loss", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(parser, parser.prog)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=16384)

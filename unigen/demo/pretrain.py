@@ -192,7 +192,8 @@ def _run(args: DemoConfig) -> None:
     os.makedirs(args.out, exist_ok=True)
     save_config(args, os.path.join(args.out, "demo.yaml"))
     print(f"[demo] pre-training the tiny CLIP, then writing {len(args.seeds)} worlds under "
-          f"{args.out}")
+          f"{args.out}; on the CPU, {args.parallel} runs at a time (one thread each), "
+          f"{args.steps} steps of {args.batch_size}+ samples per run")
     runs, world = prepare_runs(args, switches(args), args.out)
     print(f"[demo] languages with images: en {' '.join(world.image_languages)}; "
           f"only in translation pairs: {' '.join(world.text_only_languages)}")

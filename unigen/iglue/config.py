@@ -178,6 +178,7 @@ FINETUNE_FLAGS = {
     "grad_clip": "optim.grad_clip", "device": "run.device", "precision": "run.precision",
     "seed": "run.seed", "stop_at_step": "run.stop_at_step", "log_every": "logging.every",
     "save_every": "checkpoint.every", "resume": Flag("checkpoint.resume", const="auto"),
+    "accept_changes": "checkpoint.accept_changes",
     "max_new_tokens": "scoring.max_new_tokens", "num_beams": "scoring.num_beams",
     "k": "scoring.k", "decode": "scoring.decode", "answers": "scoring.answers",
 }
@@ -198,7 +199,8 @@ class EvaluateConfig:
     out: str = ""
     """Write every metric (and this config) as JSON here."""
     predictions: str = ""
-    """Directory for ``<NAME>.jsonl`` of the generated answers."""
+    """Directory for ``<NAME>.jsonl`` per test file: the generated answers, or for retrieval
+    every caption's ranked images and every image's ranked captions."""
     device: str = "auto"
     """"auto" = cuda when available; or a torch device ("cpu", "cuda:1")."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"

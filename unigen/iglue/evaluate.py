@@ -10,7 +10,8 @@ image resolved before the model is loaded; a missing, ambiguous or undecodable i
 run naming it. Prints progress (images/s, time left), one line per file (accuracy and relaxed
 accuracy; for retrieval IR, TR and their mean) and the mean over files; ``--out`` writes every
 metric, the seconds per file and the resolved config as JSON and ``--predictions DIR`` one
-``<NAME>.jsonl`` of generated answers per file (a bare path's ``/`` become ``_``).
+``<NAME>.jsonl`` per file (a bare path's ``/`` become ``_``): the generated answers, or for
+retrieval every caption's ranked images and every image's ranked captions.
 Config and flags: :class:`~unigen.iglue.config.EvaluateConfig`.
 """
 
@@ -64,8 +65,14 @@ def run_evaluation(cfg: EvaluateConfig, *, log=print) -> dict:
         resolver.check(f.path, f.records)
     answer_set = read_answer_set(sc.answers) if sc.answers else None
     dev = resolve_device(cfg.device)
-    model = UniGen.from_pretrained(cfg.model).to(dev).eval()
     amp = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+    log(f"[unigen.evaluate] {task}: {cfg.model} on {len(files)} test file(s), "
+        f"{sum(len(f.records) for _, f in files):,} records, {dev.type} "
+        f"({'bf16 autocast' if amp else 'fp32'}), batch {sc.batch_size}"
+        + (f", decode {sc.decode}" if task not in RETRIEVAL_TASKS else f", top {sc.k} re-ranked")
+        + (f"; scores to {cfg.out}" if cfg.out else "")
+        + (f"; predictions to {cfg.predictions}" if cfg.predictions else ""))
+    model = UniGen.from_pretrained(cfg.model).to(dev).eval()
     if cfg.predictions:
         os.makedirs(cfg.predictions, exist_ok=True)
     results = {}
@@ -93,10 +100,14 @@ def run_evaluation(cfg: EvaluateConfig, *, log=print) -> dict:
         else:
             log(f"{task} {name}: accuracy {metrics['accuracy']:.2%} (relaxed: "
                 f"{metrics['relaxed_accuracy']:.2%}) in {metrics['seconds']:.0f} s")
-        if cfg.predictions and preds is not None:
-            with open(cfg.predictions_file(name), "w", encoding="utf-8") as out:
+        if cfg.predictions:
+            path = cfg.predictions_file(name)
+            with open(path, "w", encoding="utf-8") as out:
                 for p in preds:
                     out.write(json.dumps(p, ensure_ascii=False) + "\n")
+            log(f"{task} {name}: predictions in {path} ("
+                + ("each caption's ranked images and each image's ranked captions"
+                   if task in RETRIEVAL_TASKS else "the answer per example") + ")")
     names = [n for n, _ in named]
     results["mean"] = sum(headline(task, results[n]) for n in names) / len(names)
     if task in RETRIEVAL_TASKS:

@@ -250,7 +250,8 @@ class FewshotRunner:
     def run(self) -> dict:
         todo = [cell for cell in self.cells if not os.path.isfile(self.result_file(cell))]
         self.log(f"[fewshot] {self.cfg.task}: {len(self.cells)} cells, "
-                 f"{len(self.cells) - len(todo)} done already, {len(todo)} to run")
+                 f"{len(self.cells) - len(todo)} done already, {len(todo)} to run; results in "
+                 f"{self.cfg.out}")
         if todo:
             zero_shot_model = self.zero_shot_model()
             for i, cell in enumerate(todo, 1):

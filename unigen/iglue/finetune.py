@@ -23,7 +23,7 @@ folder is pre-training's: ``config.yaml``, ``metrics.jsonl`` (loss lines, and on
 per epoch), ``checkpoints/step_<N>`` (every ``checkpoint.every`` steps and after each epoch).
 ``--resume`` (``checkpoint.resume=auto``) continues an interrupted run on the same batches in
 the same order (each epoch's order is drawn from the seed and the epoch alone), and a larger
-``--epochs`` extends a finished one.
+``--epochs`` with ``--accept-changes schedule.epochs`` extends a finished one.
 
 Under ``torchrun --nproc_per_node N -m unigen.finetune ...`` (the paper fine-tuned retrieval on
 8 GPUs) each process takes one GPU and ``data.batch_size`` examples of every global batch of
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unigen.configuration import ConfigError, config_from_argv, config_to_dict, run_cli
+from unigen.configuration import config_from_argv, run_cli
 from unigen.data.examples import Example, collate_examples
 from unigen.data.feature_store import FeatureStore, FeatureStoreError, check_store_vit
 from unigen.training.distributed import barrier, init_distributed, teardown_distributed
@@ -52,9 +52,6 @@ from .readers import RETRIEVAL_TASKS, IGLUERecord, read_answer_set, read_iglue
 from .scoring import evaluate_file, headline
 
 MODEL_DIR = "model"
-# What must not change between an interrupted run and its resumption (the batches follow them).
-_RESUME_KEYS = (("task",), ("model",), ("trainable",), ("pair_images",), ("data", "train"),
-                ("data", "dev"), ("data", "images"), ("data", "batch_size"), ("run", "seed"))
 # What "trainable: decoder" leaves frozen besides what pre-training froze (§4.2).
 _ENCODER_PARTS = ("image_encoder", "text_encoder", "image_proj", "text_proj", "logit_scale")
 
@@ -172,6 +169,10 @@ class _BatchOrder(torch.utils.data.Sampler):
 class FinetuneRecipe(Recipe):
     name = "unigen.finetune"
     resume_hint = "--resume (checkpoint.resume=auto) continues"
+    # What an interrupted run and its resumption must share: the batches follow them (other
+    # keys that change the run, such as a longer --epochs, resume with --accept-changes).
+    resume_fixed_keys = ("task", "model", "trainable", "pair_images", "data.train", "data.dev",
+                         "data.images", "data.batch_size", "run.seed")
 
     def __init__(self, cfg: FinetuneConfig):
         if not isinstance(cfg, FinetuneConfig):
@@ -270,6 +271,18 @@ class FinetuneRecipe(Recipe):
     def micro_batches_per_epoch(self) -> int:
         return len(self.order)
 
+    def micro_batch_size(self) -> int:
+        return self.batch_size
+
+    def every_parameter_used(self) -> bool:
+        """Retrieval trains L_CL and [match] on every batch, which reach every trainable part;
+        the [qus] tasks leave the contrastive projections and the temperature without a
+        gradient (both checked step by step on the tiny model)."""
+        return self.cfg.task in RETRIEVAL_TASKS
+
+    def new_run_hint(self, checkpoint: str) -> str:
+        return f"--model {os.path.join(checkpoint, 'model')} starts one from its weights"
+
     def batches(self, epoch: int, done: int):
         def epochs(epoch, done):
             while True:
@@ -342,20 +355,6 @@ class FinetuneRecipe(Recipe):
         return self.model_dir
 
     # ---- resuming --------------------------------------------------------------------------
-    def check_resume(self, saved_config: dict) -> None:
-        now = config_to_dict(self.cfg)
-
-        def at(d, path):
-            for p in path:
-                d = d.get(p) if isinstance(d, dict) else None
-            return d
-
-        changed = [".".join(p) for p in _RESUME_KEYS if at(saved_config, p) != at(now, p)]
-        if changed:
-            raise ConfigError(f"finetune: resuming with other {', '.join(changed)} than the "
-                              f"checkpoint's run; start a new run.output_dir instead",
-                              kind="invalid")
-
     def state_dict(self) -> dict:
         return dict(self.run)
 

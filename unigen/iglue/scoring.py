@@ -143,11 +143,29 @@ def retrieval_metrics(result, owner: torch.Tensor, n_images: int) -> dict:
             "ir_chance": s.t2i_chance, "tr_chance": s.i2t_chance}
 
 
+def retrieval_predictions(result, file: IGLUEFile) -> list[dict]:
+    """One line per query of a retrieval file: every caption's ranked images (IR) and every
+    image's ranked captions (TR), the [match]-re-ranked top-k best first, with whether the
+    first is right (any of the image's captions is)."""
+    texts = [(r, t) for r, rec in enumerate(file.records) for t in rec.texts]
+    out = []
+    for j, (r, text) in enumerate(texts):
+        top = result.text_to_image[j].tolist()
+        out.append({"query": "text", "text": text, "image": file.records[r].uid,
+                    "ranked": [file.records[i].uid for i in top], "correct": top[0] == r})
+    for i, rec in enumerate(file.records):
+        top = result.image_to_text[i].tolist()
+        out.append({"query": "image", "image": rec.uid, "ranked": [texts[j][1] for j in top],
+                    "correct": texts[top[0]][0] == i})
+    return out
+
+
 @torch.no_grad()
 def evaluate_retrieval(model, file: IGLUEFile, resolver: ImageResolver, *, k: int = 16,
                        batch_size: int = 64, workers: int = 0,
-                       log: Callable[[str], None] | None = None) -> dict:
-    """IR and TR R@1 over an xFlickr&CO or WIT file: all its images × all its captions."""
+                       log: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
+    """IR and TR R@1 over an xFlickr&CO or WIT file (all its images × all its captions), and
+    every query's ranking (:func:`retrieval_predictions`)."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"evaluate_retrieval: k must be a positive int, got {k!r}")
     texts = [t for rec in file.records for t in rec.texts]
@@ -172,18 +190,19 @@ def evaluate_retrieval(model, file: IGLUEFile, resolver: ImageResolver, *, k: in
         log(f"  ranked in {time.perf_counter() - t0:.0f} s")
     metrics = retrieval_metrics(result, owner, len(file.records))
     metrics.update(empty_texts=file.empty_texts, k=kk)
-    return metrics
+    return metrics, retrieval_predictions(result, file)
 
 
 def evaluate_file(model, file: IGLUEFile, resolver: ImageResolver, *, batch_size: int = 64,
                   max_new_tokens: int = 8, num_beams: int = 1, k: int = 16, workers: int = 0,
                   decode: str = "generate", answer_set: list[str] | None = None,
                   pair_images: str = "side_by_side",
-                  log: Callable[[str], None] | None = None) -> tuple[dict, list[dict] | None]:
-    """The task's metrics on one file (and, for the generative tasks, the predictions)."""
+                  log: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
+    """The task's metrics on one file, and its predictions: the generated (or ranked) answer
+    per example, or for retrieval each query's ranking."""
     if file.task in RETRIEVAL_TASKS:
         return evaluate_retrieval(model, file, resolver, k=k, batch_size=batch_size,
-                                  workers=workers, log=log), None
+                                  workers=workers, log=log)
     return evaluate_generative(model, file, resolver, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, num_beams=num_beams,
                                workers=workers, decode=decode, answer_set=answer_set,

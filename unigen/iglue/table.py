@@ -3,7 +3,7 @@
 
     python -m unigen.iglue.table --results runs/iglue/results --out runs/iglue/table
 
-prints, and writes as ``<out>.md`` and ``<out>.json``: Table 1 (zero-shot and few-shot rows;
+prints, and writes into the folder ``<out>`` as ``table.md`` and ``table.json``: Table 1 (zero-shot and few-shot rows;
 XVNLI, xGQA, MaRVL accuracy, xFlickr&CO and WIT IR / TR R@1, each the mean over the task's target
 languages, in %) and one per-language table per task (every setting and shot). The few-shot row
 is each task's largest IGLUE shot (:data:`~unigen.iglue.protocol.TaskProtocol.headline_shot`),
@@ -38,11 +38,15 @@ class TableConfig:
     """The ``results`` folder of ``python -m unigen.iglue.fewshot`` (``<task>/zero_shot/<lang>.json``,
     ``<task>/few_shot/<shot>/<lang>.json``)."""
     out: str = ""
-    """Write ``<out>.md`` and ``<out>.json``; "" = print only."""
+    """A folder (made when missing) to write ``table.md`` and ``table.json`` into; "" = print
+    only."""
 
     def __post_init__(self):
         if not isinstance(self.results, str) or not os.path.isdir(self.results):
             raise FileNotFoundError(f"table: results folder {self.results!r} is not a directory")
+        if self.out and os.path.isfile(self.out):
+            raise FileExistsError(f"table: out {self.out!r} is a file; it names the folder "
+                                  f"table.md and table.json go into")
 
 
 def _shot_order(shot: str) -> tuple[int, str]:
@@ -183,23 +187,32 @@ def render_markdown(tables: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+TABLE_FILES = ("table.md", "table.json")
+
+
 def render(cfg: TableConfig, *, log=print) -> dict:
-    """Read ``cfg.results``, print the markdown, write ``<out>.md`` / ``<out>.json``."""
-    tables = build_tables(read_results(cfg.results))
+    """Read ``cfg.results``, print the markdown, write ``<out>/table.md`` and
+    ``<out>/table.json``."""
+    results = read_results(cfg.results)
+    log(f"[unigen.iglue.table] Table 1 from {cfg.results} ({', '.join(results)})"
+        + (f" → {cfg.out}/" if cfg.out else ""))
+    tables = build_tables(results)
     text = render_markdown(tables)
     log(text)
     if cfg.out:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        with open(cfg.out + ".md", "w", encoding="utf-8") as f:
+        os.makedirs(cfg.out, exist_ok=True)
+        md, js = (os.path.join(cfg.out, name) for name in TABLE_FILES)
+        with open(md, "w", encoding="utf-8") as f:
             f.write(text)
-        with open(cfg.out + ".json", "w", encoding="utf-8") as f:
+        with open(js, "w", encoding="utf-8") as f:
             json.dump(tables, f, indent=2)
+        log(f"[unigen.iglue.table] wrote {md} and {js}")
     return tables
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(TableConfig, render, argv, prog="python -m unigen.iglue.table",
-                   description=__doc__)
+                   description=__doc__, errors=(ValueError, FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":

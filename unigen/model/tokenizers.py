@@ -126,8 +126,9 @@ def train_tiny_tokenizers(texts: Iterable[str], out_dir: str | os.PathLike, *,
     enc.normalizer = normalizers.NFKC()
     enc.pre_tokenizer = pre_tokenizers.Metaspace()
     enc.decoder = decoders.Metaspace()
+    # show_progress off: written to a log file, the trainers' bars are only blank lines
     enc.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=text_vocab_size, special_tokens=list(XLMR_SPECIAL)))
+        vocab_size=text_vocab_size, special_tokens=list(XLMR_SPECIAL), show_progress=False))
     bos, eos = enc.token_to_id("<s>"), enc.token_to_id("</s>")
     enc.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
@@ -144,7 +145,7 @@ def train_tiny_tokenizers(texts: Iterable[str], out_dir: str | os.PathLike, *,
     dec.decoder = decoders.ByteLevel()
     dec.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=decoder_vocab_size, special_tokens=[GPT2_EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     base = dec.get_vocab_size()
     dec_tok = PreTrainedTokenizerFast(tokenizer_object=dec, bos_token=GPT2_EOS, eos_token=GPT2_EOS,
                                       unk_token=GPT2_EOS, model_max_length=1024)

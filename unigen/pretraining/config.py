@@ -6,6 +6,7 @@ Sections::
     model        UniGenConfig        the network (unigen.model.config)
     init         InitConfig          where pre-trained weights come from
     data         DataConfig          the data pipeline (unigen.data.config)
+    synthetic    SyntheticConfig     the synthetic world as the data (configs/tiny.yaml)
     optim, schedule, run, checkpoint, logging, distributed   the training core's
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from unigen.configuration import check_int
 from unigen.data.config import DataConfig
 from unigen.model.config import UniGenConfig
 from unigen.training.config import (
@@ -52,6 +54,41 @@ class InitConfig:
 
 
 @dataclass(kw_only=True)
+class SyntheticConfig:
+    """The synthetic multilingual world (``unigen.data.synthetic_world``) as the run's data,
+    with tiny tokenizers trained on its text: written into ``dir`` by the first launch that
+    names it, reused by every later one with the same settings. It fills ``data``'s sources
+    and tokenizer folders (any already set must be the world's) and sets the model's two
+    vocabulary sizes to its tokenizers'; its images are ``data.image_size`` pixels."""
+
+    dir: str = ""
+    """The folder of the world and its tokenizers ("": no synthetic world)."""
+    num_images: int = 2000
+    """Training images (each with a caption, a CC6L line and a QA pair)."""
+    num_text_pairs: int = 1000
+    """Translation pairs per non-English language."""
+    num_eval_images: int = 200
+    """Held-out images (python -m unigen.scoring.world scores a model on them)."""
+    max_objects: int = 2
+    """Shapes per image (1 or 2)."""
+    seed: int = 0
+    """The world is a pure function of its settings and this seed."""
+    text_vocab_size: int = 500
+    """Encoder tokenizer size asked of the trainer (it may stop a little short)."""
+    decoder_vocab_size: int = 500
+    """Decoder tokenizer base size asked of the trainer (the task tokens come on top)."""
+
+    def __post_init__(self):
+        for name in ("num_images", "num_text_pairs", "num_eval_images", "max_objects"):
+            check_int("synthetic", name, getattr(self, name))
+        if self.max_objects > 2:
+            raise ValueError(f"synthetic.max_objects must be 1 or 2, got {self.max_objects}")
+        check_int("synthetic", "seed", self.seed, low=0)
+        for name in ("text_vocab_size", "decoder_vocab_size"):
+            check_int("synthetic", name, getattr(self, name), low=300)
+
+
+@dataclass(kw_only=True)
 class PretrainConfig:
     """Everything ``python -m unigen.train`` needs (see the module docstring for sections)."""
 
@@ -61,6 +98,8 @@ class PretrainConfig:
     """Pre-trained weights."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data sources, task ratios, batch size per rank, loader workers."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """The synthetic world as the data source (made on first use; ``synthetic.dir``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW and gradient handling."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -81,7 +120,10 @@ class PretrainConfig:
             d.image_size = m.vision.image_size
         if d.max_encoder_len is None:
             d.max_encoder_len = m.text.max_length
-        if self.schedule.epochs and not d.image_shards:
+        if self.synthetic.dir and (self.init.from_pretrained or self.init.uses_parts):
+            raise ValueError("synthetic.dir trains its own tiny tokenizers, which no pre-trained "
+                             "model (init.*) reads: use one or the other")
+        if self.schedule.epochs and not d.image_shards and not self.synthetic.dir:
             raise ValueError("schedule.epochs: a pre-training epoch is one pass over the "
                              "image-text pairs of data.image_shards (CC3M, paper §4.1); set "
                              "data.image_shards or give the run's length in schedule.steps")

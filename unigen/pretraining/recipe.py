@@ -23,10 +23,12 @@ from unigen.data.check import check_sources
 from unigen.data.drops import DroppedSampleMonitor, TooManyDroppedSamples
 from unigen.data.errors import DataFormatError
 from unigen.data.feature_store import check_store_vit
-from unigen.data.mixing import DataPosition
+from unigen.data.mixing import DataPosition, interleave_max_gap
 from unigen.data.sizes import image_pair_count
 from unigen.data.task_tokenizer import TaskTokenizer
 from unigen.model.config import TASK_NAMES
+from unigen.model.pretrained import WEIGHTS_NAME
+from unigen.training.checkpointing import MODEL_DIR
 from unigen.training.distributed import init_distributed, teardown_distributed
 from unigen.training.metrics import estimate_mfu, peak_flops
 from unigen.training.recipe import Recipe, StepOutput
@@ -34,6 +36,7 @@ from unigen.training.signals import worker_ignores_sigint
 from unigen.training.trainer import Trainer, TrainResult
 
 from .config import PretrainConfig
+from .synthetic import with_synthetic_world
 
 HISTORY_KEYS = ("loss",) + TASK_NAMES + ("cl", "temperature", "lr", "grad_norm")
 # Columns of the recipe's per-step statistics (summed over micro-batches, then over ranks).
@@ -49,7 +52,9 @@ def _check_runnable(cfg: PretrainConfig) -> None:
     d = cfg.data
     if not any((d.wikimatrix, d.cclm_text_pairs, d.image_shards, d.cc6l, d.ccqa)):
         raise ConfigError("no training data: set data.wikimatrix / data.cclm_text_pairs, "
-                          "data.image_shards, data.cc6l, data.ccqa", kind="invalid")
+                          "data.image_shards, data.cc6l, data.ccqa, or synthetic.dir (a first "
+                          "run on the synthetic world: --config configs/tiny.yaml)",
+                          kind="invalid")
     for key in ("encoder_tokenizer", "decoder_tokenizer"):
         path = getattr(d, key)
         if not path or not os.path.isdir(path):
@@ -92,6 +97,9 @@ class PretrainRecipe(Recipe):
                   *(f"{t}_tokens" for t in TASK_NAMES), "target_tokens", "input_tokens",
                   "dropped")
     data_errors = (DataFormatError, TooManyDroppedSamples)
+    loss_columns = (*TASK_NAMES, "cl")
+    # the checkpoint holds this model and its data position: a change is a new run
+    resume_fixed_keys = ("model", "init", "data", "synthetic")
 
     def __init__(self, cfg: PretrainConfig):
         from unigen.model.tokenizers import load_decoder_tokenizer, load_text_tokenizer
@@ -130,6 +138,43 @@ class PretrainRecipe(Recipe):
         self.num_trainable = self.model.num_parameters(trainable_only=True)
         self.peak = peak_flops(self.env.device, self.trainer.amp_dtype or torch.float32)
         return self.model
+
+    def describe(self) -> list[str]:
+        d, mc = self.cfg.data, self.model.config
+        total = self.model.num_parameters(trainable_only=False)
+        sources = [f"{name} ({len(paths)})" for name, paths in (
+            ("WikiMatrix", d.wikimatrix), ("CCLM text pairs", d.cclm_text_pairs),
+            ("image shards", d.image_shards), ("CC6L", d.cc6l), ("CCQA", d.ccqa)) if paths]
+        init = self.cfg.init
+        start = (f"from {init.from_pretrained}" if init.from_pretrained
+                 else "from pre-trained parts" if init.uses_parts else "randomly initialised")
+        return [f"UniGen, {self.num_trainable:,} trainable of {total:,} parameters, {start} "
+                f"(decoder vocabulary {mc.decoder.vocab_size} + {len(TASK_NAMES)} task tokens)",
+                f"data: tasks {', '.join(f'{t} {r:g}' for t, r in d.ratios.items())} "
+                f"({d.mixing} mixing) from {', '.join(sources)}; "
+                f"{d.num_workers} loader worker(s) per process"]
+
+    def micro_batch_size(self) -> int:
+        return self.cfg.data.batch_size
+
+    def every_parameter_used(self) -> bool:
+        """A [match] sample in every micro-batch, with L_CL on, reaches every trainable part:
+        both encoders, the Q-Former, the decoder and the contrastive projections (checked
+        under DDP with every other task switched off). Only interleaved mixing promises one
+        per batch; random mixing may draw a batch without."""
+        d = self.cfg.data
+        if d.mixing != "interleave" or "match" not in d.ratios \
+                or self.model.config.loss.contrastive_weight <= 0:
+            return False
+        return interleave_max_gap(d.ratios, "match") <= d.batch_size
+
+    def new_run_hint(self, checkpoint: str) -> str:
+        model = os.path.join(checkpoint, MODEL_DIR)
+        if os.path.isfile(os.path.join(model, WEIGHTS_NAME)):  # a full checkpoint
+            return f"--init.from_pretrained={model} starts one from its weights"
+        exported = checkpoint.rstrip(os.sep) + "-model"
+        return (f"its weights are sharded: python -m unigen.training.export {checkpoint} "
+                f"{exported}, then --init.from_pretrained={exported}")
 
     # ---- data ------------------------------------------------------------------------------
     def micro_batches_per_epoch(self) -> int | None:
@@ -259,9 +304,7 @@ class PretrainRecipe(Recipe):
     def finish(self, trainer) -> str | None:
         if not self.cfg.run.save_final_model:
             return None
-        path = trainer.save_model(os.path.join(trainer.run_dir, "final_model"))
-        trainer.log(f"final model saved: {path}")
-        return path
+        return trainer.save_model(os.path.join(trainer.run_dir, "final_model"))
 
 
 def pretrain(config: PretrainConfig, *, log=None) -> TrainResult:
@@ -271,6 +314,12 @@ def pretrain(config: PretrainConfig, *, log=None) -> TrainResult:
                         f"{type(config).__name__}")
     env = init_distributed(config.distributed, config.run)
     try:
+        if config.synthetic.dir:
+            def say(line: str) -> None:  # as the trainer's event lines (rank 0, console on)
+                if config.logging.console:
+                    (log or print)(f"[{PretrainRecipe.name}] {line}")
+
+            config = with_synthetic_world(config, env, log=say)
         return Trainer(PretrainRecipe(config), config, env, log=log).fit()
     finally:
         teardown_distributed(env)

@@ -105,6 +105,9 @@ def _run(cfg: WorldEvalConfig) -> None:
         raise FileNotFoundError(f"world: no world.json in {cfg.world!r} (write one with "
                                 f"python -m unigen.data.synthetic_world)")
     files = WorldFiles.load(cfg.world)
+    print(f"[unigen.scoring.world] {cfg.model} on the held-out split of {cfg.world} "
+          f"({files.counts.get('eval_images', '?')} images, {len(files.languages)} languages; "
+          f"[match] re-ranks the top {cfg.k}), on the CPU", flush=True)
     model = UniGen.from_pretrained(cfg.model)
     split = load_eval_split(files, model.config.vision.image_size)
     scores = evaluate_world(model, split, files, k=cfg.k)

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -155,23 +156,32 @@ def save_checkpoint(root: str, step: int, *, model_config, model_state: dict | N
     return final
 
 
-def load_checkpoint(path: str, model) -> dict:
-    """``{"model": state dict, "optimizer": ..., "trainer": ...}`` of a checkpoint folder, the
-    model weights checked against ``model`` (keys and shapes) before anything is loaded."""
+def read_trainer_state(path: str) -> dict:
+    """A checkpoint's ``trainer.pt`` (step, schedule, history, resolved config, per-rank
+    states), read before its weights: whether the checkpoint can be resumed at all is decided
+    from it."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} is not a directory")
+    if not os.path.isfile(os.path.join(path, TRAINER_FILE)):
+        raise CheckpointError(f"checkpoint {path!r} has no {TRAINER_FILE}: not a training "
+                              f"checkpoint (or an incomplete one)")
+    try:
+        return torch.load(os.path.join(path, TRAINER_FILE), map_location="cpu",
+                          weights_only=False)
+    except Exception as e:  # truncated or foreign files
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from e
+
+
+def load_checkpoint(path: str, model, trainer: dict | None = None) -> dict:
+    """``{"model": state dict, "optimizer": ..., "trainer": ...}`` of a checkpoint folder, the
+    model weights checked against ``model`` (keys and shapes) before anything is loaded.
+    ``trainer``: its :func:`read_trainer_state`, when already read."""
+    if trainer is None:
+        trainer = read_trainer_state(path)
     sharded = os.path.join(path, SHARDED_DIR)
     if os.path.isdir(sharded):  # the ranks read their shards themselves
-        if not os.path.isfile(os.path.join(path, TRAINER_FILE)):
-            raise CheckpointError(f"checkpoint {path!r} has no {TRAINER_FILE}: an incomplete "
-                                  f"checkpoint")
-        try:
-            trainer = torch.load(os.path.join(path, TRAINER_FILE), map_location="cpu",
-                                 weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from e
         return {"model": None, "optimizer": None, "trainer": trainer, "sharded": sharded}
-    for need in (os.path.join(MODEL_DIR, WEIGHTS_NAME), OPTIMIZER_FILE, TRAINER_FILE):
+    for need in (os.path.join(MODEL_DIR, WEIGHTS_NAME), OPTIMIZER_FILE):
         if not os.path.isfile(os.path.join(path, need)):
             raise CheckpointError(f"checkpoint {path!r} has no {need}: not a training checkpoint "
                                   f"(or an incomplete one)")
@@ -180,11 +190,45 @@ def load_checkpoint(path: str, model) -> dict:
     try:
         optimizer = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu",
                                weights_only=False)
-        trainer = torch.load(os.path.join(path, TRAINER_FILE), map_location="cpu",
-                             weights_only=False)
     except Exception as e:  # truncated or foreign files
         raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from e
     return {"model": weights, "optimizer": optimizer, "trainer": trainer, "sharded": None}
+
+
+def export_model(checkpoint: str, out_dir: str) -> str:
+    """Write a checkpoint's model as a ``UniGen.from_pretrained`` folder ``out_dir`` (config,
+    weights, tokenizers), from either format: a full checkpoint's ``model/`` is copied; a
+    sharded one's weights are read from ``sharded/`` in this one process (no process group,
+    whatever number of processes wrote them) — the way to start a run of another size from it
+    (``--init.from_pretrained=out_dir``)."""
+    from safetensors.torch import save_file
+
+    model_dir = os.path.join(checkpoint, MODEL_DIR)
+    if not os.path.isfile(os.path.join(model_dir, CONFIG_NAME)):
+        raise CheckpointError(f"export: {checkpoint!r} is no training checkpoint (no "
+                              f"{MODEL_DIR}/{CONFIG_NAME})")
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"export: {out_dir!r} exists and is not empty")
+    sharded = os.path.join(checkpoint, SHARDED_DIR)
+    if not os.path.isdir(sharded):
+        shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+        return out_dir
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)  # config and tokenizers
+    tmp = os.path.join(out_dir, ".sharded-state.pt")
+    try:
+        with warnings.catch_warnings():
+            # "torch.distributed is ... uninitialized, assuming ... a single process": just so
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_to_torch_save(sharded, tmp)
+        state = torch.load(tmp, map_location="cpu", weights_only=False)["model"]
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    save_file({k: v.detach().contiguous() for k, v in state.items()},
+              os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt", "model": "UniGen"})
+    return out_dir
 
 
 # ---- random state ---------------------------------------------------------------------------

@@ -111,6 +111,11 @@ class RunConfig:
     """Autocast dtype: "auto" is bf16 on GPUs (mixed precision, §4.2) and fp32 on CPUs."""
     compile: bool = False
     """``torch.compile`` the model before wrapping it for data parallelism."""
+    cpu_threads: int = 0
+    """Intra-op threads of a run on the CPU (``torch.set_num_threads``); 0 keeps torch's
+    default (``OMP_NUM_THREADS``, else one per core; torchrun sets 1 per process). A tiny
+    model's ops are too small to gain from threads, and on a loaded machine OpenMP's
+    spin-waiting workers make each one many times slower: ``configs/tiny.yaml`` takes 1."""
     validate_batches: int = 2
     """Check every batch's layout (``UniGenBatch.validate``, a few host syncs) for the first
     this-many steps; batches from the pipeline keep their layout after that."""
@@ -128,6 +133,7 @@ class RunConfig:
         check_int("run", "stop_at_step", self.stop_at_step, low=0)
         check_int("run", "seed", self.seed, low=0)
         check_int("run", "validate_batches", self.validate_batches, low=0)
+        check_int("run", "cpu_threads", self.cpu_threads, low=0)
 
 
 @dataclass(kw_only=True)
@@ -150,6 +156,12 @@ class CheckpointConfig:
     ``UniGen.from_pretrained``-loadable); "sharded": every rank writes its own shards through
     ``torch.distributed.checkpoint`` (nothing gathered: FSDP2 models larger than one process's
     memory). Resuming reads either; a run's final model is always written full."""
+    accept_changes: tuple[str, ...] = ()
+    """Keys (``schedule.steps``) or whole sections (``optim``) whose values may differ from the
+    checkpoint's when this launch resumes it. A resume whose config differs from the
+    checkpoint's in anything that changes the run stops and names the keys; listing them here
+    resumes with the new values (the learning-rate schedule then follows the new schedule
+    from the checkpoint's step)."""
 
     def __post_init__(self):
         check_choices(self, "checkpoint")
@@ -157,6 +169,11 @@ class CheckpointConfig:
         check_int("checkpoint", "keep_last", self.keep_last, low=0)
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ValueError("checkpoint.resume must be 'auto', 'never' or a checkpoint path")
+        self.accept_changes = tuple(self.accept_changes)
+        for key in self.accept_changes:
+            if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
+                raise ValueError(f"checkpoint.accept_changes holds config keys such as "
+                                 f"schedule.steps, got {key!r}")
 
 
 @dataclass(kw_only=True)
@@ -191,10 +208,11 @@ class DistributedConfig:
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     """"ddp": DistributedDataParallel (the default; the paper's model fits every GPU);
     "fsdp": FSDP2 ``fully_shard`` per decoder/encoder block then the root, for larger decoders."""
-    find_unused_parameters: bool = True
-    """DDP: tolerate parameters without a gradient in a step. Needed because a mixed batch may
-    lack a task (no image → the Q-Former gets no gradient); turn off only when every batch
-    holds every task (``data.mixing: interleave`` with a batch of at least 4 samples)."""
+    find_unused_parameters: bool | Literal["auto"] = "auto"
+    """DDP: search every step's graph for parameters without a gradient (a mixed batch may
+    lack a task: no image, and the Q-Former gets no gradient). "auto" asks the recipe: off
+    when every micro-batch is known to use every trainable parameter (pre-training with
+    ``data.mixing: interleave`` and a [match] sample in every batch), on otherwise."""
     bucket_cap_mb: int = 25
     """DDP gradient bucket size (MiB)."""
     fsdp_reshard_after_forward: bool = True
@@ -204,5 +222,8 @@ class DistributedConfig:
 
     def __post_init__(self):
         check_choices(self, "distributed")
+        if self.find_unused_parameters not in (True, False, "auto"):
+            raise ValueError(f"distributed.find_unused_parameters must be true, false or "
+                             f"'auto', got {self.find_unused_parameters!r}")
         check_int("distributed", "bucket_cap_mb", self.bucket_cap_mb)
         check_int("distributed", "timeout_minutes", self.timeout_minutes)

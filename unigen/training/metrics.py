@@ -82,6 +82,8 @@ class MetricLogger:
         self.name = name
         self._jsonl = None
         self._tb = None
+        self.tensorboard_dir: str | None = None
+        """Where the TensorBoard scalars go (None: not written)."""
         if not enabled:
             return
         if cfg.jsonl:
@@ -96,7 +98,8 @@ class MetricLogger:
                 self.write(f"[{name}] tensorboard is not installed: TensorBoard logging "
                            "skipped (pip install tensorboard)")
             else:
-                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                self.tensorboard_dir = os.path.join(output_dir, "tensorboard")
+                self._tb = SummaryWriter(self.tensorboard_dir)
 
     def log(self, step: int, metrics: dict) -> None:
         """A log line: console, JSON lines, TensorBoard."""

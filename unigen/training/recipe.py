@@ -53,6 +53,13 @@ class Recipe:
     data_errors: tuple[type[BaseException], ...] = ()
     """Exceptions that mean bad input data (raised by :meth:`batches`' iterator mid-run): the
     core checkpoints the steps done before letting one propagate."""
+    loss_columns: tuple[str, ...] = ()
+    """History columns (of :meth:`history_row`) that are losses: the end-of-run summary gives
+    their final values and the loss-curve picture draws them beside the objective."""
+    resume_fixed_keys: tuple[str, ...] = ()
+    """Config keys or sections a resume can never change, not even with
+    ``checkpoint.accept_changes`` (the checkpoint's weights and data position belong to them);
+    every other key that changes the run may be accepted (:mod:`unigen.training.resume`)."""
 
     # ---- set-up ---------------------------------------------------------------------------
     def setup(self, trainer) -> None:
@@ -65,6 +72,28 @@ class Recipe:
         """The model on the CPU (the core moves it), built after ``torch.manual_seed(run.seed)``
         so every process starts from the same weights."""
         raise NotImplementedError
+
+    def describe(self) -> list[str]:
+        """Lines of the start banner beside the core's (run length, schedule, device, run
+        folder): what the recipe trains and on what, e.g. the model's size and the data."""
+        return []
+
+    def micro_batch_size(self) -> int | None:
+        """Examples per micro-batch and process, for the banner's sample count (None: not
+        known in advance)."""
+        return None
+
+    def every_parameter_used(self) -> bool:
+        """True when every micro-batch of every process gives every trainable parameter a
+        gradient, so that DDP may skip its search for unused ones
+        (``distributed.find_unused_parameters: auto``); False, the safe answer, when unsure."""
+        return False
+
+    def new_run_hint(self, checkpoint: str) -> str:
+        """How to start a new run from ``checkpoint``'s weights, for when it cannot be resumed
+        (another number of processes, a fixed key changed): e.g. the flag that names its
+        model."""
+        return ""
 
     def micro_batches_per_epoch(self) -> int | None:
         """Micro-batches (per process) of one pass over finite data, or None for endless

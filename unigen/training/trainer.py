@@ -48,7 +48,10 @@ from .distributed import (
 )
 from .metrics import MetricLogger, peak_memory_gib
 from .optim import autocast_dtype, build_optimizer
+from .plots import LOSS_CURVE, matplotlib_available, write_loss_curve
 from .recipe import Recipe, StepOutput
+from .report import end_lines, start_lines
+from .resume import check_resume_config
 from .schedule import build_scheduler
 from .signals import StopRequest
 
@@ -57,6 +60,8 @@ RANK_SEED_STRIDE = 1_000_003
 # The core's columns of the per-step statistics; the recipe's stat_names follow.
 _LOSS, _SAMPLES, _GRAD_NORM = 0, 1, 2
 _CORE_COLUMNS = 3
+# The run folder's record of every launch's resolved config (config.yaml is the first's).
+LAUNCHES_DIR = "launches"
 
 
 @dataclass
@@ -83,6 +88,14 @@ class TrainResult:
     resumed_from: str | None = None
     """The checkpoint this run started from, if any."""
     config: object | None = field(default=None, repr=False)
+    seconds: float = 0.0
+    """Wall time of this launch's training loop."""
+    samples: int = 0
+    """Examples this launch trained on (every process together)."""
+    loss_curve: str | None = None
+    """The loss-curve picture (``<run_dir>/loss_curve.png``; None without matplotlib)."""
+    launch_config: str | None = None
+    """This launch's resolved config (``<run_dir>/launches/launch_<N>.yaml``)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -99,6 +112,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, config, env: DistEnv,
                  log: Callable[[str], None] | None = None):
+        self._t_created = time.perf_counter()  # the launch's wall time counts its set-up
         self.recipe, self.cfg, self.env = recipe, config, env
         self.device = env.device
         self.run_dir = config.run.output_dir
@@ -121,7 +135,14 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(rank_seed + 17)
 
-        self.step_model, self.replicated = parallelize(self.model, config.distributed, env)
+        # DDP's search for parameters without a gradient costs a graph walk per step and warns
+        # on every rank when it finds none: on only where a micro-batch may leave some unused.
+        find_unused = config.distributed.find_unused_parameters
+        self.find_unused = (not recipe.every_parameter_used()) if find_unused == "auto" \
+            else bool(find_unused)
+        self.step_model, self.replicated = parallelize(
+            self.model, dataclasses.replace(config.distributed,
+                                            find_unused_parameters=self.find_unused), env)
         if config.run.compile:
             self.step_model = torch.compile(self.step_model)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
@@ -136,9 +157,12 @@ class Trainer:
             self.optimizer, dataclasses.replace(config.schedule, steps=self.total_steps,
                                                 epochs=0))
         self.step = 0
+        self.start_step = 0  # the step this launch started from (a resumed checkpoint's)
+        self.samples = 0.0   # examples trained on in this launch, every process together
         self.history: dict[str, list] = {"step": [], "loss": [], "lr": [], "grad_norm": []}
         self.last_checkpoint: str | None = None
         self.resumed_from: str | None = None
+        self._accepted_changes: list[tuple[str, object, object]] = []  # by a resume
         self.stop = StopRequest()
         self.logger: MetricLogger | None = None
         self._pending: list[torch.Tensor] = []
@@ -206,27 +230,63 @@ class Trainer:
         return r
 
     def _resume(self, path: str) -> dict:
-        state = ckpt.load_checkpoint(path, self.model)
-        trainer = state["trainer"]
+        # whether it can be resumed is decided from its trainer state, before any weight is read
+        trainer = ckpt.read_trainer_state(path)
         saved_world = len(trainer["ranks"])
+        hint = self.recipe.new_run_hint(path)
         if saved_world != self.env.world_size:
             raise ConfigError(f"checkpoint {path} was written by {saved_world} processes, this "
                               f"run has {self.env.world_size}: exact resuming needs the same "
-                              f"world size", kind="invalid")
+                              f"world size; relaunch with {saved_world} (torchrun "
+                              f"--nproc_per_node {saved_world}), or start a new run from its "
+                              f"weights in another run.output_dir"
+                              + (f" ({hint})" if hint else ""), kind="invalid")
+        try:
+            accepted = check_resume_config(trainer["config"], self.cfg, checkpoint=path,
+                                           accepted=self.cfg.checkpoint.accept_changes,
+                                           fixed=self.recipe.resume_fixed_keys,
+                                           new_run_hint=hint)
+        except ValueError as e:
+            raise ConfigError(str(e), kind="invalid") from None
+        step = int(trainer["step"])
+        if step > self.total_steps:
+            raise ConfigError(f"checkpoint {path} is at step {step}, past this run's "
+                              f"{self.total_steps} steps: set the run's length to at least "
+                              f"{step} to resume it, or start a new run in another "
+                              f"run.output_dir", kind="invalid")
         self.recipe.check_resume(trainer["config"])
+        state = ckpt.load_checkpoint(path, self.model, trainer)
+        # this launch's optimizer settings, as built from its config (lr, betas, weight decay)
+        settings = [{k: v for k, v in g.items() if k != "params"}
+                    for g in self.optimizer.param_groups]
         if state["sharded"] is not None:
             load_sharded_state(self.model, self.optimizer, state["sharded"])
         else:
             load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"],
                                   self.cfg.distributed, self.env)
         self.scheduler.load_state_dict(trainer["scheduler"])
-        self.step = int(trainer["step"])
+        self._apply_schedule(settings, step)
+        self.step = self.start_step = step
         self.history = {k: list(v) for k, v in trainer["history"].items()}
         self.recipe.load_state_dict(trainer.get("recipe", {}))
         mine = trainer["ranks"][self.env.rank]
         self.recipe.load_rank_state(mine["data"])
         self.resumed_from = path
+        self._accepted_changes = accepted
         return mine["rng"]
+
+    def _apply_schedule(self, settings: list[dict], step: int) -> None:
+        """After a resume: the optimizer takes this launch's settings back (loading the
+        checkpoint's state also loads the settings it was saved with) and the learning rate of
+        ``step`` under this launch's schedule. Without accepted changes both equal the
+        checkpoint's, to the bit; with them (``optim.lr``, ``schedule.steps``) the run goes on
+        with the new values from this step."""
+        for group, mine in zip(self.optimizer.param_groups, settings):
+            group.update(mine)
+        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["lr"] = group["initial_lr"] * factor(step)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ---- checkpoints and the trained model ---------------------------------------------------
     def save_checkpoint(self) -> str | None:
@@ -339,6 +399,7 @@ class Trainer:
         now = time.perf_counter()
         elapsed = max(now - self._t_last, 1e-9)
         totals = [sum(col) for col in zip(*rows)]
+        self.samples += totals[_SAMPLES]
         metrics = {"loss/total": totals[_LOSS] / (w * len(rows))}
         metrics.update(self.recipe.interval_metrics(totals[_CORE_COLUMNS:], len(rows), elapsed,
                                                     h))
@@ -372,11 +433,15 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to the run's length (or ``run.stop_at_step``, or a signal)."""
         completed = False
+        threads = torch.get_num_threads()
+        if self.cfg.run.cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(self.cfg.run.cpu_threads)
         try:
             result = self._fit()
             completed = True
             return result
         finally:
+            torch.set_num_threads(threads)
             self.stop.restore()
             if self._pbar is not None:
                 self._pbar.close()
@@ -409,18 +474,37 @@ class Trainer:
         self.log(f"data error at step {self.step + 1}: the {self.step} steps done are saved in "
                  f"{path}; fix the data, then {self.recipe.resume_hint}")
 
+    def _save_launch_config(self) -> tuple[str, int]:
+        """Keep this launch's resolved config: ``launches/launch_<N>.yaml`` for every launch,
+        and ``config.yaml`` for the run's first (never overwritten: a relaunch that accepted
+        changes, or a bad one, leaves the earlier launches' configs as they were). Rank 0."""
+        folder = os.path.join(self.run_dir, LAUNCHES_DIR)
+        os.makedirs(folder, exist_ok=True)
+        launch = 1 + sum(1 for f in os.listdir(folder) if f.startswith("launch_"))
+        path = save_config(self.cfg, os.path.join(folder, f"launch_{launch:03d}.yaml"))
+        first = os.path.join(self.run_dir, "config.yaml")
+        if not os.path.exists(first):
+            save_config(self.cfg, first)
+        return path, launch
+
     def _fit(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         resume_path = self._resolve_resume()
         rng_state = self._resume(resume_path) if resume_path else None
+        launch_config, launch = None, 0
         if env.is_main:
             self._made_run_dir = not os.path.isdir(self.run_dir)
             os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            launch_config, launch = self._save_launch_config()
         barrier(env)
         self.logger = MetricLogger(self.run_dir, cfg.logging, enabled=env.is_main,
                                    write=self.write, name=self.recipe.name,
                                    resume_step=self.step if resume_path else None)
+        if env.is_main:
+            for line in start_lines(self, launch_config, launch):
+                self.log(line)
+            for key, old, new in self._accepted_changes:
+                self.log(f"resuming with {key} {old!r} → {new!r} (checkpoint.accept_changes)")
         if self.steps_per_epoch is None:
             epoch, done = 1, 0
         else:
@@ -449,7 +533,7 @@ class Trainer:
         self.stop.install()
         saved_at = self.step if resume_path else -1
         steps_here = 0
-        self._t_last = time.perf_counter()
+        self._t_last = t_loop = time.perf_counter()
         while self.step < total:
             try:
                 self._train_step(it, steps_here)
@@ -472,18 +556,44 @@ class Trainer:
             if any_rank(self.stop.signum is not None, env):
                 break
         self._log_interval()
+        seconds = time.perf_counter() - t_loop
         if cfg.checkpoint.save_on_exit and saved_at != self.step:
             self.save_checkpoint()
-        stopped = None
+        stopped, why = None, None
         if self.step < self.total_steps:
             if self.step < total:
                 stopped = self.stop.name or "a signal on another rank"
+                why = f"stopped by {stopped}"
                 self.log(f"stopped by {stopped} at step {self.step}; {self.recipe.resume_hint}")
             else:
+                why = "run.stop_at_step"
                 self.log(f"stopped at step {self.step} (run.stop_at_step); "
                          f"{self.recipe.resume_hint}")
         final_dir = self.recipe.finish(self) if self.step == self.total_steps else None
+        curve = None
+        if env.is_main:
+            curve = self._report_end(seconds, final_dir, why,
+                                     time.perf_counter() - self._t_created)
         return TrainResult(run_dir=self.run_dir, model=self.model, step=self.step,
                            history=self.history, last_checkpoint=self.last_checkpoint,
                            final_model_dir=final_dir, stopped_by_signal=stopped,
-                           resumed_from=self.resumed_from, config=cfg)
+                           resumed_from=self.resumed_from, config=cfg, seconds=seconds,
+                           samples=int(self.samples), loss_curve=curve,
+                           launch_config=launch_config)
+
+    def _report_end(self, seconds: float, final_dir: str | None, stopped: str | None,
+                    wall: float) -> str | None:
+        """The loss-curve picture and the summary lines (rank 0); returns the picture's path."""
+        curve, note = None, ("not drawn, no step yet" if matplotlib_available() else
+                             "matplotlib is not installed (pip install matplotlib)")
+        try:
+            curve = write_loss_curve(self.history, self.recipe.loss_columns,
+                                     os.path.join(self.run_dir, LOSS_CURVE),
+                                     title=f"{self.recipe.name}: {self.run_dir}")
+        except Exception as e:  # a picture must never cost the run its summary
+            note = f"not drawn ({type(e).__name__}: {e})"
+        for line in end_lines(self, seconds=seconds, samples=self.samples, final_dir=final_dir,
+                              stopped=stopped, curve=curve, curve_note=note):
+            self.log(line)
+        self.log(f"launch wall time {wall:.1f} s (set-up, training, checkpoints, final model)")
+        return curve
