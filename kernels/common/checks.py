@@ -52,3 +52,45 @@ def check_saved_storage(x, name: str, *, op: str):
             f"tensor, tuple, dict or a dataclass registered with torch.utils._pytree.register_dataclass "
             f"(torch < 2.13 does not look inside other dataclasses), or shard that module with "
             f"reshard_after_forward=False.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values: one policy for every op (docs/architecture.md, "Non-finite inputs")
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_validate(validate, device: torch.device, *, op: str) -> bool:
+    """``validate=None`` checks values where a check is free: on CPU tensors (a host read costs
+    nothing there). On a GPU a check is a reduction plus a device-side assertion (a host read
+    would sync), so it runs only when asked for with ``validate=True``."""
+    if validate is None:
+        return device.type == "cpu"
+    if not isinstance(validate, bool):
+        raise TypeError(f"{op}: validate must be None, True or False, got {validate!r}")
+    return validate
+
+
+def check_finite_result(finite, *, op: str, diagnose):
+    """Raise, naming the argument, when ``finite`` (a 0-d bool tensor: the op's result is finite)
+    is False.
+
+    Eager CPU: a ``ValueError`` whose message ``diagnose()`` writes (it runs only on failure, so
+    finding the culprit costs nothing on the good path). CUDA, or inside torch.compile (where a
+    host read would sync or break the graph): ``torch._assert_async`` with a generic message; it
+    surfaces at the next synchronisation and leaves the CUDA context unusable, as an out-of-range
+    index would.
+    """
+    if finite.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(finite, f"{op}: non-finite values (nan or inf) in the inputs or the result")
+        return
+    if not bool(finite):
+        raise ValueError(diagnose())
+
+
+def name_non_finite(op: str, named, otherwise: str) -> str:
+    """The message naming the first of ``named`` [(name, tensor or None), ...] that holds a
+    non-finite value, else ``otherwise``."""
+    for name, x in named:
+        if x is not None and x.numel() and not bool(torch.isfinite(x).all()):
+            return f"{op}: {name} contains non-finite values (nan or inf)"
+    return f"{op}: {otherwise}"

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from ..common.autocast import autocast_dtype, autocast_free, cast_inputs
 from ..common.backend import resolve_backend
-from ..common.checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from ..common.checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, resolve_validate
 from .cpu import (
     _check_prep_flags,
     _combine_distributed,
@@ -42,14 +42,16 @@ _NEGATIVE_MODES = {None: 0, "sample": 1, "hardest": 2}
 
 @autocast_free  # the op's own dtype rules hold under autocast (its rule is applied at entry)
 def _forward_impl(image, text, logit_scale, ids, seeds, uniforms, row_start, n_local,
-                  label_smoothing, mode, backend, normalize=True):
+                  label_smoothing, mode, backend, normalize=True, validate=True):
     """Returns (loss, negatives [2, n_local], lse [2, n_local], pos_cnt [2, n_local], inv [2, N]).
 
     ``image``/``text`` are the gathered [N, D] features, the local rows are
     ``row_start:row_start + n_local``; row 0 of the [2, n_local] outputs is the image→text
     direction, row 1 text→image. lse, pos_cnt and the inverse norms are what the backward
     recomputes the tiles from. ``ids`` None: pair i is the only positive of i. ``normalize``
-    False: raw dot products (inv = 1, the prep pass still checks the features are finite)."""
+    False: raw dot products (inv = 1, the prep pass still checks the features are finite).
+    ``validate`` False: the prep pass's flags are not checked (non-finite features then give a
+    non-finite loss; the mined indices stay in [-1, N))."""
     n = image.shape[0]
     keep, smooth = 1.0 - label_smoothing, label_smoothing / n
     if backend == "triton":
@@ -61,10 +63,12 @@ def _forward_impl(image, text, logit_scale, ids, seeds, uniforms, row_start, n_l
                                                     row_start, n_local, keep, smooth, mode, ok)
         # after the sweep: its finish kernel reduces the flags (on bad input the outputs are
         # garbage that never reaches the caller: CPU raises, CUDA's assertion fails the stream)
-        _check_prep_flags(ok, blocks, logit_scale, flag)
+        if validate:
+            _check_prep_flags(ok, blocks, logit_scale, flag)
         return loss, neg, lse, pos_cnt, inv
     inv, ok, blocks = _torch_prep(image, text, logit_scale)
-    _check_prep_flags(ok, blocks, logit_scale)
+    if validate:
+        _check_prep_flags(ok, blocks, logit_scale)
     if not normalize:
         inv = torch.ones_like(inv)
     if ids is None:
@@ -130,15 +134,16 @@ def _contrastive_fwd_op(
     mode: int,
     backend: str,
     normalize: bool,
+    validate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_forward_impl`` as one opaque node for torch.compile."""
     return _forward_impl(image, text, logit_scale, ids, seeds, uniforms, row_start, n_local,
-                         label_smoothing, mode, backend, normalize)
+                         label_smoothing, mode, backend, normalize, validate)
 
 
 @_contrastive_fwd_op.register_fake
 def _(image, text, logit_scale, ids, seeds, uniforms, row_start, n_local, label_smoothing, mode,
-      backend, normalize):
+      backend, normalize, validate):
     acc = _acc_dtype(image.dtype)
     return (image.new_empty((), dtype=acc), image.new_empty((2, n_local), dtype=torch.int64),
             image.new_empty((2, n_local), dtype=acc), image.new_empty((2, n_local), dtype=acc),
@@ -172,7 +177,7 @@ def _(grad_loss, image, text, logit_scale, ids, inv, lse, pos_cnt, row_start, la
 
 
 def _setup_context(ctx, inputs, output):
-    image, text, logit_scale, ids, _, _, row_start, _, label_smoothing, _, backend, normalize = inputs
+    image, text, logit_scale, ids, _, _, row_start, _, label_smoothing, _, backend, normalize, _ = inputs
     _, _, lse, pos_cnt, inv = output
     ctx.save_for_backward(image, text, logit_scale, ids, inv, lse, pos_cnt)
     ctx.row_start, ctx.label_smoothing, ctx.backend = row_start, label_smoothing, backend
@@ -182,7 +187,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *unused_grads):
     d_image, d_text, d_scale = _contrastive_bwd_op(
         grad_loss, *ctx.saved_tensors, ctx.row_start, ctx.label_smoothing, ctx.backend, ctx.normalize)
-    return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None
+    return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None, None
 
 
 _contrastive_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -199,9 +204,9 @@ class _ContrastiveLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image, text, logit_scale, ids, seeds, uniforms, row_start, n_local,
-                label_smoothing, mode, backend, normalize):
+                label_smoothing, mode, backend, normalize, validate):
         inputs = (image, text, logit_scale, ids, seeds, uniforms, row_start, n_local,
-                  label_smoothing, mode, backend, normalize)
+                  label_smoothing, mode, backend, normalize, validate)
         output = _forward_impl(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(*output[1:])
@@ -213,7 +218,7 @@ class _ContrastiveLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_grads):
         d_image, d_text, d_scale = _backward_impl(
             grad_loss, *ctx.saved_tensors, ctx.row_start, ctx.label_smoothing, ctx.backend, ctx.normalize)
-        return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None
+        return d_image, d_text, d_scale, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,6 +308,7 @@ def contrastive_loss(
     backend: str = "auto",
     normalize: bool = True,
     rank_sizes: Optional[Sequence[int]] = None,
+    validate: Optional[bool] = None,
 ) -> ContrastiveLossOutput:
     """Symmetric InfoNCE on ``logit_scale · cos(image_feats, text_feats)`` with hard-negative mining.
 
@@ -329,6 +335,13 @@ def contrastive_loss(
             sync (the sizes are not gathered, and padding is dropped with host-known slices);
             omitted, the sizes are gathered first, which reads them on the host once a step
             (a device sync on GPUs). The result is the same either way.
+        validate: check that the features are finite (and their norms representable) and a
+            tensor ``logit_scale`` positive and finite. The op's first pass computes the flags
+            anyway (its finish kernel reduces them), so the check costs no reduction: ``None``
+            (default) checks on CPU, where a host read is free, raising ValueError naming the
+            argument; ``True`` on CUDA adds one device-side assertion (no host sync); ``False``
+            skips it: non-finite features then give a non-finite loss, and the mined indices stay
+            in [-1, N). See docs/architecture.md, "Non-finite inputs".
 
     Returns:
         ``ContrastiveLossOutput(loss, neg_text_for_image, neg_image_for_text)``; the negatives are
@@ -387,8 +400,10 @@ def contrastive_loss(
             raise ValueError(f"{_OP}: generator is on {generator.device} but the features are on {device}")
 
     # Non-finite features and a non-positive logit_scale are caught by the op's first pass over
-    # the features (it computes their norms): a ValueError on CPU, a device-side assertion on
-    # CUDA, where raising would need a host sync (_check_prep_flags).
+    # the features (it computes their norms) when validate resolves to True: a ValueError on
+    # CPU, a device-side assertion on CUDA, where raising would need a host sync
+    # (_check_prep_flags).
+    resolve_validate(validate, device, op=_OP)  # a bad value raises before any work
 
     be = resolve_backend(backend, device, op=_OP, has_cpp=False)
 
@@ -408,11 +423,12 @@ def contrastive_loss(
         none = torch.full((n_local,), -1, dtype=torch.int64, device=device)
         return ContrastiveLossOutput(loss, *((None, None) if mode == 0 else (none, none.clone())))
     return _contrastive_on_gathered(image_all, text_all, logit_scale, ids_all, row_start, n_local,
-                                    float(label_smoothing), mode, generator, be, backend, normalize)
+                                    float(label_smoothing), mode, generator, be, backend, normalize,
+                                    validate)
 
 
 def _contrastive_on_gathered(image_all, text_all, logit_scale, ids_all, row_start, n_local,
-                             label_smoothing, mode, generator, be, backend, normalize):
+                             label_smoothing, mode, generator, be, backend, normalize, validate=None):
     """The op on an already gathered batch: the loss of rows ``row_start:row_start + n_local``
     (both directions) against all N columns, with the exact gradient w.r.t. ``image_all`` and
     ``text_all``. ``contrastive_loss`` gathers first; ``ClipLoss`` gathers the way open_clip does."""
@@ -440,8 +456,9 @@ def _contrastive_on_gathered(image_all, text_all, logit_scale, ids_all, row_star
     # torch.compile traces the custom op; eager mode skips its dispatcher (host time is what a
     # step at training batch sizes costs: see _ContrastiveLossFunction).
     op = _contrastive_fwd_op if torch.compiler.is_compiling() else _ContrastiveLossFunction.apply
+    check = resolve_validate(validate, device, op=_OP)
     loss, neg, _, _, _ = op(image_all, text_all, logit_scale, ids_all, seeds, uniforms, row_start,
-                            n_local, label_smoothing, mode, be, normalize)
+                            n_local, label_smoothing, mode, be, normalize, check)
     if mode == 0:
         return ContrastiveLossOutput(loss, None, None)
     return ContrastiveLossOutput(loss, neg[0], neg[1])
@@ -456,7 +473,8 @@ class ContrastiveLoss(torch.nn.Module):
 
     def __init__(self, *, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
                  learnable_temperature: bool = True, label_smoothing: float = 0.0,
-                 negatives: Optional[str] = "sample", process_group=None, backend: str = "auto"):
+                 negatives: Optional[str] = "sample", process_group=None, backend: str = "auto",
+                 validate: Optional[bool] = None):
         super().__init__()
         if not init_temperature > 0:
             raise ValueError(f"ContrastiveLoss: init_temperature must be positive, got {init_temperature}")
@@ -472,6 +490,7 @@ class ContrastiveLoss(torch.nn.Module):
         self.negatives = negatives
         self.process_group = process_group
         self.backend = backend
+        self.validate = validate
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -482,7 +501,7 @@ class ContrastiveLoss(torch.nn.Module):
         return contrastive_loss(
             image_feats, text_feats, self.logit_scale, ids=ids, label_smoothing=self.label_smoothing,
             negatives=self.negatives, generator=generator, process_group=self.process_group,
-            backend=self.backend, rank_sizes=rank_sizes)
+            backend=self.backend, rank_sizes=rank_sizes, validate=self.validate)
 
     def extra_repr(self) -> str:
         return (f"label_smoothing={self.label_smoothing}, negatives={self.negatives!r}, "

@@ -20,7 +20,7 @@ from unigen._extension import cpp_ops_available
 
 from ..common.autocast import autocast_disabled, autocast_dtype, cast_inputs
 from ..common.backend import resolve_backend
-from ..common.checks import check_saved_storage
+from ..common.checks import check_finite_result, check_saved_storage, name_non_finite, resolve_validate
 from .checks import OP, _check_inputs
 from .cpu import reference_forward_reduced
 from .launch import triton_backward, triton_forward, triton_forward_reduced
@@ -248,7 +248,8 @@ if cpp_ops_available():
 
 def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
                                label_smoothing=0.0, z_loss=0.0, token_weights=None,
-                               reduction="mean", backend="auto", return_stats=False, softcap=None):
+                               reduction="mean", backend="auto", return_stats=False, softcap=None,
+                               validate=None):
     """Loss of ``F.cross_entropy(F.linear(hidden, weight, bias), target)`` without the N×V logits.
 
     Args:
@@ -270,6 +271,13 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpp"`` (see :mod:`unigen.kernels`).
         return_stats: also return :class:`CrossEntropyStats` (per-row lse and argmax-correctness,
             detached) for logging.
+        validate: check that no non-finite value (nan, inf) in ``hidden``, ``weight``, ``bias`` or
+            ``token_weights`` reaches the loss: the log-sum-exp of every kept row (computed anyway)
+            and their token weights are tested, one reduction over N values. ``None`` (default):
+            on CPU only, where it costs nothing; ``True`` on CUDA adds that reduction and a
+            device-side assertion (no host sync); ``False``: non-finite inputs give a non-finite
+            loss. A failed check on CPU raises ValueError naming the argument (see
+            docs/architecture.md, "Non-finite inputs").
 
     Autocast: under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype (as
     the ``F.linear`` this op fuses would be), the math stays fp32 and the loss is fp32 (as
@@ -329,11 +337,27 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         else:
             denom = torch.where(valid, w.to(rows.dtype), 0.0).sum() if w is not None else valid.sum(dtype=rows.dtype)
             loss = _safe_mean(rows.sum(), denom)
+    if resolve_validate(validate, hidden.device, op=OP):
+        _check_finite_rows(lse, valid, w, h2, weight, bias)
     # under autocast the loss stays in the math dtype, as autocast's F.cross_entropy returns fp32
     loss = loss.to(hidden.dtype) if cast_to is None else loss
     if return_stats:
         return loss, CrossEntropyStats(lse.detach().reshape(lead_shape), correct.reshape(lead_shape))
     return loss
+
+
+def _check_finite_rows(lse, valid, token_weights, hidden, weight, bias):
+    """The loss is finite where the kept rows' log-sum-exp and token weights are: a non-finite
+    input reaches them (a nan or inf in a kept hidden row, anywhere in ``weight`` or ``bias``);
+    ignored rows never reach the loss and are not checked."""
+    finite = torch.isfinite(torch.where(valid, lse.detach(), 0.0)).all()
+    if token_weights is not None:
+        finite = finite & torch.isfinite(torch.where(valid, token_weights.detach(), 0.0)).all()
+    check_finite_result(finite, op=OP, diagnose=lambda: name_non_finite(
+        OP, [("hidden", hidden.detach()[valid]), ("weight", weight.detach()),
+             ("bias", None if bias is None else bias.detach()),
+             ("token_weights", None if token_weights is None else token_weights.detach()[valid])],
+        "the logits' log-sum-exp is not finite although the inputs are: their magnitude overflows"))
 
 
 def _safe_mean(total, denom):
@@ -347,8 +371,9 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
     ``nn.CrossEntropyLoss()(F.linear(hidden, weight, bias), target)``."""
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
-                 backend="auto", softcap=None):
+                 backend="auto", softcap=None, validate=None):
         super().__init__()
+        self.validate = validate
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
@@ -361,7 +386,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
             hidden, weight, target, bias, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, token_weights=token_weights,
             reduction=self.reduction, backend=self.backend, return_stats=return_stats,
-            softcap=self.softcap)
+            softcap=self.softcap, validate=self.validate)
 
     def extra_repr(self):
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "

@@ -19,7 +19,14 @@ from torch.autograd.function import once_differentiable
 
 from ..common.autocast import autocast_disabled, autocast_dtype, autocast_free, cast_inputs
 from ..common.backend import resolve_backend, triton_available, triton_interpreting
-from ..common.checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from ..common.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_finite_result,
+    check_tensor,
+    name_non_finite,
+    resolve_validate,
+)
 from .checks import OP, _is_compiling, check_cu_seqlens
 from .launch import (
     triton_backward,
@@ -216,10 +223,14 @@ def prefix_lm_attention(q, k, v, cu_seqlens, prefix_lens, *, max_seqlen, softmax
             shows the error, nothing crashes or reads out of bounds).
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         backend: one of :data:`ATTENTION_BACKENDS`.
-        validate: check the values of ``cu_seqlens``/``prefix_lens``/``max_seqlen`` (reads them
-            on the host). ``None`` = on CPU tensors only, never inside ``torch.compile``; on CUDA
-            the check would cost a device sync per call, so it is off unless asked for (the
-            Triton kernels clamp every index, so bad values give wrong numbers, never a crash).
+        validate: check the values: ``cu_seqlens``/``prefix_lens``/``max_seqlen`` (read on the
+            host, never inside ``torch.compile``) and that the output is finite (a non-finite
+            q, k or v reaches it; one reduction over the output, then on CPU a ValueError naming
+            the argument, on CUDA or under compile a device-side assertion). ``None`` = on CPU
+            tensors only, where it costs nothing; on CUDA the layout check would cost a device
+            sync per call, so it is off unless asked for (the Triton kernels clamp every index, so
+            bad values give wrong numbers, never a crash; non-finite inputs give a non-finite
+            output). See docs/architecture.md, "Non-finite inputs".
 
     Autocast: under ``torch.autocast`` q, k and v are cast to the autocast dtype (as autocast casts
     ``scaled_dot_product_attention``'s), every backend then runs with autocast disabled (fp32
@@ -243,7 +254,11 @@ def prefix_lm_attention(q, k, v, cu_seqlens, prefix_lens, *, max_seqlen, softmax
                             f"{str(x.dtype).replace('torch.', '')}")
     check_tensor(cu_seqlens, "cu_seqlens", op=OP, ndim=1, dtypes=INDEX_DTYPES, device=q.device)
     check_tensor(prefix_lens, "prefix_lens", op=OP, ndim=1, dtypes=INDEX_DTYPES, device=q.device)
-    if prefix_lens.numel() != cu_seqlens.numel() - 1 or cu_seqlens.numel() < 2:
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{OP}: the batch is empty: cu_seqlens must hold B + 1 >= 2 offsets (one "
+                         f"sample or more), got shape {tuple(cu_seqlens.shape)} (prefix_lens "
+                         f"{tuple(prefix_lens.shape)})")
+    if prefix_lens.numel() != cu_seqlens.numel() - 1:
         raise ValueError(f"{OP}: cu_seqlens [B + 1] and prefix_lens [B] disagree: shapes "
                          f"{tuple(cu_seqlens.shape)} and {tuple(prefix_lens.shape)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
@@ -255,14 +270,19 @@ def prefix_lm_attention(q, k, v, cu_seqlens, prefix_lens, *, max_seqlen, softmax
         raise ValueError(f"{OP}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
     softmax_scale = float(softmax_scale)
     T = q.shape[0]
-    if validate is None:
-        validate = q.device.type == "cpu" and not _is_compiling()
-    if validate:
+    check_values = resolve_validate(validate, q.device, op=OP)
+    # the layout's values are read on the host: never inside torch.compile (a graph break)
+    if check_values and not _is_compiling():
         check_cu_seqlens(cu_seqlens, prefix_lens, T, max_seqlen=max_seqlen)
 
     be = _resolve(backend, q)
     with autocast_disabled(q.device):
-        return _dispatch(be, q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale)
+        out = _dispatch(be, q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale)
+    if check_values:
+        check_finite_result(torch.isfinite(out.detach()).all(), op=OP, diagnose=lambda: name_non_finite(
+            OP, [("q", q.detach()), ("k", k.detach()), ("v", v.detach())],
+            "the output is not finite although q, k and v are: the scores overflow (softmax_scale?)"))
+    return out
 
 
 def _dispatch(be, q, k, v, cu_seqlens, prefix_lens, max_seqlen, softmax_scale):

@@ -444,11 +444,11 @@ def test_opcheck_custom_ops(backend, with_ids, normalize):
         uniforms, seeds = None, torch.tensor([12345])
     torch.library.opcheck(
         torch.ops.unigen.contrastive_loss_fwd.default,
-        (img, txt, s, ids, seeds, uniforms, 0, 9, 0.1, 1, backend, normalize))
+        (img, txt, s, ids, seeds, uniforms, 0, 9, 0.1, 1, backend, normalize, True))
     with torch.no_grad():
         img, txt, s = img.detach(), txt.detach(), s.detach()
         _, _, lse, pos_cnt, inv = torch.ops.unigen.contrastive_loss_fwd(
-            img, txt, s, ids, seeds, uniforms, 0, 9, 0.1, 1, backend, normalize)
+            img, txt, s, ids, seeds, uniforms, 0, 9, 0.1, 1, backend, normalize, True)
     torch.library.opcheck(
         torch.ops.unigen.contrastive_loss_bwd.default,
         (torch.tensor(1.0), img, txt, s, ids, inv, lse, pos_cnt, 0, 0.1, backend, normalize))
@@ -501,7 +501,7 @@ def test_eager_function_equals_custom_op():
     op (what torch.compile traces) gives the same loss, negatives and gradients."""
     img, txt, s = _inputs(37, 12, torch.float64)
     ids = torch.arange(37) // 3
-    args = (ids, torch.tensor([5]), None, 0, 37, 0.1, 1, "triton", True)
+    args = (ids, torch.tensor([5]), None, 0, 37, 0.1, 1, "triton", True, True)
     eager = cl_op._ContrastiveLossFunction.apply(img, txt, s, *args)
     op = cl_op._contrastive_fwd_op(img, txt, s, *args)
     for a, b in zip(eager, op):
