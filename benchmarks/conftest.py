@@ -6,6 +6,7 @@ written as JSON and as a markdown table of ratios against our provider ("ours") 
 same run, into ``$OUT`` when set, else ``benchmarks/results/local/`` (see ``results_dir``).
 """
 
+import importlib
 import json
 import os
 import platform
@@ -18,10 +19,33 @@ import torch
 OURS = "ours"
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "headline: a benchmark's headline case (what gpu_check.sh --quick times)")
+
+
+def optional(provider: str, module: str, attr: str | None = None):
+    """The public alternative a provider needs (``module`` or ``module.attr``), or a clean skip
+    that says why not: absent, or present but failing to import against this torch or
+    transformers (e.g. PyPI's cut-cross-entropy wheel has no ``cut_cross_entropy.transformers``)."""
+    try:
+        found = importlib.import_module(module)
+        return getattr(found, attr) if attr else found
+    except Exception as err:  # ImportError, AttributeError, or a broken extension's own error
+        name = f"{module}.{attr}" if attr else module
+        pytest.skip(f"{provider}: {name} is not usable here ({type(err).__name__}: {err})")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def tiny_shapes() -> bool:
+    """``UNIGEN_BENCH_TINY=1`` (``gpu_check.sh --dry-run``): the CPU cases shrink to shapes that
+    run in milliseconds, so the whole GPU script can be rehearsed on a CPU in CI."""
+    return os.environ.get("UNIGEN_BENCH_TINY") == "1"
 
 
 def bench_device() -> torch.device:

@@ -37,7 +37,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import bench_device, device_name, results_dir
+from benchmarks.conftest import bench_device, device_name, optional, results_dir
 from unigen.kernels import contrastive_loss
 from unigen.kernels.common.backend import triton_available, triton_interpreting
 from unigen.memory import PeakMemory
@@ -47,12 +47,15 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 if CUDA:
     SIZES = {"B512": 512, "B4096": 4096, "memory": 65536}
+    HEADLINE = "B4096"
     DIM, DTYPE = 256, torch.bfloat16
     ROUNDS, WARMUP = 10, 2
 else:
     SIZES = {"B512": 48}
+    HEADLINE = "B512"
     DIM, DTYPE = 32, torch.float32
     ROUNDS, WARMUP = 1, 0
+SIZE_PARAMS = [pytest.param(s, marks=[pytest.mark.headline] if s == HEADLINE else []) for s in SIZES]
 
 PROVIDERS = ["ours", "ours_torch", "lavis", "torch_vectorised", "torch_compiled", "open_clip", "inf_cl"]
 # Providers whose memory is O(B·D): the only ones attempted at B = 65536.
@@ -150,12 +153,8 @@ def _step(provider, n):
         compiled = torch.compile(_vectorised_step, dynamic=False)
         return lambda: compiled(img, txt, log_scale)
     if provider == "open_clip":
-        try:  # absent, or present without its own dependencies (torchvision, ftfy, timm)
-            from open_clip.loss import ClipLoss
-        except ImportError:
-            return None
-
-        clip_loss = ClipLoss()
+        # absent, or present without its own dependencies (torchvision, ftfy, timm): a skip
+        clip_loss = optional("open_clip", "open_clip.loss", "ClipLoss")()
 
         def run():
             a, b = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
@@ -166,10 +165,7 @@ def _step(provider, n):
     if provider == "inf_cl":
         if not CUDA:
             return None
-        try:
-            from inf_cl import cal_inf_loss
-        except ImportError:
-            return None
+        cal_inf_loss = optional("inf_cl", "inf_cl", "cal_inf_loss")
 
         def run():
             a, b = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
@@ -197,7 +193,7 @@ def _triton_version():
     return _version("triton")
 
 
-@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("size", SIZE_PARAMS)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_contrastive_fwd_bwd_mining(benchmark, provider, size):
     n = SIZES[size]

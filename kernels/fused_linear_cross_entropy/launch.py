@@ -37,8 +37,8 @@ if triton_available():
 # GROUP_M row blocks per group of the launch order). ``_triton_config`` picks one per shape class;
 # ``benchmarks/test_bench_cross_entropy.py::test_ours_tile_sweep`` times them all on a GPU (the
 # winner becomes the pick below). Registers/spills from the sm_90 compile check
-# (``tests/kernels/gpu_compile_check.py cross_entropy bf16``; ``UNIGEN_FLCE_TILE=<name>`` compiles
-# another candidate), forward / logit-gradient kernel, both with bias and softcap:
+# (``benchmarks/compile_check.py``, before its specialisation: these rows are the unspecialised
+# build), forward / logit-gradient kernel, both with bias and softcap:
 TILE_CANDIDATES = {
     # Cut Cross-Entropy's tile; 16 warps: 128 registers, no spills in either kernel (the 16-bit pick)
     "n128v128d32g8w16s3": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_M=8, num_warps=16, num_stages=3),

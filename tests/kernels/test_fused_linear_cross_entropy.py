@@ -731,17 +731,6 @@ def test_cuda_triton_matches_reference(dtype):
         assert err(o, e) <= 2 * err(s, e) + 1e-6
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_kernels_compile_for_sm90(dtype, tmp_path, run_sm90_compile):
-    """The interpreter runs Python and forgives what the GPU compiler rejects: compile both
-    kernels with the launcher's GPU tiles down to an sm_90 cubin (Triton's bundled ptxas, no GPU
-    needed). A subprocess, because TRITON_INTERPRET=1 replaces @triton.jit in this one."""
-    run_sm90_compile(["cross_entropy", dtype], tmp_path)
-
-
 # --------------------------------------------------------------------------------------------
 # a weight freed after the forward (FSDP2 resharding) and brought back before the backward
 # --------------------------------------------------------------------------------------------
