@@ -2,8 +2,9 @@
 
 GPU grid: N ∈ {4096, 20480} target tokens, D = 768, V = 50257 (GPT-2 head; N = 20480 is the
 headline case), and the Llama-3 head N = 8192, D = 4096, V = 128256, bf16; "ours" is the "mean"
-path (its strategy chosen by the cost model of ``triton_forward_reduced``), "ours_reduction_none"
-the fused kernels of ``reduction="none"``.
+path (its strategy chosen by the cost model of ``triton_forward_reduced``; ``ours_rows`` and
+``ours_vocab_chunks`` force each of its two strategies, GPU only), "ours_reduction_none" the
+fused kernels of ``reduction="none"``.
 CPU grid: N ∈ {2048, 8192}, D = 256, V = 8192, fp32 (a few seconds per case on 2 cores), and
 ``test_cross_entropy_gpt2_head_cpu``: the GPT-2 head itself (N = 8192, D = 768, V = 50257, fp32),
 one timed round per provider (~15-30 s each on 2 cores: run it alone).
@@ -78,8 +79,25 @@ PROVIDERS = {
     "ours": lambda h, w, y: fused_linear_cross_entropy(h, w, y),
 }
 RESOLVED_AT_RUN = {"liger", "cut_cross_entropy"}
+_FLCE = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
+
+
+def _ours_strategy(strategy):
+    """The "mean" path in one strategy of its cost model (``cost_model.plan_reduced`` picks per
+    shape; both are timed on a GPU so that a run can check the pick)."""
+    def run(h, w, y):
+        saved, _FLCE.REDUCED_STRATEGY = _FLCE.REDUCED_STRATEGY, strategy
+        try:
+            return fused_linear_cross_entropy(h, w, y)
+        finally:
+            _FLCE.REDUCED_STRATEGY = saved
+    return run
+
+
 if ON_GPU:
     PROVIDERS["ours_reduction_none"] = lambda h, w, y: fused_linear_cross_entropy(h, w, y, reduction="none").mean()
+    PROVIDERS["ours_rows"] = _ours_strategy("rows")
+    PROVIDERS["ours_vocab_chunks"] = _ours_strategy("vocab_chunks")
 else:
     PROVIDERS["ours_torch_reference"] = lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="torch")
     if cpp_ops_available():
@@ -136,6 +154,12 @@ def test_cross_entropy_fwd_bwd(benchmark, provider, shape):
         if not ON_GPU:
             pytest.skip("GPU-only provider")
         fn = fn()
+    if provider == "ours_rows":
+        n, d, v = shape
+        forced = _FLCE.reduced_plan(n, d, v, DTYPE, True, True, False, strategy="rows")
+        budget = _FLCE.cost_model.eager(n, d, v, DTYPE.itemsize).working_bytes / 8
+        if forced.working_bytes > budget:
+            pytest.skip("the rows strategy does not fit 1/8 of eager's memory at this shape")
     _measure(benchmark, fn, shape)
 
 
@@ -160,7 +184,6 @@ def test_cross_entropy_gpt2_head_cpu(benchmark, provider):
 # previous launch order (GROUP_M >= the row blocks: every row block of a column first), which
 # isolates what the grouped order buys. The winner becomes the pick in
 # kernels/fused_linear_cross_entropy/launch.py::_select_config.
-_FLCE = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
 TILE_CONFIGS = {
     "ours": None,
     **{f"ours_{name}": cfg for name, cfg in _FLCE.TILE_CANDIDATES.items()},
