@@ -135,6 +135,13 @@ PYEOF
       || echo "gpu_check.sh: WARNING: some carried wheels did not install; going on" >&2
     export PYTHONPATH="/tmp/unigen-site${PYTHONPATH:+:$PYTHONPATH}"
   fi
+  # CUDA 12's runtime library for the carried xformers (built with CUDA 12.8): its own folder
+  # on the loader's path, where only that soname lives (CUDA 13 programs never look for it)
+  if compgen -G ".whl/nvidia_cuda_runtime_cu12-*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unigen-cu12 \
+      .whl/nvidia_cuda_runtime_cu12-*.whl \
+      && export LD_LIBRARY_PATH="/tmp/unigen-cu12/nvidia/cuda_runtime/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
 fi
 BENCH_OK=1
 if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then

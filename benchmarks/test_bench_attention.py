@@ -19,7 +19,13 @@ time limit still has our rows:
   ``cu_seqlens`` prepared outside the timed region (no sample ids, no host sync of ours); for the
   prefix-LM mask, the two-call decomposition (causal call + bidirectional call over the packed
   prefixes) with its gather index prepared outside the timed region as well;
-- ``torch_varlen``: the same over PyTorch's own ``torch.nn.attention.varlen.varlen_attn``.
+- ``torch_varlen``: the same over PyTorch's own ``torch.nn.attention.varlen.varlen_attn``;
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` on the packed tokens with a
+  ``BlockDiagonalCausalMask`` (built outside the timed region); xformers has no bias for a
+  prefix per sample, so prefix-LM is the same two-call decomposition with a
+  ``BlockDiagonalMask`` over the packed prefixes. Where xformers is installed but its kernels do
+  not run (PyPI's wheel is built for CUDA 12, see ``benchmarks/fetch_gpu_wheels.sh``), a small
+  probe call fails and the row skips with the error.
 
 Targets on a GPU (same run, same device): prefix-LM >= 1.5x FlexAttention (its mask build
 included) and >= 2x padded SDPA with its dense mask; causal within 1.1x of the fastest varlen
@@ -40,7 +46,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import bench_device, device_name, sync
+from benchmarks.conftest import bench_device, device_name, optional, sync
 from unigen.kernels import prefix_lm_attention
 from unigen.kernels.common.backend import triton_available, triton_interpreting
 from unigen.kernels.prefix_lm_attention import (
@@ -63,7 +69,7 @@ else:
     SHAPE = dict(samples=4, min_len=6, max_len=12, heads=2, head_dim=16, dtype=torch.float32)
     ROUNDS, WARMUP = 2, 1
 
-PROVIDERS = ["ours", "sdpa_padded", "flex", "flash_attn", "torch_varlen"]
+PROVIDERS = ["ours", "sdpa_padded", "flex", "flash_attn", "torch_varlen", "xformers"]
 MASKS = ["causal", "prefix"]
 
 
@@ -130,6 +136,53 @@ def _varlen_kernel(provider):
     return fn
 
 
+def _prefix_index(w):
+    """The packed prefix tokens' positions and their cu_seqlens (the prefix-LM decomposition's
+    second call), on the device; built outside the timed region."""
+    lengths, plen = w["lengths"], w["plen"].cpu().long()
+    starts = torch.cumsum(lengths, 0) - lengths
+    idx = torch.cat([torch.arange(int(a), int(a) + int(p)) for a, p in zip(starts, plen)])
+    cu_prefix = torch.zeros(plen.numel() + 1, dtype=torch.int32)
+    cu_prefix[1:] = torch.cumsum(plen, 0)
+    return idx.to(DEVICE), cu_prefix.to(DEVICE)
+
+
+def _xformers_step(w, mask):
+    """xformers' memory-efficient attention on the packed tokens ([1, T, H, D]) with a
+    block-diagonal causal bias; prefix-LM as two calls (causal, then bidirectional over the
+    packed prefixes). A small fwd + bwd probe first: a clean skip where the kernels do not run."""
+    fmha = optional("xformers", "xformers.ops")
+    bias = optional("xformers", "xformers.ops.fmha.attn_bias")
+    try:
+        probe = torch.randn(1, 32, 1, SHAPE["head_dim"], device=DEVICE, dtype=SHAPE["dtype"],
+                            requires_grad=True)
+        fmha.memory_efficient_attention(probe, probe, probe,
+                                        attn_bias=bias.BlockDiagonalCausalMask.from_seqlens([20, 12])
+                                        ).sum().backward()
+    except Exception as err:  # no kernel for this GPU, CUDA runtime or torch
+        pytest.skip(f"xformers is installed but its attention does not run here "
+                    f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+    causal_bias = bias.BlockDiagonalCausalMask.from_seqlens(w["lengths"].tolist())
+    q, k, v = (w[n].detach().unsqueeze(0).requires_grad_() for n in ("q", "k", "v"))
+    do = w["do"].unsqueeze(0)
+    if mask == "causal":
+        def run():
+            out = fmha.memory_efficient_attention(q, k, v, attn_bias=causal_bias)
+            return torch.autograd.grad(out, (q, k, v), do)
+
+        return run
+    idx, _ = _prefix_index(w)
+    prefix_bias = bias.BlockDiagonalMask.from_seqlens(w["plen"].tolist())
+
+    def run():
+        out = fmha.memory_efficient_attention(q, k, v, attn_bias=causal_bias)
+        pre = fmha.memory_efficient_attention(q[:, idx], k[:, idx], v[:, idx], attn_bias=prefix_bias)
+        out = out.index_copy(1, idx, pre)
+        return torch.autograd.grad(out, (q, k, v), do)
+
+    return run
+
+
 def _varlen_step(provider, w, mask):
     """flash-attn / torch varlen as a user calls them: everything that depends only on the
     batch's metadata (int32 cu_seqlens, for prefix-LM the prefix tokens' gather index and their
@@ -144,13 +197,7 @@ def _varlen_step(provider, w, mask):
             return torch.autograd.grad(out, (q, k, v), w["do"])
 
         return run
-    lengths, plen = w["lengths"], w["plen"].cpu().long()
-    starts = torch.cumsum(lengths, 0) - lengths
-    idx = torch.cat([torch.arange(int(a), int(a) + int(p)) for a, p in zip(starts, plen)])
-    idx = idx.to(DEVICE)
-    cu_prefix = torch.zeros(plen.numel() + 1, dtype=torch.int32)
-    cu_prefix[1:] = torch.cumsum(plen, 0)
-    cu_prefix = cu_prefix.to(DEVICE)
+    idx, cu_prefix = _prefix_index(w)
 
     def run():
         # text rows from one causal call; prefix rows from a bidirectional call over the prefixes
@@ -180,6 +227,8 @@ def _step(provider, w, mask):
         return _varlen_step(provider, w, mask) if CUDA and flash_attn_available() else None
     if provider == "torch_varlen":
         return _varlen_step(provider, w, mask) if CUDA and torch_varlen_available() else None
+    if provider == "xformers":
+        return _xformers_step(w, mask) if CUDA else None
     backend = {"ours": "triton", "flex": "flex"}[provider]
     q, k, v = (w[n].detach().requires_grad_() for n in ("q", "k", "v"))
 

@@ -14,7 +14,10 @@ L_CL), backward, gradient clipping and AdamW.
 Providers:
 
 - ``ours``: the fused configuration (fused linear + cross-entropy, the fused contrastive op with
-  on-device mining, packed prefix-LM attention with the "auto" backend);
+  on-device mining, packed prefix-LM attention with the "auto" backend), torch's fused AdamW;
+- ``ours_apex``: the same with NVIDIA apex's ``FusedAdam`` (AdamW mode) and ``FusedLayerNorm``
+  in place of torch's fused AdamW and ``nn.LayerNorm``, where apex is installed (it is not on
+  PyPI and not on the GPU machine: see benchmarks/fetch_gpu_wheels.sh; the row skips);
 - ``naive``: padded SDPA attention, ``F.cross_entropy`` on the full logits per task, the
   LAVIS-style PyTorch contrastive loss and mining.
 
@@ -32,7 +35,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.conftest import bench_device, device_name, results_dir, tiny_shapes
+from benchmarks.conftest import bench_device, device_name, optional, results_dir, tiny_shapes
 from unigen.memory import PeakMemory
 from unigen.model.batch import UniGenBatch
 from unigen.model.config import UniGenConfig
@@ -40,14 +43,14 @@ from unigen.model.unigen_model import UniGen
 from unigen.training.config import OptimConfig
 from unigen.training.distributed import clip_grad_norm
 from unigen.training.metrics import peak_flops
-from unigen.training.optim import build_optimizer
+from unigen.training.optim import build_optimizer, trainable_param_groups
 
 CUDA = torch.cuda.is_available()
 if CUDA:
     SAMPLES, ROUNDS, WARMUP = 64, 5, 2  # the paper's 512 over 8 GPUs
 else:
     SAMPLES, ROUNDS, WARMUP = (8, 1, 0) if tiny_shapes() else (16, 3, 1)
-PROVIDERS = ["ours", "naive"]
+PROVIDERS = ["ours", "naive", "ours_apex"]
 _RESULTS: dict[str, dict] = {}
 
 
@@ -86,7 +89,27 @@ def _batch(cfg: UniGenConfig, samples: int, seed: int = 0) -> UniGenBatch:
         pair_ids=torch.arange(q))
 
 
+def _apex(model, cfg: OptimConfig):
+    """apex's fused LayerNorm in place of every affine ``nn.LayerNorm`` (same parameters), and
+    its FusedAdam in AdamW mode over the same parameter groups as ``build_optimizer``."""
+    normalization = optional("ours_apex", "apex.normalization")
+    optimizers = optional("ours_apex", "apex.optimizers")
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.LayerNorm and child.elementwise_affine:
+                fused = normalization.FusedLayerNorm(child.normalized_shape, eps=child.eps)
+                fused = fused.to(child.weight.device, child.weight.dtype)
+                fused.load_state_dict(child.state_dict())
+                for p, q in zip(fused.parameters(), child.parameters()):
+                    p.requires_grad_(q.requires_grad)
+                setattr(module, name, fused)
+    return optimizers.FusedAdam(trainable_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
+
+
 def _setup(provider: str):
+    if provider == "ours_apex":  # skip before building the model where apex is absent
+        optional("ours_apex", "apex.optimizers")
     device = bench_device()
     torch.manual_seed(0)
     cfg = _config()
@@ -95,7 +118,8 @@ def _setup(provider: str):
     if provider == "naive":
         model.configure_backends(cross_entropy="naive", contrastive="naive",
                                  attention="padded_sdpa")
-    opt = build_optimizer(model, OptimConfig(), device)
+    opt = _apex(model, OptimConfig()) if provider == "ours_apex" else build_optimizer(
+        model, OptimConfig(), device)
     params = [p for p in model.parameters() if p.requires_grad]
     batch = _batch(cfg, SAMPLES)
     if device.type == "cuda":
