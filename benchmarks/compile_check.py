@@ -69,8 +69,26 @@ SM90_MAX_SHARED_BYTES = 227 * 1024
 SM90_TARGET = GPUTarget("cuda", 90, 32)
 
 # Kernels whose dots do not all compile to wgmma, or that use local memory, at the benchmark
-# shapes, with the measured reason. Keyed by "<op>.<kernel>".
-EXPECTED_EXCEPTIONS: dict[str, str] = {}
+# shapes, with the measured reason. Keyed by "<op>.<kernel>", or "<op>.<kernel>@<text>" for the
+# scenarios whose name contains <text> only. None of the headline calls' kernels is here.
+EXPECTED_EXCEPTIONS: dict[str, str] = {
+    "attention._fwd_kernel@tiled fp32":
+        "fp32 inputs take full-precision FMA products (no tensor cores by design, as the fp32 "
+        "reference); triton 3.6 leaves an 8 B stack frame at 32 x 32 tiles (3.9 none); fp32 "
+        "attention is for tests",
+    "attention._bwd_dkdv_kernel@tiled fp32":
+        "fp32 FMA dots: two [32, 64] fp32 accumulators beside fp32 q and dO tiles twice as wide "
+        "as bf16 ones: 440-512 B of local memory at 32 x 32 (38 KB at 64 x 64); fp32 attention is "
+        "for tests",
+}
+
+
+def expected_exception(key: str, scenario: str) -> str:
+    for name, why in EXPECTED_EXCEPTIONS.items():
+        kernel, _, where = name.partition("@")
+        if kernel == key and where in scenario:
+            return why
+    return ""
 
 
 # ------------------------------------------------------------------ the stand-in sm_90 driver
@@ -412,7 +430,7 @@ def run_scenarios(scenarios, ptx_dir: Path | None) -> list[KernelReport]:
                     num_stages=kernel.metadata.num_stages, shared_bytes=kernel.metadata.shared,
                     compile_s=round(seconds, 2), **analyse_ttir(ttir),
                     **analyse_ptxas_log(log), **analyse_ptx(ptx),
-                    exception=EXPECTED_EXCEPTIONS.get(key, ""))
+                    exception=expected_exception(key, scenario.name))
                 if ptx_dir is not None:
                     suffix = "" if seen[key] == 1 else f".{seen[key]}"
                     path = ptx_dir / f"{key}{suffix}.ptx"

@@ -3,7 +3,6 @@ CPU (``--dry-run``: the interpreter, tiny shapes), a stage cut at its limit keep
 the quick GPU-test list sized to its limit from the sm_90 compile check's seconds, and the order
 in which a stage runs its items."""
 
-import importlib.util
 import json
 import os
 import re
@@ -17,16 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(path):  # benchmarks/ is not on the tests' import path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_plugin = _load(ROOT / "benchmarks" / "gpu_check_plugin.py")
-is_heavy, read_curated, read_node_ids, sort_key = (
-    _plugin.is_heavy, _plugin.read_curated, _plugin.read_node_ids, _plugin.sort_key)
+@pytest.fixture(scope="module")
+def plugin(load_file_module):
+    return load_file_module(ROOT / "benchmarks" / "gpu_check_plugin.py")
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 QUICK_TESTS = ROOT / "benchmarks" / "gpu_quick_tests.txt"
 COMPILE_CHECK_36 = ROOT / "benchmarks" / "results" / "compile_check_triton3.6.json"
@@ -68,12 +60,12 @@ def test_dry_run_rehearses_every_stage_of_the_full_check(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_dry_run_of_the_quick_check_collects_every_curated_gpu_test(tmp_path):
+def test_dry_run_of_the_quick_check_collects_every_curated_gpu_test(tmp_path, plugin):
     """Every node id of the curated list exists (pytest would stop with a usage error
     otherwise), and on this CPU each is collected and skips for want of CUDA."""
     proc, out = _run(tmp_path, "--dry-run", "--quick")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    n = len(read_node_ids(QUICK_TESTS))
+    n = len(plugin.read_node_ids(QUICK_TESTS))
     tests_log = proc.stdout.split("== gpu_tests", 1)[1].split("== benchmarks", 1)[0]
     assert f"{n} skipped" in tests_log, tests_log[-2000:]
     assert set(_stages(proc)) == {"gpu_tests", "benchmarks_attention",
@@ -100,7 +92,7 @@ def test_a_stage_cut_at_its_limit_keeps_its_failures_and_summary(tmp_path):
     assert int(re.search(r"ran (\d+) s", stage).group(1)) < 60
 
 
-def test_quick_gpu_tests_fit_their_limit_by_the_compile_check_seconds():
+def test_quick_gpu_tests_fit_their_limit_by_the_compile_check_seconds(plugin):
     """The curated list's estimate: overhead + each test's kernels' sm_90 compile seconds (triton
     3.6, the GPU machine's; the slowest specialisation of each) x 1.5 + its other seconds."""
     report = json.loads(COMPILE_CHECK_36.read_text())
@@ -111,7 +103,7 @@ def test_quick_gpu_tests_fit_their_limit_by_the_compile_check_seconds():
         seconds[name] = max(seconds.get(name, 0.0), k["compile_s"])
     overhead = int(re.search(r"overhead:\s*(\d+)", QUICK_TESTS.read_text()).group(1))
     total = overhead
-    for node, kernels, other in read_curated(QUICK_TESTS):
+    for node, kernels, other in plugin.read_curated(QUICK_TESTS):
         names = [] if kernels == "-" else kernels.split(",")
         unknown = [n for n in names if n not in seconds]
         assert not unknown, f"{node}: {unknown} are not kernels of the compile check"
@@ -139,7 +131,7 @@ def _item(nodeid, provider=None):
     return SimpleNamespace(nodeid=nodeid, callspec=callspec)
 
 
-def test_stage_order_curated_first_ours_first_heavy_compiles_last():
+def test_stage_order_curated_first_ours_first_heavy_compiles_last(plugin):
     items = [
         _item("benchmarks/test_bench_attention.py::test_attention_fwd_bwd[flex-prefix]", "flex"),
         _item("benchmarks/test_bench_attention.py::test_attention_fwd_bwd[sdpa-prefix]", "sdpa"),
@@ -154,10 +146,11 @@ def test_stage_order_curated_first_ours_first_heavy_compiles_last():
     ]
     first = {"tests/kernels/test_b.py::test_listed_first": 0,
              "tests/kernels/test_b.py::test_listed_second": 1}
-    order = [i.nodeid for i in sorted(items, key=lambda i: sort_key(i, first))]
+    ranked = sorted(items, key=lambda i: plugin.sort_key(i, first))
+    order = [i.nodeid for i in ranked]
     assert order[:2] == ["tests/kernels/test_b.py::test_listed_first",
                          "tests/kernels/test_b.py::test_listed_second"]
     assert order[2].endswith("[ours-prefix]")
-    assert [is_heavy(i) for i in sorted(items, key=lambda i: sort_key(i, first))][-4:] == [True] * 4
+    assert [plugin.is_heavy(i) for i in ranked][-4:] == [True] * 4
     assert order.index("tests/kernels/test_a.py::test_gpu_kernel") < order.index(
         "tests/model/test_x.py::test_model_on_gpu")

@@ -4,24 +4,19 @@ reason left for a case that no longer needs one); ours taken from the cost model
 cross-entropy's launcher follows."""
 
 import importlib
-import importlib.util
-import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _roofline():
-    path = ROOT / "benchmarks" / "roofline.py"
-    spec = importlib.util.spec_from_file_location("roofline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def roofline(load_file_module):
+    return load_file_module(ROOT / "benchmarks" / "roofline.py")
 
 
-def test_ours_at_or_below_every_alternative_or_a_reason():
-    roofline = _roofline()
+def test_ours_at_or_below_every_alternative_or_a_reason(roofline):
     found = roofline.violations()
     for title, provider, ours, theirs in found:
         assert roofline.exception_for(title, provider), (
@@ -31,8 +26,7 @@ def test_ours_at_or_below_every_alternative_or_a_reason():
     assert used == set(roofline.EXCEPTIONS), set(roofline.EXCEPTIONS) - used
 
 
-def test_tables_cover_every_headline_shape_and_provider():
-    roofline = _roofline()
+def test_tables_cover_every_headline_shape_and_provider(roofline):
     tables = roofline.headline_tables()
     assert len(tables) == 5
     providers = {r.provider for _, rows in tables for r in rows}
@@ -43,8 +37,7 @@ def test_tables_cover_every_headline_shape_and_provider():
     assert text.count("(estimate)") == 5 and "Not measured" in text
 
 
-def test_cross_entropy_rows_are_the_cost_model_of_the_launcher():
-    roofline = _roofline()
+def test_cross_entropy_rows_are_the_cost_model_of_the_launcher(roofline):
     cost_model = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.cost_model")
     for n, d, v in cost_model.HEADS.values():
         ours = next(r for r in roofline.cross_entropy_rows(n, d, v) if r.provider == "ours")

@@ -3,9 +3,10 @@
 - ``reduction="none"``: :func:`triton_forward` and :func:`triton_backward`, with the tile
   candidates ``TILE_CANDIDATES`` (one pick per shape class, cached) and the backward's dZ chunk
   (``DZ_BUDGET_BYTES``);
-- ``"mean"``/``"sum"``: :func:`triton_forward_reduced` (row blocks sized by
-  ``REDUCED_WORKING_BYTES``: a tensor-core GEMM for the logits, the row kernel, a GEMM for dH and
-  the compensated dW kernel), with the launch options of its two kernels.
+- ``"mean"``/``"sum"``: :func:`triton_forward_reduced`, which follows the cost model of
+  :mod:`.cost_model` (row blocks: a tensor-core GEMM for the logits, the row kernel, a GEMM for
+  dH and the compensated dW kernel; or vocabulary chunks through the kernels above), with the
+  launch options of its two kernels.
 
 The accounting (FLOPs, bytes, launches, working memory) is in each launcher's docstring. The
 budgets, the caches and ``_wide_index`` are module globals read at call time: tests patch them
@@ -331,24 +332,26 @@ def _logits_gemm(out, h, w_t, bias, upcast_cache):
 
 def _rows_config():
     """Launch options of ``_flce_rows_kernel``: one row per program, a 4096-wide tile (13 tiles
-    per pass at V = 50257) and 16 warps, 8 logits per thread per tile: the kernel is bound by
-    memory and a row block has only ~224 programs for 132 SMs, so each program keeps many loads
-    in flight."""
+    per pass at V = 50257) and 16 warps, 8 logits per thread per tile (one 16-byte vector of
+    bf16 logits, the padded rows let the sm_90 build use them): the kernel is bound by memory,
+    so each program keeps many loads in flight."""
     if triton_interpreting():
         return dict(BLOCK_R=16, BLOCK_V=128, num_warps=4)  # its cost is per program and op
     return dict(BLOCK_R=1, BLOCK_V=4096, num_warps=16)
 
 
 def _dw_config():
-    """Tiles of ``_flce_dw_kahan_kernel``: 128×64 dW tiles, a K step of 32 rows (a row block has
-    ~224: 7 steps), 8 warps. Compiled for sm_90: 237 registers and no spills; 128×128 tiles
-    spill ~1 KB per thread (the epilogue holds the fp32 accumulator, both 16-bit buffers and
-    their 64-bit addresses: 7 registers per element), 64×64 at 8 warps takes 141 registers.
-    The kernel is bound by its epilogue's traffic (8 bytes per dW element), not by its MMA.
-    Not yet timed on a GPU."""
+    """Tiles of ``_flce_dw_kahan_kernel``: 128×128 dW tiles, a K step of 64 rows (the cost
+    model's row blocks have thousands: 80 steps at the GPT-2 head's 5120), 8 warps, 3 stages.
+    With blocks that long the kernel is a GEMM bound by its MMA, not by its epilogue's 8 bytes
+    per dW element. The sm_90 compile check at the GPT-2 head (triton 3.6 and 3.9): 228
+    registers, 64 KB of shared memory, wgmma, no local memory; 128×64×32 (the tile of the former
+    224-row blocks) 104 registers with twice the dZ traffic from L2 per FLOP; 128×256 and
+    256×128 spill ~400 B (the epilogue holds the fp32 accumulator and both 16-bit buffers), and
+    so does 128×128 at 4 warps. Not yet timed on a GPU."""
     if triton_interpreting():
         return dict(BLOCK_V=32, BLOCK_D=32, BLOCK_K=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_V=128, BLOCK_D=64, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_V=128, BLOCK_D=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
 def _launch_rows_kernel(z, dz, tgt, scale, loss, lse, arg, label_smoothing, z_loss, softcap, stats,
