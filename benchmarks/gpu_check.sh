@@ -51,7 +51,7 @@ for arg in "$@"; do
     --quick) QUICK=1 ;;
     --dry-run) DRY_RUN=1 ;;
     --only=*) ONLY=",${arg#--only=}," ;;
-    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (takes --quick, --dry-run, --only=STAGE,...)" >&2; exit 2 ;;
   esac
 done
