@@ -298,9 +298,11 @@ def report(device=H100_SXM) -> str:
     for head, (n, d, v) in HEADS.items():
         chosen = plan_reduced(n, d, v, 2)
         ways = [("eager PyTorch", eager(n, d, v, 2))]
+        budget = eager(n, d, v, 2).working_bytes / 8
         for strategy in ("rows", "vocab_chunks"):
             est = plan_reduced(n, d, v, 2, strategy=strategy)
-            mark = " (chosen)" if est.strategy == chosen.strategy else ""
+            mark = (" (chosen)" if est.strategy == chosen.strategy else
+                    " (over the budget)" if est.working_bytes > budget else "")
             param = f"{est.rows} rows" if strategy == "rows" else f"{est.chunk} columns"
             ways.append((f"ours, {strategy}, {param}{mark}", est))
         for name, est in ways:
