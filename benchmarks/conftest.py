@@ -33,8 +33,14 @@ NEEDS_CUDA = "needs CUDA"
 def missing(module: str) -> str | None:
     """Why ``module`` cannot be compared here — ``"<module> not installed"``, or installed but
     failing to import (with the error) — or None when it imports."""
-    if importlib.util.find_spec(module) is None:
-        return f"{module} not installed"
+    top = module.split(".")[0]
+    if importlib.util.find_spec(top) is None:
+        return f"{top} not installed"
+    try:
+        if importlib.util.find_spec(module) is None:  # the package without that submodule
+            return f"{top} installed, without {module} in this version"
+    except ImportError as e:
+        return f"{top} installed but does not import ({type(e).__name__}: {e})"
     try:
         importlib.import_module(module)
     except Exception as e:  # e.g. open_clip without a torchvision built for this torch
@@ -63,6 +69,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", f"{LONG}(about): a long case, run only with --long; "
                                        f"about: its time on 2 CPU cores, for the skip reason")
+    config.addinivalue_line(
+        "markers", "headline: a benchmark's headline case (what gpu_check.sh --quick times)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -76,10 +84,35 @@ def pytest_collection_modifyitems(config, items):
                                                     f"with --long"))
 
 
+def optional(provider: str, module: str, attr: str | None = None):
+    """The public alternative a provider needs (``module`` or ``module.attr``), or a clean skip
+    that says why not: not installed, installed but failing to import against this torch, or
+    without ``attr`` (e.g. PyPI's cut-cross-entropy wheel has no ``cut_cross_entropy.transformers``)."""
+    reason = missing(module)
+    if reason is not None:
+        pytest.skip(f"{provider}: {reason}")
+    found = importlib.import_module(module)
+    if attr is None:
+        return found
+    try:
+        return getattr(found, attr)
+    except AttributeError:
+        try:  # a submodule that is not imported by its package
+            return importlib.import_module(f"{module}.{attr}")
+        except Exception as err:
+            pytest.skip(f"{provider}: {module} has no {attr} in this version ({type(err).__name__}: {err})")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def tiny_shapes() -> bool:
+    """``UNIGEN_BENCH_TINY=1`` (``gpu_check.sh --dry-run``): the CPU cases shrink to shapes that
+    run in milliseconds, so the whole GPU script can be rehearsed on a CPU in CI."""
+    return os.environ.get("UNIGEN_BENCH_TINY") == "1"
 
 
 def bench_device() -> torch.device:

@@ -19,7 +19,13 @@ time limit still has our rows:
   ``cu_seqlens`` prepared outside the timed region (no sample ids, no host sync of ours); for the
   prefix-LM mask, the two-call decomposition (causal call + bidirectional call over the packed
   prefixes) with its gather index prepared outside the timed region as well;
-- ``torch_varlen``: the same over PyTorch's own ``torch.nn.attention.varlen.varlen_attn``.
+- ``torch_varlen``: the same over PyTorch's own ``torch.nn.attention.varlen.varlen_attn``;
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` on the packed tokens with a
+  ``BlockDiagonalCausalMask`` (built outside the timed region); xformers has no bias for a
+  prefix per sample, so prefix-LM is the same two-call decomposition with a
+  ``BlockDiagonalMask`` over the packed prefixes. Where xformers is installed but its kernels do
+  not run (PyPI's wheel is built for CUDA 12, see ``benchmarks/fetch_gpu_wheels.sh``), a small
+  probe call fails and the row skips with the error.
 
 Targets on a GPU (same run, same device): prefix-LM >= 1.5x FlexAttention (its mask build
 included) and >= 2x padded SDPA with its dense mask; causal within 1.1x of the fastest varlen
@@ -40,7 +46,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import NEEDS_CUDA, bench_device, device_name, sync, triton_unavailable
+from benchmarks.conftest import NEEDS_CUDA, bench_device, device_name, optional, sync, triton_unavailable
 from unigen.kernels import prefix_lm_attention
 from unigen.kernels.common.backend import triton_available
 from unigen.kernels.prefix_lm_attention import (
@@ -63,7 +69,7 @@ else:
     SHAPE = dict(samples=4, min_len=6, max_len=12, heads=2, head_dim=16, dtype=torch.float32)
     ROUNDS, WARMUP = 2, 1
 
-PROVIDERS = ["ours", "sdpa_padded", "flex", "flash_attn", "torch_varlen"]
+PROVIDERS = ["ours", "sdpa_padded", "flex", "flash_attn", "torch_varlen", "xformers"]
 MASKS = ["causal", "prefix"]
 
 
@@ -130,6 +136,53 @@ def _varlen_kernel(provider):
     return fn
 
 
+def _prefix_index(w):
+    """The packed prefix tokens' positions and their cu_seqlens (the prefix-LM decomposition's
+    second call), on the device; built outside the timed region."""
+    lengths, plen = w["lengths"], w["plen"].cpu().long()
+    starts = torch.cumsum(lengths, 0) - lengths
+    idx = torch.cat([torch.arange(int(a), int(a) + int(p)) for a, p in zip(starts, plen)])
+    cu_prefix = torch.zeros(plen.numel() + 1, dtype=torch.int32)
+    cu_prefix[1:] = torch.cumsum(plen, 0)
+    return idx.to(DEVICE), cu_prefix.to(DEVICE)
+
+
+def _xformers_step(w, mask):
+    """xformers' memory-efficient attention on the packed tokens ([1, T, H, D]) with a
+    block-diagonal causal bias; prefix-LM as two calls (causal, then bidirectional over the
+    packed prefixes). A small fwd + bwd probe first: a clean skip where the kernels do not run."""
+    fmha = optional("xformers", "xformers.ops")
+    bias = optional("xformers", "xformers.ops.fmha.attn_bias")
+    try:
+        probe = torch.randn(1, 32, 1, SHAPE["head_dim"], device=DEVICE, dtype=SHAPE["dtype"],
+                            requires_grad=True)
+        fmha.memory_efficient_attention(probe, probe, probe,
+                                        attn_bias=bias.BlockDiagonalCausalMask.from_seqlens([20, 12])
+                                        ).sum().backward()
+    except Exception as err:  # no kernel for this GPU, CUDA runtime or torch
+        pytest.skip(f"xformers is installed but its attention does not run here "
+                    f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+    causal_bias = bias.BlockDiagonalCausalMask.from_seqlens(w["lengths"].tolist())
+    q, k, v = (w[n].detach().unsqueeze(0).requires_grad_() for n in ("q", "k", "v"))
+    do = w["do"].unsqueeze(0)
+    if mask == "causal":
+        def run():
+            out = fmha.memory_efficient_attention(q, k, v, attn_bias=causal_bias)
+            return torch.autograd.grad(out, (q, k, v), do)
+
+        return run
+    idx, _ = _prefix_index(w)
+    prefix_bias = bias.BlockDiagonalMask.from_seqlens(w["plen"].tolist())
+
+    def run():
+        out = fmha.memory_efficient_attention(q, k, v, attn_bias=causal_bias)
+        pre = fmha.memory_efficient_attention(q[:, idx], k[:, idx], v[:, idx], attn_bias=prefix_bias)
+        out = out.index_copy(1, idx, pre)
+        return torch.autograd.grad(out, (q, k, v), do)
+
+    return run
+
+
 def _varlen_step(provider, w, mask):
     """flash-attn / torch varlen as a user calls them: everything that depends only on the
     batch's metadata (int32 cu_seqlens, for prefix-LM the prefix tokens' gather index and their
@@ -144,13 +197,7 @@ def _varlen_step(provider, w, mask):
             return torch.autograd.grad(out, (q, k, v), w["do"])
 
         return run
-    lengths, plen = w["lengths"], w["plen"].cpu().long()
-    starts = torch.cumsum(lengths, 0) - lengths
-    idx = torch.cat([torch.arange(int(a), int(a) + int(p)) for a, p in zip(starts, plen)])
-    idx = idx.to(DEVICE)
-    cu_prefix = torch.zeros(plen.numel() + 1, dtype=torch.int32)
-    cu_prefix[1:] = torch.cumsum(plen, 0)
-    cu_prefix = cu_prefix.to(DEVICE)
+    idx, cu_prefix = _prefix_index(w)
 
     def run():
         # text rows from one causal call; prefix rows from a bidirectional call over the prefixes
@@ -173,6 +220,8 @@ def unavailable(provider: str) -> str | None:
     if provider == "torch_varlen":
         return NEEDS_CUDA if not CUDA else None if torch_varlen_available() else \
             f"torch.nn.attention.varlen is not in torch {torch.__version__}"
+    if provider == "xformers" and not CUDA:  # installed or not: its step says so on a GPU
+        return NEEDS_CUDA
     return None
 
 
@@ -190,6 +239,8 @@ def _step(provider, w, mask):
         return run
     if provider in ("flash_attn", "torch_varlen"):
         return _varlen_step(provider, w, mask)
+    if provider == "xformers":
+        return _xformers_step(w, mask)
     backend = {"ours": "triton", "flex": "flex"}[provider]
     q, k, v = (w[n].detach().requires_grad_() for n in ("q", "k", "v"))
 
@@ -233,7 +284,8 @@ def test_attention_fwd_bwd(benchmark, provider, mask):
 
 
 # Tile configurations of our kernels to sweep on a GPU. "ours" is the op's default on this batch
-# (the per-sample kernels, tiles of _per_sample_config); "ours_sample_*" try other query slices
+# (the per-sample kernels, tiles of _per_sample_config: one 128-row slice, 8 warps, on wgmma in
+# the sm_90 compile check); "ours_sample_*" try other query slices
 # and warps of the per-sample kernels; "ours_tiled_*" time the tiled kernels on the same batch
 # (the path samples over 128 tokens take). The winner replaces the default in
 # kernels/prefix_lm_attention.py (_per_sample_config / _triton_config).
@@ -242,7 +294,7 @@ TILE_CONFIGS = {
     "ours_sample_m16w4": ("sample", dict(BLOCK_M=16, num_warps=4)),
     "ours_sample_m32w4": ("sample", dict(BLOCK_M=32, num_warps=4)),
     "ours_sample_m64w8": ("sample", dict(BLOCK_M=64, num_warps=8)),
-    "ours_sample_m128w8": ("sample", dict(BLOCK_M=128, num_warps=8)),
+    "ours_sample_m32w8": ("sample", dict(BLOCK_M=32, num_warps=8)),  # the former default (mma.sync)
     "ours_tiled_m64n64": ("tiled", dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
     "ours_tiled_m32n64": ("tiled", dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)),
     "ours_tiled_m128n64": ("tiled", dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),

@@ -2,8 +2,9 @@
 cross-entropy: time and extra peak memory per provider.
 
 Providers: ``torch`` (the model as transformers builds it: full logits, ForCausalLMLoss), ``ours``
-(``unigen.kernels.patch_hf_model``), and, when installed (GPU only), ``liger`` (Liger-Kernel's
-instance patch) and ``cut_cross_entropy`` (CCE's ``cce_patch``).
+(``unigen.kernels.patch_hf_model``), and, where they can patch this transformers (GPU only),
+``liger`` (Liger-Kernel's instance patch) and ``cut_cross_entropy`` (CCE's ``cce_patch``, in
+``cut_cross_entropy.transformers``, which PyPI's wheel does not ship: the row skips, saying so).
 
 GPU: a 1B-class Llama (Llama 3.2 1B shapes: D = 2048, 16 layers, V = 128256) with random weights,
 batch 1 × sequence 4096, bf16 autocast over fp32 weights. CPU: a small Llama (D = 256, 2 layers,
@@ -16,7 +17,7 @@ Run: ``pytest benchmarks/test_bench_hf_patch.py --benchmark-only``.
 import pytest
 import torch
 
-from benchmarks.conftest import NEEDS_CUDA, bench_device, device_name, missing, sync
+from benchmarks.conftest import NEEDS_CUDA, bench_device, device_name, optional, sync, tiny_shapes
 from unigen.memory import PeakMemory
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
@@ -27,6 +28,10 @@ if ON_GPU:
     CONFIG = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True)
     BATCH, SEQ, AUTOCAST = 1, 4096, torch.bfloat16
+elif tiny_shapes():  # gpu_check.sh --dry-run
+    CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=1024, max_position_embeddings=64)
+    BATCH, SEQ, AUTOCAST = 1, 64, None
 else:
     CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=32000, max_position_embeddings=512)
@@ -40,20 +45,16 @@ def _patch_ours(model):
 
 
 def _patch_liger(model):
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-    _apply_liger_kernel_to_instance(model=model)
+    optional("liger", "liger_kernel.transformers", "_apply_liger_kernel_to_instance")(model=model)
     return model
 
 
 def _patch_cce(model):
-    from cut_cross_entropy.transformers import cce_patch
-
-    return cce_patch(model)
+    return optional("cut_cross_entropy", "cut_cross_entropy.transformers", "cce_patch")(model)
 
 
 PROVIDERS = {"torch": lambda m: m, "ours": _patch_ours, "liger": _patch_liger, "cut_cross_entropy": _patch_cce}
-REQUIRES = {"liger": "liger_kernel", "cut_cross_entropy": "cut_cross_entropy"}
+GPU_ONLY = {"liger", "cut_cross_entropy"}
 
 
 def _model():
@@ -66,10 +67,8 @@ def _model():
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_hf_llama_train_step(benchmark, provider):
-    if provider in REQUIRES:  # GPU kernels: on a CPU, installing them would not help
-        reason = NEEDS_CUDA if not ON_GPU else missing(REQUIRES[provider])
-        if reason:
-            pytest.skip(f"{provider}: {reason}")
+    if provider in GPU_ONLY and not ON_GPU:  # GPU kernels: on a CPU, installing them would not help
+        pytest.skip(f"{provider}: {NEEDS_CUDA}")
     model = PROVIDERS[provider](_model())
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, CONFIG["vocab_size"], (BATCH, SEQ), generator=g).to(DEVICE)

@@ -14,10 +14,14 @@ L_CL), backward, gradient clipping and AdamW.
 Providers:
 
 - ``ours``: the fused configuration (fused linear + cross-entropy, the fused contrastive op with
-  on-device mining, packed prefix-LM attention with the "auto" backend);
+  on-device mining, packed prefix-LM attention with the "auto" backend), torch's fused AdamW;
 - ``features``: ours trained from a feature store (``data.image_features``): the batch holds
   the frozen ViT's output (bf16, in pinned host memory as the loader hands it over, copied in
   the step) instead of pixels, so the ViT does not run; goal on one H100: >= 2x ours' samples/s;
+- ``ours_apex``: the same as ours with NVIDIA apex's ``FusedAdam`` (AdamW mode) and
+  ``FusedLayerNorm`` in place of torch's fused AdamW and ``nn.LayerNorm``, where apex is
+  installed (it is not on PyPI and not on the GPU machine: see benchmarks/fetch_gpu_wheels.sh;
+  the row skips);
 - ``naive``: padded SDPA attention, ``F.cross_entropy`` on the full logits per task, the
   LAVIS-style PyTorch contrastive loss and mining.
 
@@ -38,7 +42,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.conftest import bench_device, device_name, results_dir
+from benchmarks.conftest import bench_device, device_name, optional, results_dir, tiny_shapes
 from benchmarks.step_flops import step_flops
 from unigen.memory import PeakMemory
 from unigen.model.batch import UniGenBatch
@@ -48,7 +52,7 @@ from unigen.model.vit_features import encode
 from unigen.training.config import OptimConfig
 from unigen.training.distributed import clip_grad_norm
 from unigen.training.metrics import peak_flops
-from unigen.training.optim import build_optimizer
+from unigen.training.optim import build_optimizer, trainable_param_groups
 
 CUDA = torch.cuda.is_available()
 SAMPLES_GPU = 64  # the paper's 512 over 8 GPUs
@@ -56,8 +60,8 @@ if CUDA:
     SAMPLES, ROUNDS, WARMUP = SAMPLES_GPU, 5, 2
 else:
     # more rounds than on a GPU: the 2-core machines are shared, the median needs them
-    SAMPLES, ROUNDS, WARMUP = 16, 9, 2
-PROVIDERS = ["ours", "features", "naive"]
+    SAMPLES, ROUNDS, WARMUP = (8, 1, 0) if tiny_shapes() else (16, 9, 2)
+PROVIDERS = ["ours", "features", "naive", "ours_apex"]
 _RESULTS: dict[str, dict] = {}
 
 
@@ -103,7 +107,27 @@ def batch_for(cfg: UniGenConfig, samples: int, seed: int = 0, images: bool = Tru
         pair_ids=torch.arange(q))
 
 
+def _apex(model, cfg: OptimConfig):
+    """apex's fused LayerNorm in place of every affine ``nn.LayerNorm`` (same parameters), and
+    its FusedAdam in AdamW mode over the same parameter groups as ``build_optimizer``."""
+    normalization = optional("ours_apex", "apex.normalization")
+    optimizers = optional("ours_apex", "apex.optimizers")
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.LayerNorm and child.elementwise_affine:
+                fused = normalization.FusedLayerNorm(child.normalized_shape, eps=child.eps)
+                fused = fused.to(child.weight.device, child.weight.dtype)
+                fused.load_state_dict(child.state_dict())
+                for p, q in zip(fused.parameters(), child.parameters()):
+                    p.requires_grad_(q.requires_grad)
+                setattr(module, name, fused)
+    return optimizers.FusedAdam(trainable_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
+
+
 def _setup(provider: str):
+    if provider == "ours_apex":  # skip before building the model where apex is absent
+        optional("ours_apex", "apex.optimizers")
     device = bench_device()
     torch.manual_seed(0)
     cfg = _config()
@@ -112,7 +136,8 @@ def _setup(provider: str):
     if provider == "naive":
         model.configure_backends(cross_entropy="naive", contrastive="naive",
                                  attention="padded_sdpa")
-    opt = build_optimizer(model, OptimConfig(), device)
+    opt = _apex(model, OptimConfig()) if provider == "ours_apex" else build_optimizer(
+        model, OptimConfig(), device)
     params = [p for p in model.parameters() if p.requires_grad]
     batch = batch_for(cfg, SAMPLES)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -29,11 +29,12 @@ gradient, each with its direction's part of the logit_scale gradient (``_rows_bw
 only its rows' statistics, so a column sweep per direction adds the gradient of the gathered
 columns; it recomputes the transposed tile instead of sharing it with the row sweep: sharing
 would need a cross-program reduction (atomics, or an O(B²/BLOCK) partial buffer), and
-recomputing a [32, D] × [D, 32] tile costs less than either. Nothing of size B×B is ever
+recomputing a [64, D] × [D, 32] tile costs less than either. Nothing of size B×B is ever
 stored: extra memory is O(B·D).
 
-Accounting (one process, B = 4096, D = 256, bf16, 32×32 tiles, 4 splits; per step = forward with
-``negatives="sample"`` + backward):
+Accounting (one process, B = 4096, D = 256, bf16, 64×32 tiles at 8 warps: the smallest whose
+dots compile to Hopper's wgmma, see ``launch._launch_config``; 8 splits; per step = forward
+with ``negatives="sample"`` + backward):
 
 - FLOPs: forward 2·2·B²·D = 17.2 G on the tensor cores (both directions), backward 2× that
   (tile recompute + gradient matmul per direction). Per logit the forward adds one exp, and per
@@ -42,13 +43,14 @@ Accounting (one process, B = 4096, D = 256, bf16, 32×32 tiles, 4 splits; per st
   ids add 4 (the positives' max, mass, logit sum, count), label smoothing 1 (the logit sum).
   It was one Philox call per 4 logits, 2 logs + 1 exp per logit and 7 reductions per tile row
   whatever the call needed. Random numbers: one Philox call per (row, column tile) and one per
-  (row, split) in the merge: 2·B·(B/32 + 4) ≈ 1.1 M calls instead of 2·B²/4 = 8.4 M. Without ids
+  (row, split) in the merge: 2·B·(B/32 + 8) ≈ 1.1 M calls instead of 2·B²/4 = 8.4 M. Without ids
   the positive logit s_ii is one indexed dot per row: 2·B·D FLOPs per direction, not a masked
   sum over every tile.
 - Bytes: the features are read from HBM once per sweep (2·B·D·2 = 4 MiB) and re-read from L2 per
-  row block (B/32 · B·D·2 = 256 MiB per direction and sweep, what the 32-row tile costs); the
-  forward's partial statistics are (2 + 1) planes without ids or smoothing (2 + 4 + 1 with
-  both) × splits × 2·B fp32, plus the int64 candidate per split: 0.4 + 0.25 MiB at B = 4096.
+  row block (B/64 · B·D·2 = 128 MiB per direction and sweep, half what the former 32-row tile
+  cost); the forward's partial statistics are (2 + 1) planes without ids or smoothing (2 + 4 + 1
+  with both) × splits × 2·B fp32, plus the int64 candidate per split: 0.8 + 0.5 MiB at
+  B = 4096; the backward's per-split fp32 gradients 8 × 2·B·D·4 = 64 MiB, written and read once.
   Saved for the backward: lse, |P| and the inverse norms, O(B).
 - Launches (CUDA): forward = the seed's randint (sampling only), ``_prep_kernel`` (norms and
   input check), ``_fwd_kernel``, ``_fwd_finish_kernel`` (split merge, loss, and the input

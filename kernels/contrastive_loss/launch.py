@@ -46,24 +46,34 @@ _SPLIT_OVERRIDE: Optional[int] = None
 
 
 def _launch_config(dim: int, dtype: torch.dtype):
-    """Tile sizes for the Triton kernels.
+    """Tile sizes for the Triton kernels: (rows per program, columns per step, BLOCK_D, warps).
 
     BLOCK_D covers the whole (padded) feature dimension: a query block is loaded once and the
-    gradient accumulator of a block stays on chip. Register pressure, not the grid, sets the tile.
-    Compiled for sm_90 (``tests/kernels/gpu_compile_check.py contrastive bf16 256``): bf16/fp16
-    at D = 256 with 32×32 tiles and 4 warps needs 168-219 registers/thread (the forward sweep
-    167-195 over its MODE × ids × smoothing variants) and no spills, while
-    64×64 spills in the backward at 4, 8 and 16 warps (the GPU benchmark sweeps 64×32, 32×64 and
-    64×64 at 8 warps against this default). 32-row tiles give 2·B/32 row blocks (both
-    directions), 256 at B = 4096, which ``_splits`` multiplies to ~1024 programs. D = 512 and
-    1024 need 16×16 tiles (8 warps at 1024). fp32 and
-    fp64 take the full-precision FMA path, whose operands are twice as wide: 16×16 keeps it
+    gradient accumulator of a block stays on chip. bf16/fp16 at D <= 256 take 64-row tiles of
+    32 columns at 8 warps: the smallest tile whose dots compile to Hopper's warpgroup MMA
+    (``wgmma`` needs 64 rows per warpgroup; 32-row tiles compiled to ``mma.sync``). Measured by
+    the sm_90 compile check (``benchmarks/compile_check.py``, B = 4096, D = 256, triton 3.6 /
+    3.9): forward sweep 127 / 102 registers, 88 KB of shared memory; backward row sweep 225 /
+    194 registers, 80 KB; no local memory. 64 x 64 spills in the backward (4-200 B at 8 warps,
+    120-208 at 4), 64 x 32 at 4 warps leaves an 8 B stack frame in the 3.9 forward, 64 x 128
+    needs 256 KB of shared memory (over an sm_90 block's 227). The column sweep of the
+    distributed backward takes the transposed tile (64 columns per program, 32 rows per step:
+    its dots have the columns as M). 64-row tiles give 2·B/64 row blocks (both directions), 128
+    at B = 4096, which ``_splits`` multiplies to ~1024 programs.
+
+    D = 512 and 1024 keep 16 x 16 tiles on ``mma.sync`` (8 warps at 1024): the [64, D] fp32
+    gradient accumulator of a 64-row tile spills at D = 512 (72-168 B per thread with triton
+    3.9). fp32 and fp64 take the full-precision FMA path (no tensor cores by design: TF32 would
+    cost up to 0.1 in a logit at scale 100), whose operands are twice as wide: 16 x 16 keeps it
     spill-free.
     """
     block_d = max(16, triton.next_power_of_2(dim))
     half = dtype in (torch.float16, torch.bfloat16)
-    block_m = block_n = 32 if (half and block_d <= 256) else 16
-    num_warps = 8 if block_d >= 1024 else 4
+    if half and block_d <= 256:
+        block_m, block_n, num_warps = 64, 32, 8
+    else:
+        block_m = block_n = 16
+        num_warps = 8 if block_d >= 1024 else 4
     if _BLOCK_OVERRIDE is not None:
         block_m, block_n, *warps = _BLOCK_OVERRIDE
         num_warps = warps[0] if warps else num_warps
@@ -119,8 +129,9 @@ def _triton_prep(image, text, logit_scale):
     return inv, ok, blocks
 
 
-# Rows per step of the one-program forward finish: fp64 state is twice as wide, and 1024 rows
-# spilled with ids (sm_90: 255 registers + 524 B of spill stores; 256 rows: none).
+# Rows per step of the one-program forward finish (8 warps): fp64 state is twice as wide, and
+# 1024 rows spilled with ids (sm_90: 255 registers + 524 B of spill stores; 256 rows: none). At
+# 4 warps the fp32 finish left an 8 B stack frame (triton 3.9); at 8, 64-96 registers, none.
 _FINISH_BLOCK = {torch.float32: 1024, torch.float64: 256}
 
 
@@ -162,7 +173,7 @@ def _triton_fwd(image, text, inv, ids, scale, seeds, row_start, n_local, keep, s
     _fwd_finish_kernel[(1,)](part, part_idx, seed_arg, ok, ok.numel(), loss, lse, pos_cnt, neg,
                              flag, n_local, row_start, splits, keep, smooth, 0.5 / n_local,
                              MODE=mode, HAS_IDS=has_ids, SMOOTH=smoothing,
-                             BLOCK=_FINISH_BLOCK[acc], ACC=_acc_tl(acc))
+                             BLOCK=_FINISH_BLOCK[acc], ACC=_acc_tl(acc), num_warps=8)
     return loss, neg, lse, pos_cnt, flag
 
 
@@ -208,9 +219,13 @@ def _triton_bwd(grad_loss, image, text, inv, ids, scale, lse, pos_cnt, row_start
         d_feats = dq[0] if row_splits == 1 else dq.sum(0)
         # copies: two views of one buffer would alias each other (custom ops may not return that)
         return d_feats[0].to(image.dtype, copy=True), d_feats[1].to(text.dtype, copy=True), d_scale
-    col_splits, col_width = _splits(n, block_n, n_local, block_m)  # cols kernel: row splits
+    # the column sweep's dots have its columns as M: it takes the transposed tile (64 columns per
+    # program, 32 rows per step at 16 bits), so they reach wgmma too
+    cols_meta = dict(meta, BLOCK_M=block_n, BLOCK_N=block_m)
+    col_splits, col_width = _splits(n, block_m, n_local, block_n)  # cols kernel: row splits
     dk = torch.empty(col_splits, 2, n, dim, dtype=acc, device=dev)
-    _cols_bwd_kernel[(triton.cdiv(n, block_n), 2, col_splits)](*common, dk, *sizes, col_width, **meta)
+    _cols_bwd_kernel[(triton.cdiv(n, block_m), 2, col_splits)](*common, dk, *sizes, col_width,
+                                                               **cols_meta)
     dk = dk[0] if col_splits == 1 else dk.sum(0)
     dq = dq[0] if row_splits == 1 else dq.sum(0)
     return (*_combine_distributed(image, text, inv, dq, dk, row_start, normalize), d_scale)

@@ -18,21 +18,24 @@ reduction gets exact gradients from the same kernels:
 Two paths (the accounting is in each function's docstring):
 
 - ``reduction="mean"``/``"sum"`` (and token weights without a gradient): the gradient of every
-  row is known, up to the scalar upstream gradient, while its logits are at hand, so one
-  row-chunked pass computes the loss and the gradients in the forward (Liger-Kernel's scheme)
-  and the backward only rescales them: 6·N·D·V matmul FLOPs. On CUDA
-  (:func:`triton_forward_reduced`): tensor-core GEMMs for the logits of a row block into one
-  reused buffer, ``_flce_rows_kernel`` for lse/loss/dZ in place, GEMMs for dH (rows written
-  once) and ``_flce_dw_kahan_kernel`` for dW (compensated bf16 accumulation across blocks;
-  an fp32 addmm for fp32 inputs). On CPU (:func:`reference_forward_reduced`): the same scheme
-  in torch, with ~660-row blocks. No double backward (create_graph) and one backward per graph:
-  both refused with a clear error.
+  row is known, up to the scalar upstream gradient, so one call computes the loss and the
+  gradients in the forward and the backward only rescales them. On CUDA
+  (:func:`triton_forward_reduced`) a cost model (``cost_model.py``: FLOPs, HBM bytes and working
+  memory, against eager PyTorch's) picks per shape between row blocks (Liger-Kernel's scheme,
+  6·N·D·V: tensor-core GEMMs for the logits of a block into one reused buffer with padded rows,
+  ``_flce_rows_kernel`` for lse/loss/dZ in place, GEMMs for dH, ``_flce_dw_kahan_kernel`` for
+  dW with compensated bf16 accumulation; an fp32 addmm for fp32 inputs) and vocabulary chunks
+  (the ``reduction="none"`` kernels below with the row scale as upstream gradient, 8·N·D·V, dW
+  written once per chunk), each as large as 1/8 of eager's working memory allows. On CPU
+  (:func:`reference_forward_reduced`): the row-block scheme in torch, with ~660-row blocks. No
+  double backward (create_graph) and one backward per graph: both refused with a clear error.
 - ``reduction="none"`` (or token weights that need a gradient): fused Triton kernels that never
   write the logits (forward :func:`triton_forward`: online lse per tile, two row reductions per
   tile, the target logit gathered once outside the tile loop; backward :func:`triton_backward`:
   logits recomputed per vocabulary chunk, the gradient applied by GEMMs; 8·N·D·V in all), the
   vocabulary-chunked reference on CPU. 16-bit inputs take 128×128×32 tiles in grouped launch
-  order (``TILE_CANDIDATES``, one pick per shape class, cached).
+  order (``TILE_CANDIDATES``, one pick per shape class and D, cached; the group's rows of H
+  sized to stay in L2).
 
 The argmax statistic (``return_stats``) is computed only when asked (the C++ op always does).
 
@@ -50,9 +53,13 @@ Files of this package, in reading order:
   (:func:`reference_forward_reduced`: loss and gradients from one pass over the logits), what
   ``backend="auto"`` runs for those reductions on CPU;
 - ``triton_kernels.py``: the ``@triton.jit`` kernels (imported only where triton is installed);
+- ``cost_model.py``: the FLOPs, bytes and working memory of the reduced path's two strategies
+  and of eager PyTorch (H100 datasheet numbers), and the choice between them
+  (:func:`plan_reduced`); ``python -m unigen.kernels.fused_linear_cross_entropy.cost_model``
+  prints the numbers at the GPT-2 and Llama-3 heads;
 - ``launch.py``: their launchers (:func:`triton_forward`, :func:`triton_backward`,
-  :func:`triton_forward_reduced`), the tile candidates and per-shape-class picks, the
-  working-memory budgets, and the GEMM glue of the Triton paths;
+  :func:`triton_forward_reduced`, which follows the cost model), the tile candidates and
+  per-shape-class picks, the budgets and overrides, and the GEMM glue of the Triton paths;
 - ``op.py``: the ``torch.library`` custom ops (forward, backward, fake kernels, autograd) that
   dispatch to the reference, the CPU path, the Triton launchers or the C++ op
   ``torch.ops.unigen.fused_linear_cross_entropy``, the functional form

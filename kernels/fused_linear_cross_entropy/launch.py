@@ -3,9 +3,10 @@
 - ``reduction="none"``: :func:`triton_forward` and :func:`triton_backward`, with the tile
   candidates ``TILE_CANDIDATES`` (one pick per shape class, cached) and the backward's dZ chunk
   (``DZ_BUDGET_BYTES``);
-- ``"mean"``/``"sum"``: :func:`triton_forward_reduced` (row blocks sized by
-  ``REDUCED_WORKING_BYTES``: a tensor-core GEMM for the logits, the row kernel, a GEMM for dH and
-  the compensated dW kernel), with the launch options of its two kernels.
+- ``"mean"``/``"sum"``: :func:`triton_forward_reduced`, which follows the cost model of
+  :mod:`.cost_model` (row blocks: a tensor-core GEMM for the logits, the row kernel, a GEMM for
+  dH and the compensated dW kernel; or vocabulary chunks through the kernels above), with the
+  launch options of its two kernels.
 
 The accounting (FLOPs, bytes, launches, working memory) is in each launcher's docstring. The
 budgets, the caches and ``_wide_index`` are module globals read at call time: tests patch them
@@ -20,6 +21,7 @@ import torch
 
 from ..common.backend import triton_available, triton_interpreting
 from ..common.checks import needs_wide_index
+from . import cost_model
 from .checks import OP
 
 if triton_available():
@@ -37,8 +39,8 @@ if triton_available():
 # GROUP_M row blocks per group of the launch order). ``_triton_config`` picks one per shape class;
 # ``benchmarks/test_bench_cross_entropy.py::test_ours_tile_sweep`` times them all on a GPU (the
 # winner becomes the pick below). Registers/spills from the sm_90 compile check
-# (``tests/kernels/gpu_compile_check.py cross_entropy bf16``; ``UNIGEN_FLCE_TILE=<name>`` compiles
-# another candidate), forward / logit-gradient kernel, both with bias and softcap:
+# (``benchmarks/compile_check.py``, before its specialisation: these rows are the unspecialised
+# build), forward / logit-gradient kernel, both with bias and softcap:
 TILE_CANDIDATES = {
     # Cut Cross-Entropy's tile; 16 warps: 128 registers, no spills in either kernel (the 16-bit pick)
     "n128v128d32g8w16s3": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_M=8, num_warps=16, num_stages=3),
@@ -63,14 +65,22 @@ def _shape_class(dtype, dim):
 
 
 def _select_config(dtype, dim, interpreting):
-    """The tiles for one shape class (cached: a dict lookup per launch after the first)."""
-    key = (interpreting, *_shape_class(dtype, dim))
+    """The tiles for one shape class and D (cached: a dict lookup per launch after the first).
+
+    16-bit on GPUs: GROUP_M, the row blocks of a group in the launch order, comes from D
+    (``cost_model.group_rows``): the largest group whose rows of H fit 16 MiB of L2 (64 at
+    D = 768, 16 at D = 4096), since each group streams all of W from HBM once. At the Llama-3
+    head (N = 8192, D = 4096, V = 128256) the former GROUP_M = 8 meant 8 passes over its 1 GB
+    W per sweep, 16 instead of 4 for the forward and the gradient kernels together."""
+    key = (interpreting, *_shape_class(dtype, dim), dim)
     cfg = _CONFIG_CACHE.get(key)
     if cfg is None:
         if interpreting:
             cfg = dict(INTERPRETER_TILES)
         elif key[1] == "16bit":
             cfg = dict(TILE_CANDIDATES["n128v128d32g8w16s3"])
+            if dim:
+                cfg["GROUP_M"] = cost_model.group_rows(dim, 2, cfg["BLOCK_N"])
         else:
             # fp32 operands take twice the shared memory and registers per tile: 64 rows
             cfg = dict(TILE_CANDIDATES["n64v128d64g1w8s3"])
@@ -83,8 +93,9 @@ def _select_config(dtype, dim, interpreting):
 def _triton_config(override: dict | None = None, dtype=None, dim=None) -> dict:
     """Tiles and launch options of both reduction="none" kernels for inputs of ``dtype`` with
     hidden size ``dim`` (see ``TILE_CANDIDATES``; chosen per shape class and cached). 16-bit on
-    GPUs: 128×128×32 tiles, GROUP_M = 8, 16 warps, 3 stages; fp32: 64×128×64 at 8 warps, 3
-    stages. Not yet timed on a GPU: ``override`` lets the benchmarks try the other candidates.
+    GPUs: 128×128×32 tiles, GROUP_M from D (``_select_config``), 16 warps, 3 stages; fp32:
+    64×128×64 at 8 warps, 3 stages. Not yet timed on a GPU: ``override`` lets the benchmarks
+    try the other candidates.
     """
     cfg = dict(_select_config(dtype, dim, triton_interpreting()))
     if override:
@@ -206,11 +217,12 @@ def triton_forward(hidden, weight, bias, target, ignore_index, label_smoothing, 
 
 def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
                     z_loss, need_hidden, need_weight, need_bias, softcap=0.0, compacted=None,
-                    config=None):
+                    config=None, chunk=None):
     """Gradients for hidden, weight and bias, one vocabulary chunk at a time.
 
     Working memory beyond the gradients themselves: the fp32 dH accumulator (4·N·D bytes; one
-    rounding at the end instead of one per chunk) and one dZ chunk (~``DZ_BUDGET_BYTES``).
+    rounding at the end instead of one per chunk) and one dZ chunk (~``DZ_BUDGET_BYTES``, or
+    ``chunk`` columns: the reduced path sizes it by its cost model).
 
     Accounting (N rows, D, V; chunk C = ``_backward_vocab_chunk`` columns, V/C chunks):
 
@@ -241,7 +253,10 @@ def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, 
     # dZ is kept in the input precision so the two matmuls below run on tensor cores (fp32
     # accumulation inside); the chunk bounds the transient buffer to N × chunk elements. Rows
     # of ignored targets are zero once and never written.
-    chunk = _backward_vocab_chunk(n, vocab, hidden.element_size(), cfg["BLOCK_V"])
+    # (``chunk``: the reduced path's, from its cost model)
+    block_v = cfg["BLOCK_V"]
+    chunk = (min(-(-chunk // block_v) * block_v, triton.cdiv(vocab, block_v) * block_v) if chunk
+             else _backward_vocab_chunk(n, vocab, hidden.element_size(), block_v))
     dz = torch.zeros((n, chunk), dtype=hidden.dtype, device=hidden.device)
     grad_h = torch.zeros((n, dim), dtype=torch.float32, device=hidden.device) if need_hidden else None
     grad_w = torch.empty_like(weight) if need_weight else None
@@ -258,7 +273,7 @@ def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, 
             float(label_smoothing), float(z_loss), float(softcap) if softcap > 0 else 1.0,
             cfg=cfg, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
             DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
-            WIDE_INDEX=wide,
+            WIDE_INDEX=wide, RN_BF16=_emulate_bf16_rounding(dz.dtype),
         )
         dz_c = dz[:, :width]
         w_c = weight[v_start:v_start + width]
@@ -274,15 +289,14 @@ def triton_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index, 
     return grad_h, grad_w, grad_b
 
 
-# The row-chunked reduced path (``triton_forward_reduced``). Its working memory is one [R, V]
-# logits block in the input dtype, plus, for a 16-bit dW, the bf16 compensation buffer of the
-# Kahan accumulation (V·D·2 bytes); this budget bounds the two together. At the target shape
-# (N = 20480, D = 768, V = 50257, bf16): 77.2 MB of compensation + a 224-row block (22.5 MB)
-# = 99.7 MB (95.1 MiB). A larger budget buys larger row blocks, hence fewer passes over W and
-# over dW's sum/compensation (see the accounting in ``triton_forward_reduced``).
-REDUCED_WORKING_BYTES = 96 * 2**20
-# GEMMs of fewer rows are mostly overhead: below this the budget is exceeded rather than obeyed.
-MIN_ROW_BLOCK = 64
+# The "mean"/"sum" path (``triton_forward_reduced``) follows the cost model of
+# ``cost_model.plan_reduced``: its strategy ("rows" or "vocab_chunks") and the block or chunk
+# that fit a working-memory budget of 1/8 of eager PyTorch's. Read at call time (tests patch
+# them here): ``REDUCED_STRATEGY`` forces a strategy; ``REDUCED_WORKING_BYTES`` replaces the
+# budget (0: the smallest blocks / chunks); ``MIN_ROW_BLOCK``: the smallest row block.
+REDUCED_STRATEGY = None
+REDUCED_WORKING_BYTES = None
+MIN_ROW_BLOCK = cost_model.MIN_ROW_BLOCK
 
 
 # Whether torch.mm(..., out_dtype=torch.float32) works here (CUDA, torch >= 2.8); set on the
@@ -316,33 +330,28 @@ def _logits_gemm(out, h, w_t, bias, upcast_cache):
         out.add_(bias)
 
 
-def _reduced_row_block(n, vocab, dim, elem_size, compensated):
-    """Rows per logits block of the reduced Triton path (a multiple of 16, at least 64)."""
-    budget = REDUCED_WORKING_BYTES - (vocab * dim * 2 if compensated else 0)  # read at call time
-    rows = max(MIN_ROW_BLOCK, budget // max(1, vocab * elem_size) // 16 * 16)
-    return min(rows, n)
-
-
 def _rows_config():
     """Launch options of ``_flce_rows_kernel``: one row per program, a 4096-wide tile (13 tiles
-    per pass at V = 50257) and 16 warps, 8 logits per thread per tile: the kernel is bound by
-    memory and a row block has only ~224 programs for 132 SMs, so each program keeps many loads
-    in flight."""
+    per pass at V = 50257) and 16 warps, 8 logits per thread per tile (one 16-byte vector of
+    bf16 logits, the padded rows let the sm_90 build use them): the kernel is bound by memory,
+    so each program keeps many loads in flight."""
     if triton_interpreting():
         return dict(BLOCK_R=16, BLOCK_V=128, num_warps=4)  # its cost is per program and op
     return dict(BLOCK_R=1, BLOCK_V=4096, num_warps=16)
 
 
 def _dw_config():
-    """Tiles of ``_flce_dw_kahan_kernel``: 128×64 dW tiles, a K step of 32 rows (a row block has
-    ~224: 7 steps), 8 warps. Compiled for sm_90: 237 registers and no spills; 128×128 tiles
-    spill ~1 KB per thread (the epilogue holds the fp32 accumulator, both 16-bit buffers and
-    their 64-bit addresses: 7 registers per element), 64×64 at 8 warps takes 141 registers.
-    The kernel is bound by its epilogue's traffic (8 bytes per dW element), not by its MMA.
-    Not yet timed on a GPU."""
+    """Tiles of ``_flce_dw_kahan_kernel``: 128×128 dW tiles, a K step of 64 rows (the cost
+    model's row blocks have thousands: 80 steps at the GPT-2 head's 5120), 8 warps, 3 stages.
+    With blocks that long the kernel is a GEMM bound by its MMA, not by its epilogue's 8 bytes
+    per dW element. The sm_90 compile check at the GPT-2 head (triton 3.6 and 3.9): 228
+    registers, 64 KB of shared memory, wgmma, no local memory; 128×64×32 (the tile of the former
+    224-row blocks) 104 registers with twice the dZ traffic from L2 per FLOP; 128×256 and
+    256×128 spill ~400 B (the epilogue holds the fp32 accumulator and both 16-bit buffers), and
+    so does 128×128 at 4 warps. Not yet timed on a GPU."""
     if triton_interpreting():
         return dict(BLOCK_V=32, BLOCK_D=32, BLOCK_K=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_V=128, BLOCK_D=64, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_V=128, BLOCK_D=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
 def _launch_rows_kernel(z, dz, tgt, scale, loss, lse, arg, label_smoothing, z_loss, softcap, stats,
@@ -354,9 +363,11 @@ def _launch_rows_kernel(z, dz, tgt, scale, loss, lse, arg, label_smoothing, z_lo
     narrow = dz.dtype != z.dtype
     assert dz.data_ptr() == z.data_ptr() and dz.shape == z.shape
     assert not narrow or (z.dtype == torch.float32 and dz.stride(0) == 2 * z.stride(0))
+    # the row stride bounds the memory accesses (the padded buffer of triton_forward_reduced:
+    # a multiple of 64 elements, so the masks hold over whole 16-byte vectors)
     _flce_rows_kernel[(triton.cdiv(n_rows, cfg["BLOCK_R"]),)](
         z, dz, tgt, scale, loss, lse, arg,
-        n_rows, vocab, z.stride(0), dz.stride(0), float(label_smoothing), float(z_loss),
+        n_rows, vocab, z.stride(0), z.stride(0), dz.stride(0), float(label_smoothing), float(z_loss),
         float(softcap) if softcap > 0 else 1.0,
         HAS_SOFTCAP=softcap > 0, SMOOTHING=label_smoothing > 0, STATS=stats,
         WRITE_GRAD=write_grad, NARROW=narrow, BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"],
@@ -377,18 +388,35 @@ def _launch_dw_kahan(dz, h, grad_w, comp):
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+def reduced_plan(n, dim, vocab, dtype, need_hidden, need_weight, need_bias, fp32_logits=False,
+                 strategy=None, row_block=None):
+    """The cost model's plan for one reduced call (``cost_model.plan_reduced``) with this
+    module's overrides (``REDUCED_STRATEGY``, ``REDUCED_WORKING_BYTES``, ``MIN_ROW_BLOCK``, read
+    at call time)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    narrow = fp32_logits and dtype != torch.float32
+    return cost_model.plan_reduced(
+        n, dim, vocab, elem, logits_elem=4 if narrow else elem, need_hidden=need_hidden,
+        need_weight=need_weight, need_bias=need_bias, budget=REDUCED_WORKING_BYTES,
+        strategy=strategy or REDUCED_STRATEGY, rows=row_block, min_rows=MIN_ROW_BLOCK)
+
+
 @torch.no_grad()  # gradients by hand: no autograd graph, whoever calls it
 def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
                            z_loss, need_hidden, need_weight, need_bias, softcap=0.0, stats=True,
-                           row_block=None, fp32_logits=False):
+                           row_block=None, fp32_logits=False, strategy=None):
     """``Σ_n row_scale_n·loss_n``, its lse (and argmax statistic when ``stats``) and, when asked,
-    the gradients of hidden, weight and bias, from one row-chunked pass (Liger-Kernel's scheme;
-    the backward only rescales the gradients by the upstream scalar).
+    the gradients of hidden, weight and bias, from one call (the backward only rescales the
+    gradients by the upstream scalar). Two strategies, chosen per shape by the cost model of
+    :mod:`.cost_model` (its docstring has the FLOP, byte and memory accounting of both and of
+    eager PyTorch; ``strategy`` or ``REDUCED_STRATEGY`` force one):
 
-    Per block of R rows (valid rows first, in ``_compact_rows`` order; no host sync):
+    **rows** (Liger-Kernel's scheme), per block of R rows (valid rows first, in
+    ``_compact_rows`` order; no host sync):
 
     1. logits ``Z = H_b·Wᵀ (+ b)`` by a tensor-core GEMM (torch) into one reused [R, V] buffer
-       in the input dtype;
+       in the input dtype, its row stride padded to a multiple of 64 elements
+       (``cost_model.LOGITS_ROW_ALIGN``) so that the row kernel moves 16-byte vectors;
     2. ``_flce_rows_kernel``: lse, loss (label smoothing, z-loss, softcap, the row scale =
        token weight) and dZ written over Z in place;
     3. ``dH_b = dZ·W`` by a GEMM, written once into its rows of dH (index_copy);
@@ -396,35 +424,38 @@ def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index
        (compensated 16-bit accumulation: dW's error stays that of one rounding however many
        blocks are added); db += Σ_rows dZ (an fp32 reduction reading dZ, no fp32 copy).
 
-    Accounting at the target shape (N = 20480, D = 768, V = 50257, bf16, R = 224: 92 blocks):
+    6·N·D·V FLOPs; launches per block: 2 GEMMs + the row kernel + the dW kernel (+ a gather of
+    H_b, the index_copy of dH_b, the bias reduction). At the GPT-2 head (N = 20480, D = 768,
+    V = 50257, bf16): 4 blocks of 5120 rows, 14.4 GB modelled HBM traffic against eager's 18.9,
+    609 MB of working memory (the 515 MB block, dW's 77 MB compensation) against eager's 6.2 GB
+    (before: 92 blocks of 224 rows in ~100 MB, which re-read W and dW 92 times: ~55 GB).
 
-    - FLOPs: 6·N·D·V = 4.74 TFLOP in GEMMs (2·N·D·V each for Z, dH, dW; 8·N·D·V before),
-      ~6-11 elementwise FLOPs per logit in the row kernel.
-    - HBM/L2 bytes per block: W read by the Z and dH GEMMs (2 × 77 MB), the block written,
-      read twice and rewritten by the row kernel, and read by the dH and dW GEMMs (6 × 22.5 MB,
-      mostly from L2), dW's sum and compensation read and written (8 × V·D = 309 MB): ~600 MB,
-      ~55 GB per call, over half of it the Kahan epilogue (a plain bf16 accumulator would halve
-      that part at 4.9× the error). The budget ``REDUCED_WORKING_BYTES`` trades memory for
-      this traffic: W and dW are touched once per block.
-    - launches per block: 2 GEMMs + the row kernel + the dW kernel (+ a gather of H_b, the
-      index_copy of dH_b, the bias reduction): ~6, ~550 per call.
-    - working memory: the [R, V] block (22.5 MB) + dW's bf16 compensation (77.2 MB, only when
-      weight needs a 16-bit gradient) + per-row vectors: 99.7 MB. fp32 inputs: no compensation,
-      R = 496 (99.7 MB of fp32 logits).
+    **vocab_chunks**: the ``reduction="none"`` kernels with ``row_scale`` as the upstream
+    gradient: ``triton_forward`` (lse and loss, no logit written), then per vocabulary chunk
+    ``triton_backward``'s dZ kernel and two GEMMs (dH in an fp32 accumulator, dW_c written
+    once). 8·N·D·V FLOPs, nothing W-sized accumulated. At the Llama-3 head (N = 8192,
+    D = 4096, V = 128256, bf16): 4 chunks of 32128 columns, 19.2 GB against eager's 22.3,
+    663 MB against 6.3 GB; "rows" cannot fit there (dW's compensation alone is 1.05 GB).
 
     ``fp32_logits`` (set under autocast, whose loss is fp32: the logits are then those of
-    fp32 math on the cast inputs, as the contract of :mod:`unigen.kernels.common.autocast` says): the
-    GEMM writes fp32 logits of the 16-bit operands and the row kernel narrows the gradient to
-    16 bits in place, so dH and dW still run on 16-bit tensor cores; the block costs 4 bytes
-    per logit instead of 2, so it has half the rows (112 at the target shape: 183 blocks).
-    Without it a 16-bit input gets 16-bit logits, as PyTorch's own formula, whose loss is
-    16-bit too.
+    fp32 math on the cast inputs, as the contract of :mod:`unigen.kernels.common.autocast`
+    says): "rows" writes fp32 logits of the 16-bit operands and the row kernel narrows the
+    gradient to 16 bits in place, so dH and dW still run on 16-bit tensor cores (4 bytes per
+    logit: the model gives the block half the rows); "vocab_chunks" computes fp32 logits in any
+    case. Without it "rows" gives a 16-bit input 16-bit logits, as PyTorch's own formula.
 
-    Rows with an ignored target sort to the end; the blocks they fill still run the GEMMs (the
-    count of valid rows stays on the device) but get dZ = 0, and their rows of dH are zero.
+    Rows with an ignored target sort to the end; the row blocks they fill still run the GEMMs
+    (the count of valid rows stays on the device) but get dZ = 0, and their rows of dH are zero;
+    the fused kernels skip them.
     """
     n, dim = hidden.shape
     vocab = weight.shape[0]
+    plan = reduced_plan(n, dim, vocab, hidden.dtype, need_hidden, need_weight, need_bias,
+                        fp32_logits, strategy, row_block)
+    if plan.strategy == "vocab_chunks":
+        return _reduced_by_vocab_chunks(hidden, weight, bias, target, row_scale, ignore_index,
+                                        label_smoothing, z_loss, need_hidden, need_weight,
+                                        need_bias, softcap, stats, plan.chunk)
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
     hidden = hidden.contiguous()
@@ -439,9 +470,10 @@ def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index
     compensated = need_weight and weight.dtype != torch.float32
     narrow = fp32_logits and hidden.dtype != torch.float32
     logits_dtype = torch.float32 if narrow else hidden.dtype
-    rows_per_block = row_block or _reduced_row_block(n, vocab, dim, logits_dtype.itemsize,
-                                                     compensated)
-    logits = torch.empty((min(rows_per_block, n), vocab), dtype=logits_dtype, device=dev)
+    rows_per_block = min(plan.rows, n)
+    # one buffer, rows padded to a multiple of 64 elements (the row kernel's vector accesses)
+    padded = torch.empty((rows_per_block, cost_model.padded_width(vocab)), dtype=logits_dtype,
+                         device=dev)
     loss_c = torch.empty(n, **f32)
     lse_c = torch.empty(n, **f32)
     arg_c = torch.empty(n if stats else 1, dtype=torch.int32, device=dev)
@@ -455,10 +487,10 @@ def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index
         k = min(rows_per_block, n - start)
         idx = order_l[start:start + k]
         h = hidden.index_select(0, idx)
-        z = logits[:k]
+        z = padded[:k, :vocab]
         _logits_gemm(z, h, w_t, bias, upcast_cache)
         # the gradient's 16-bit view of the same memory when the logits are fp32 (narrowed)
-        dz = logits.view(hidden.dtype)[:k, :vocab] if narrow else z
+        dz = padded.view(hidden.dtype)[:k, :vocab] if narrow else z
         _launch_rows_kernel(z, dz, tgt_c[start:], scale_c[start:], loss_c[start:], lse_c[start:],
                             arg_c[start:] if stats else arg_c, label_smoothing, z_loss, softcap,
                             stats, need_grad)
@@ -471,7 +503,7 @@ def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index
                 torch.addmm(grad_w, dz.t(), h, out=grad_w)  # counted, as in the CPU path
         if need_bias:
             grad_b += dz.sum(dim=0, dtype=torch.float32)
-    del logits
+    del padded
     if compensated:
         grad_w.sub_(comp)  # sum - compensation, rounded once
     total = torch.where(valid_c, scale_c * loss_c, 0.0).sum()
@@ -483,6 +515,25 @@ def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index
         correct = torch.zeros(0, dtype=torch.bool, device=dev)
     return (total, lse, correct, grad_h, grad_w,
             grad_b.to(bias.dtype) if need_bias else None)
+
+
+def _reduced_by_vocab_chunks(hidden, weight, bias, target, row_scale, ignore_index,
+                             label_smoothing, z_loss, need_hidden, need_weight, need_bias, softcap,
+                             stats, chunk):
+    """The "vocab_chunks" strategy of :func:`triton_forward_reduced`: the fused kernels of
+    ``reduction="none"`` with the row scale as the upstream gradient, in ``chunk`` columns."""
+    compacted = _compact_rows(target, ignore_index)
+    loss, lse, correct = triton_forward(hidden, weight, bias, target, ignore_index,
+                                        label_smoothing, z_loss, softcap, compacted=compacted,
+                                        stats=stats)
+    scale = row_scale.float()
+    total = torch.where(target != ignore_index, scale * loss, 0.0).sum()
+    grads = (None, None, None)
+    if need_hidden or need_weight or need_bias:
+        grads = triton_backward(scale, hidden, weight, bias, target, lse, ignore_index,
+                                label_smoothing, z_loss, need_hidden, need_weight, need_bias,
+                                softcap, compacted=compacted, chunk=chunk)
+    return (total, lse, correct, *grads)
 
 
 # Whether torch.addmm(..., out_dtype=torch.float32) works here (CUDA, torch >= 2.8); set on the

@@ -184,7 +184,7 @@ def _flce_logit_grad_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, WIDE_INDEX: tl.constexpr,
-    GROUP_M: tl.constexpr = 1,
+    GROUP_M: tl.constexpr = 1, RN_BF16: tl.constexpr = False,
 ):
     """∂loss/∂z for the valid rows × one vocabulary chunk, recomputing the logits tile by tile;
     a 1-D grid of (row blocks × column tiles) programs in grouped order (``_grouped_tile``).
@@ -223,7 +223,7 @@ def _flce_logit_grad_kernel(
         # chain rule through the cap, from the capped tile: ∂z'/∂z = 1 - (z'/c)² (3 FLOPs)
         capped = acc / softcap
         dz = dz * (1.0 - capped * capped)
-    dz = tl.where(col_mask[None, :], dz, 0.0)
+    dz = _round_to_bf16(tl.where(col_mask[None, :], dz, 0.0), RN_BF16)  # (the interpreter's)
     if WIDE_INDEX:
         rows = rows.to(tl.int64)
     # dZ is the launcher's own buffer, its row stride a multiple of BLOCK_V (>= 16) and every
@@ -256,7 +256,7 @@ def _round_to_bf16(x, EMULATE: tl.constexpr):
 @triton.jit
 def _flce_rows_kernel(
     z_ptr, dz_ptr, target_ptr, scale_ptr, loss_ptr, lse_ptr, arg_ptr,
-    n_rows, vocab, stride_z, stride_dz, label_smoothing, z_loss, softcap,
+    n_rows, vocab, width, stride_z, stride_dz, label_smoothing, z_loss, softcap,
     HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr, STATS: tl.constexpr,
     WRITE_GRAD: tl.constexpr, NARROW: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr, RN_BF16: tl.constexpr,
@@ -272,6 +272,12 @@ def _flce_rows_kernel(
     dtype. A row with ``scale`` = 0 (an ignored row in the block) gets dZ = 0. GPUs run one
     row per program (BLOCK_R = 1: a row is 100 KB at V = 50257); the interpreter, whose cost
     is per program and per op, takes many.
+
+    ``width`` (>= vocab: the padded row of the launcher's buffer, a multiple of 64 elements)
+    bounds the loads and stores, ``vocab`` the arithmetic: with V = 50257 a mask at V made
+    every access a scalar 2-byte one (the JIT could not prove a mask constant over a vector);
+    at the padded width the sm_90 build moves 16 bytes per access. Columns in [V, width) are
+    read as whatever they hold and get dZ = 0 (the GEMMs take the first V columns anyway).
 
     ``dz_ptr`` is the same memory as ``z_ptr``: the logits themselves (16-bit or fp32 blocks
     of 16/32-bit inputs) or, with ``NARROW``, fp32 logits of 16-bit inputs whose 16-bit
@@ -300,7 +306,9 @@ def _flce_rows_kernel(
     for v0 in range(0, vocab, BLOCK_V):
         cols = v0 + offs
         mask = row_mask[:, None] & (cols < vocab)[None, :]
-        z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        in_row = row_mask[:, None] & (cols < width)[None, :]
+        z = tl.load(z_rows + cols[None, :], mask=in_row, other=0.0).to(tl.float32)
+        z = tl.where(mask, z, 0.0)  # the padding holds anything: out of the arithmetic
         if HAS_SOFTCAP:
             z = _softcap(z, softcap)
         if SMOOTHING:
@@ -332,8 +340,10 @@ def _flce_rows_kernel(
         on_target = (g * (1.0 - label_smoothing))[:, None]
         for v0 in range(0, vocab, BLOCK_V):
             cols = v0 + offs
-            mask = row_mask[:, None] & (cols < vocab)[None, :]
-            z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            in_row = row_mask[:, None] & (cols < width)[None, :]
+            in_vocab = (cols < vocab)[None, :]
+            z = tl.load(z_rows + cols[None, :], mask=in_row, other=0.0).to(tl.float32)
+            z = tl.where(in_vocab, z, 0.0)
             if HAS_SOFTCAP:
                 z = _softcap(z, softcap)
             dz = (coef * tl.exp(z - lse[:, None]) - off_target
@@ -341,10 +351,11 @@ def _flce_rows_kernel(
             if HAS_SOFTCAP:
                 capped = z / softcap
                 dz = dz * (1.0 - capped * capped)
+            dz = tl.where(in_vocab, dz, 0.0)
             dz = _round_to_bf16(dz, RN_BF16)
             if NARROW:
                 tl.debug_barrier()
-            tl.store(dz_rows + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_rows + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit

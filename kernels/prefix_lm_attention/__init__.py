@@ -21,11 +21,12 @@ Two Triton paths, chosen on the host from ``max_seqlen`` (a host int: no sync):
 
 * ``max_seqlen <= 128`` (UniGen's case), fp16/bf16, head_dim <= 64: **per (sample, head)**. One
   program per (sample, head) owns all its queries and keys: the mask is one scalar (the prefix
-  length), k and v of the sample are loaded once, and each slice of 32 query rows meets every key
-  in one [32, BLOCK] score tile, BLOCK = the next power of two >= max_seqlen (at least 16), so a
-  row's softmax is one pass, with no running max and no rescaling across key tiles. The backward
-  is ONE launch computing dV, dP, dS, dQ, dK from one score tile per slice (5 matmuls, nothing
-  recomputed, dQ complete in its program: no atomics).
+  length), k and v of the sample are loaded once, and all its queries meet every key in one
+  [BLOCK, BLOCK] score tile, BLOCK = the next power of two >= max_seqlen (at least 16), so a
+  row's softmax is one pass, with no running max and no rescaling across key tiles, and every
+  dot has BLOCK >= 64 rows, so it compiles to Hopper's warpgroup MMA (``launch._per_sample_config``
+  has the measured alternatives). The backward is ONE launch computing dV, dP, dS, dQ, dK from
+  the one score tile (5 matmuls, nothing recomputed, dQ complete in its program: no atomics).
 * otherwise: the **tiled** FlashAttention-2 kernels (64 x 64 tiles over the packed tokens, a
   block may straddle samples), which take any length.
 
@@ -33,9 +34,9 @@ Accounting for the benchmark's batch (512 samples of 75-115 tokens, mean 94.8, 4
 heads, head_dim 64, bf16; one [T, H, D] tensor = 74.5 MB), per-sample path vs tiled 64 x 64 vs
 SDPA on the padded batch:
 
-- scores computed per head: 7.3 M (the sum over samples of ceil(n / 32) * 32 rows x 128 keys)
-  vs 7.1-8.0 M (tiles crossing sample boundaries) vs 6.8 M (512 x 115^2); the mask keeps 2.4 M
-  (causal) to 3.1 M (prefix-LM) of them;
+- scores computed per head: 8.4 M (512 samples x 128 x 128: one tile per sample; 7.3 M with the
+  former 32-row slices, which compiled to mma.sync) vs 7.1-8.0 M (tiles crossing sample
+  boundaries) vs 6.8 M (512 x 115^2); the mask keeps 2.4 M (causal) to 3.1 M (prefix-LM) of them;
 - matmuls per score: forward 2 / 2; backward 5 (S, dV, dP, dQ, dK) vs 7 (dK/dV kernel: S, dV,
   dP, dK; dQ kernel: S, dP, dQ);
 - launches: forward 1 vs 2 (sample ids, forward); backward 1 vs 3 (preprocess, dK/dV, dQ);
@@ -48,8 +49,9 @@ So the per-sample path does not compute fewer scores than the padded batch at th
 (packing buys no score work when samples fill 75-115 of a 128 tile); what it saves is the online
 softmax's rescaling, the dependent loads of per-row sample ids and ranges, two of the
 backward's seven matmuls per score, three of five launches and the repeated reads of the inputs.
-Forward + backward: 7 x 2 x 7.3 M x 64 x 12 = 79 GFLOP (0.10 ms at 790 TFLOP/s) and 0.82 GB
-(0.19 ms at 4.3 TB/s): bandwidth sets the floor on an H200.
+Forward + backward: 7 x 2 x 8.4 M x 64 x 12 = 90 GFLOP (0.09 ms at 989 TFLOP/s) and 0.82 GB
+(0.25 ms at 3.35 TB/s): bandwidth sets the floor on an H100 (``benchmarks/roofline.py``
+compares it with the alternatives' floors).
 
 Files of this package, in reading order:
 

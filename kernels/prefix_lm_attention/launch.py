@@ -46,8 +46,8 @@ def _triton_config(head_dim: int, override: dict | None = None, dtype=None) -> d
 
     fp32 inputs take the full-precision FMA dot, whose operands are twice as wide: at 64 x 64
     the sm_90 build spills 2.6 KB (forward) to 38 KB (dK/dV) per thread to local memory, at
-    32 x 32 none in the forward and dQ and 1 KB in dK/dV (``tests/kernels/gpu_compile_check.py
-    attention fp32 64``); at head_dim 128, 8 warps leave 0.6 KB in the forward only.
+    32 x 32 none in the forward and dQ and 1 KB in dK/dV (the sm_90 compile check,
+    ``benchmarks/compile_check.py``); at head_dim 128, 8 warps leave 0.6 KB in the forward only.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d,
@@ -166,7 +166,7 @@ PER_SAMPLE_MAX_SEQLEN = 128
 PER_SAMPLE_MAX_HEAD_DIM = 64
 #: Dtypes the op sends to the per-sample kernels. fp32 takes the full-precision FMA dot, whose
 #: operands live in registers: its per-sample backward spills 24 KB per thread at BLOCK 128
-#: (``gpu_compile_check.py attention fp32 64``), so fp32 stays on the tiled kernels. (The
+#: (``benchmarks/compile_check.py``), so fp32 stays on the tiled kernels. (The
 #: launchers themselves take fp32 too; the tests check it.)
 PER_SAMPLE_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -182,17 +182,25 @@ def _per_sample_config(max_seqlen: int, head_dim: int, dtype=None, override: dic
                        ) -> dict:
     """Tiles of the per-sample kernels. BLOCK (keys, and the rows a program may own) = the next
     power of two >= max_seqlen, at least 16 (tl.dot's smallest tile): 128 for UniGen's 75-115
-    tokens. BLOCK_M = 32 query rows per score tile: the loop over a sample's rows stops at its
-    length, so a sample costs ceil(len / 32) * 32 rows (96 for a 95-token one, not 128), and the
-    backward's P and dP tiles stay small enough for 8 warps to hold them with the fp32 dK, dV
-    of the sample: on sm_90 at bf16, head_dim 64, BLOCK 128 the forward uses 114 registers, the
-    backward 210, no spills (BLOCK_M 64: 188 / 255 and 140 B of spills; 4 warps: 412 B). fp32
-    (tests and sweeps only) takes 16-row tiles. ``override`` lets the tile sweep and the tests
-    try others (BLOCK may only grow: a program drops tokens past BLOCK).
+    tokens. BLOCK_M = BLOCK at 16 bits: a sample's queries are one [BLOCK, BLOCK] score tile
+    (one slice, the loop runs once), so every dot has at least 64 rows at BLOCK >= 64 and
+    compiles to Hopper's warpgroup MMA (``wgmma`` needs 64 rows per warpgroup). Measured by the
+    sm_90 compile check (``benchmarks/compile_check.py``, the benchmark's batch, bf16, head_dim
+    64, BLOCK 128, 8 warps, triton 3.6 / 3.9): forward 128 / 114 registers, 48 KB of shared
+    memory; backward 192 / 209 registers, 96 KB; all five dots on wgmma, no local memory. The
+    32-row slices before compiled to ``mma.sync`` (forward 32 of them, backward 48 beside 4
+    wgmma); 64-row slices reach wgmma but the backward spills (48-112 B at 8 warps, 416 at 4):
+    it carries dK and dV across slices; 4 or 16 warps at BLOCK 128 spill too. The price is score
+    work on padding: a sample costs BLOCK rows (128 for a 75-token one, 96 with 32-row slices),
+    8.4 M scores per head at the benchmark's batch against 7.3 M. BLOCK 64 (samples of at most
+    64 tokens) takes 8 warps too (61-64 / 106-117 registers, wgmma); BLOCK <= 32 stays on
+    mma.sync (fewer than 64 rows). fp32 (tests and sweeps only) takes 16-row slices.
+    ``override`` lets the tile sweep and the tests try others (BLOCK may only grow: a program
+    drops tokens past BLOCK).
     """
     block = max(16, triton.next_power_of_2(max_seqlen))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(block, 16 if dtype == torch.float32 else 32)
+    block_m = min(block, 16) if dtype == torch.float32 else block
     cfg = dict(BLOCK=block, BLOCK_M=block_m, BLOCK_D=block_d,
                num_warps=8 if block * block_d >= 64 * 64 else 4, num_stages=1)
     if override:

@@ -641,21 +641,6 @@ def test_gpu_memory_is_linear_in_batch(monkeypatch):
     assert extra < 64 * n * d, extra  # a few fp32 copies of [B, D], far below B·B·4 bytes
 
 
-# ------------------------------------------------------------------ GPU compile without a GPU
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("dtype,dim", [("bf16", 256), ("fp32", 256)])
-def test_kernels_compile_for_sm90(dtype, dim, tmp_path, run_sm90_compile):
-    """The interpreter is lenient (it runs Python); this compiles the kernels with the launcher's
-    tiles through Triton's real NVIDIA pipeline down to a cubin for sm_90 (with the ptxas bundled
-    in the triton wheel, no GPU needed), so a kernel only the GPU compiler rejects fails here too.
-    It runs in a subprocess because the interpreter (TRITON_INTERPRET=1) replaces @triton.jit."""
-    run_sm90_compile(["contrastive", dtype, str(dim)], tmp_path)
-
-
 def test_rank_sizes_without_process_group_is_this_batch():
     """One process: ``rank_sizes=[B]`` is accepted (the batch is the global batch) and changes
     nothing; the distributed path is tested in test_contrastive_distributed.py."""

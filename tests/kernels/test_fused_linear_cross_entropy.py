@@ -328,8 +328,9 @@ def test_triton_other_tiles_and_chunked_backward(monkeypatch, wide_index):
 @pytest.mark.parametrize("options", [(0.0, 0.0, None, False), (0.1, 1e-3, 3.0, True)],
                          ids=lambda o: f"ls{o[0]}-z{o[1]}-cap{o[2]}-b{o[3]}")
 def test_none_path_gpu_tiles_under_interpreter(dtype, options):
-    """The 16-bit GPU pick of ``_triton_config`` (128×128×32 tiles, GROUP_M = 8) run by the
-    interpreter: 1078 valid rows of 1100 fill 9 row blocks, a full group of 8 and a partial one
+    """The 16-bit GPU pick of ``_triton_config`` (128×128×32 tiles; GROUP_M, which the pick
+    takes from D, set to 8 here) run by the interpreter: 1078 valid rows of 1100 fill 9 row
+    blocks, a full group of 8 and a partial one
     (the valid rows sort first: the ninth block holds 54), D = 40 ends in
     a partial K step, V = 203 in a partial vocabulary tile, ignored rows interleaved. Row losses,
     lse and all three gradients within 2× of PyTorch's same-precision error (fp64 reference)."""
@@ -338,8 +339,10 @@ def test_none_path_gpu_tiles_under_interpreter(dtype, options):
     flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     if not flce.triton_interpreting():
         pytest.skip("runs the kernels under TRITON_INTERPRET=1")
-    cfg = flce._select_config(dtype, 40, interpreting=False)
-    assert (cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"], cfg["GROUP_M"]) == (128, 128, 32, 8)
+    cfg = dict(flce._select_config(dtype, 40, interpreting=False))
+    assert (cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]) == (128, 128, 32)
+    assert cfg["GROUP_M"] == flce.cost_model.group_rows(40, 2) == 64
+    cfg["GROUP_M"] = 8
     ls, zl, cap, with_bias = options
     hidden, weight, bias, target = make_inputs(1100, 40, 203, dtype, bias=with_bias, ignore_every=50,
                                                scale=2.0)
@@ -395,13 +398,16 @@ def test_tile_sweep_candidates_under_interpreter(name):
 
 
 def test_triton_config_is_cached_per_shape_class():
-    """One pick per (dtype width, D class), computed once; callers get copies, overrides are
-    checked by name."""
+    """One pick per (dtype width, D class, D), computed once; callers get copies, overrides are
+    checked by name. 16-bit picks take GROUP_M from D (the rows of H a group shares in L2)."""
     import importlib
 
     flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     a = flce._select_config(torch.bfloat16, 768, interpreting=False)
-    assert flce._select_config(torch.float16, 4096, interpreting=False) is a  # one 16-bit class
+    assert flce._select_config(torch.float16, 768, interpreting=False) is a  # one 16-bit class
+    assert flce._select_config(torch.bfloat16, 768, interpreting=False) is a
+    assert (a["GROUP_M"], flce._select_config(torch.float16, 4096, interpreting=False)["GROUP_M"]
+            ) == (64, 16)
     assert flce._select_config(torch.float32, 768, interpreting=False) is not a
     assert flce._select_config(torch.bfloat16, 24, interpreting=False)["BLOCK_D"] == 16
     stages = flce._triton_config(None, torch.bfloat16, 768)["num_stages"]
@@ -432,24 +438,27 @@ REDUCED_OPTIONS = [  # (label_smoothing, z_loss, softcap, bias)
     (0.0, 0.0, None, False), (0.1, 1e-3, None, True), (0.25, 1e-2, 4.0, True), (0.0, 0.0, 2.0, False)]
 
 
-# the torch reference upcasts 16-bit inputs (fp32 covers it); the C++ op has its own row blocks
-REDUCED_CASES = [("torch", torch.float32)] + [
-    ("triton", d) for d in (torch.float32, torch.bfloat16, torch.float16) if "triton" in BACKENDS]
+# the torch reference upcasts 16-bit inputs (fp32 covers it); the C++ op has its own row blocks.
+# The Triton path in both strategies of its cost model (launch.triton_forward_reduced).
+REDUCED_CASES = [("torch", torch.float32, None)] + [
+    ("triton", d, s) for s in ("rows", "vocab_chunks")
+    for d in (torch.float32, torch.bfloat16, torch.float16) if "triton" in BACKENDS]
 
 
-@pytest.mark.parametrize("backend,dtype", REDUCED_CASES, ids=str)
+@pytest.mark.parametrize("backend,dtype,strategy", REDUCED_CASES, ids=str)
 @pytest.mark.parametrize("options", REDUCED_OPTIONS, ids=lambda o: f"ls{o[0]}-z{o[1]}-cap{o[2]}-b{o[3]}")
-def test_reduced_row_blocks_match_reference(monkeypatch, backend, dtype, options):
-    """The row-chunked "mean"/"sum" path over many 16-row blocks (the Triton row kernel runs
-    under TRITON_INTERPRET=1): odd shapes, interleaved ignored rows (some blocks all ignored on
-    the Triton path, whose valid rows sort first), token weights, every loss option; values,
-    gradients and statistics against an fp64 reference, fp16/bf16 within 2× of PyTorch's own
-    same-precision error."""
+def test_reduced_row_blocks_match_reference(monkeypatch, backend, dtype, strategy, options):
+    """The "mean"/"sum" path over many 16-row blocks (the Triton row kernel runs under
+    TRITON_INTERPRET=1) or, in the Triton path's other strategy, many small vocabulary chunks:
+    odd shapes, interleaved ignored rows (some blocks all ignored on the Triton path, whose
+    valid rows sort first), token weights, every loss option; values, gradients and statistics
+    against an fp64 reference, fp16/bf16 within 2× of PyTorch's own same-precision error."""
     import importlib
 
     flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     if backend == "triton" and not flce.triton_interpreting():
         pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    monkeypatch.setattr(flce, "REDUCED_STRATEGY", strategy)
     monkeypatch.setattr(flce, "REDUCED_WORKING_BYTES", 0)
     monkeypatch.setattr(flce, "MIN_ROW_BLOCK", 16)
     cpu_path = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.cpu")
@@ -501,6 +510,7 @@ def test_reduced_row_blocks_under_autocast_keep_fp32_logits(monkeypatch):
     flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
     if not flce.triton_interpreting():
         pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    monkeypatch.setattr(flce, "REDUCED_STRATEGY", "rows")
     monkeypatch.setattr(flce, "REDUCED_WORKING_BYTES", 0)
     monkeypatch.setattr(flce, "MIN_ROW_BLOCK", 16)
     hidden, weight, bias, target = make_inputs(53, 24, 203, torch.float32, ignore_every=4)
@@ -731,15 +741,34 @@ def test_cuda_triton_matches_reference(dtype):
         assert err(o, e) <= 2 * err(s, e) + 1e-6
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_kernels_compile_for_sm90(dtype, tmp_path, run_sm90_compile):
-    """The interpreter runs Python and forgives what the GPU compiler rejects: compile both
-    kernels with the launcher's GPU tiles down to an sm_90 cubin (Triton's bundled ptxas, no GPU
-    needed). A subprocess, because TRITON_INTERPRET=1 replaces @triton.jit in this one."""
-    run_sm90_compile(["cross_entropy", dtype], tmp_path)
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["rows", "vocab_chunks"])
+def test_cuda_headline_mean_matches_reference(strategy, monkeypatch):
+    """The headline call, ``fused_linear_cross_entropy(h, W, y)`` in bf16 (mean, no bias, no
+    options), in each strategy of the cost model with several blocks or chunks: the loss and
+    both gradients within 2× of PyTorch's bf16 error against fp64, dW at or below it (relative
+    Frobenius error)."""
+    import importlib
+
+    flce = importlib.import_module("unigen.kernels.fused_linear_cross_entropy.launch")
+    monkeypatch.setattr(flce, "REDUCED_STRATEGY", strategy)
+    monkeypatch.setattr(flce, "REDUCED_WORKING_BYTES", 8.5 * 2**20)  # 4 blocks / 4 chunks
+    h, w = (x.detach().cuda().requires_grad_() for x in make_inputs(2000, 256, 5003, torch.bfloat16,
+                                                                     scale=2.0)[:2])
+    t = torch.randint(0, 5003, (2000,), device="cuda")
+    t[::7] = -100
+    ours = fused_linear_cross_entropy(h, w, t)
+    exact_in = [x.detach().double().requires_grad_() for x in (h, w)]
+    exact = naive_loss(*exact_in, t)
+    same = naive_loss(h, w, t)
+    err = lambda a, e: (a.double() - e).abs().max().item()
+    assert err(ours, exact) <= 2 * err(same, exact) + 1e-5
+    og, sg, eg = (torch.autograd.grad(x, inputs) for x, inputs in
+                  ((ours, (h, w)), (same, (h, w)), (exact, exact_in)))
+    for o, s_, e in zip(og, sg, eg):
+        assert err(o, e) <= 2 * err(s_, e) + 1e-6
+    rel = lambda a, e: ((a.double() - e).norm() / e.norm()).item()
+    assert rel(og[1], eg[1]) <= rel(sg[1], eg[1])
 
 
 # --------------------------------------------------------------------------------------------
