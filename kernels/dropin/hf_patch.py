@@ -215,7 +215,7 @@ def patch_hf_model(model, **options):
             raise RuntimeError(f"{OP}: {type(model).__name__}.forward called its loss with other labels or "
                                f"options than it was given; the fused loss cannot follow (unpatch the model)")
         call.logits_seen = logits
-        return call.loss
+        return _LossAfterStandIn.apply(call.loss, logits)
 
     model.forward = forward
     model.loss_function = loss_function  # transformers' setter: the instance's _loss_function
@@ -239,7 +239,7 @@ def _intercept_head(model, state, head):
             call.unfused = params
             return original_head_forward(hidden)
         call.loss = _fused_loss(hidden, head, params, call, state.backend, model)
-        return _stand_in(hidden)
+        return _stand_in(hidden, call.loss)
 
     head.forward = head_forward
 
@@ -290,17 +290,47 @@ def _is_dtensor(x):
     return type(x).__name__ == "DTensor" or type(getattr(x, "data", None)).__name__ == "DTensor"
 
 
-def _stand_in(hidden):
-    """What the head returns instead of logits: ``[..., 1]`` zeros (the family's processing
-    runs on it cheaply; nothing reads it). A DTensor for a DTensor input, as a tensor-parallel
-    plan's output hook expects."""
+class _ZerosAfterLoss(torch.autograd.Function):
+    """Zeros that come after ``loss`` in the graph (no value flows either way)."""
+
+    @staticmethod
+    def forward(ctx, loss, shape, dtype):
+        return torch.zeros(shape, dtype=dtype, device=loss.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros((), dtype=grad.dtype, device=grad.device), None, None
+
+
+class _LossAfterStandIn(torch.autograd.Function):
+    """``loss``, with the (processed) stand-in in its graph: its backward reaches the stand-in
+    (a zero gradient) before the fused loss's own backward runs."""
+
+    @staticmethod
+    def forward(ctx, loss, stand_in):
+        ctx.save_for_backward(stand_in)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (stand_in,) = ctx.saved_tensors
+        return grad, torch.zeros_like(stand_in)
+
+
+def _stand_in(hidden, loss):
+    """What the head returns instead of logits: ``[..., 1]`` zeros (the family's processing runs
+    on it cheaply) that depend on the fused loss in the graph. A module wrapper that hooks the
+    head's output — FSDP2 registers its pre-backward all-gather there, for the head and every
+    module sharded with it (the final norm) — so sees its hook run before the backward of the
+    loss and of everything under it, as with real logits. A DTensor for a DTensor input, as a
+    tensor-parallel plan's output hook expects."""
     if _is_dtensor(hidden):
         from torch.distributed.tensor import DTensor
 
         local = hidden.to_local()
-        zeros = torch.zeros((*local.shape[:-1], 1), dtype=local.dtype, device=local.device)
+        zeros = _ZerosAfterLoss.apply(loss, (*local.shape[:-1], 1), local.dtype)
         return DTensor.from_local(zeros, hidden.device_mesh, hidden.placements, run_check=False)
-    return torch.zeros((*hidden.shape[:-1], 1), dtype=hidden.dtype, device=hidden.device)
+    return _ZerosAfterLoss.apply(loss, (*hidden.shape[:-1], 1), hidden.dtype)
 
 
 def _without_logits(out, stand_in):

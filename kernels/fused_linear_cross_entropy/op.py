@@ -25,6 +25,13 @@ from .checks import OP, _check_inputs
 from .cpu import reference_forward_reduced
 from .launch import triton_backward, triton_forward, triton_forward_reduced
 from .reference import _math_dtype, reference_backward, reference_forward
+from .vocab_parallel import (
+    VocabShard,
+    has_dtensor,
+    resolve_sharding,
+    vocab_parallel_backward,
+    vocab_parallel_forward,
+)
 
 
 class CrossEntropyStats(NamedTuple):
@@ -209,6 +216,103 @@ torch.library.register_autograd("unigen::flce_forward_reduced", _backward_reduce
                                 setup_context=_setup_context_reduced)
 
 
+# ---------------------------------------------------------------------------------------------
+# the vocabulary-parallel ops (vocab_parallel.py): the group travels as its name
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("unigen::flce_vocab_parallel_forward", mutates_args=())
+def _vp_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                   softcap: float, group_name: str, vocab_start: int, vocab_total: int, world: int,
+                   stats: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with autocast_disabled(hidden.device):
+        rows, lse, correct, *_ = vocab_parallel_forward(
+            hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap,
+            VocabShard(group_name, vocab_start, vocab_total, world), stats=stats)
+    return rows, lse, correct
+
+
+@_vp_forward_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, group_name,
+      vocab_start, vocab_total, world, stats=True):
+    n, acc = hidden.shape[0], _math_dtype(hidden.dtype)
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
+            hidden.new_empty(n if stats else 0, dtype=torch.bool))
+
+
+@torch.library.custom_op("unigen::flce_vocab_parallel_backward", mutates_args=())
+def _vp_backward_op(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None, target: torch.Tensor, lse: torch.Tensor,
+                    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                    group_name: str, vocab_start: int, vocab_total: int, world: int,
+                    need_hidden: bool, need_weight: bool, need_bias: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with autocast_disabled(hidden.device):
+        grads = vocab_parallel_backward(grad_rows, hidden, weight, bias, target, lse, ignore_index,
+                                        label_smoothing, z_loss, softcap,
+                                        VocabShard(group_name, vocab_start, vocab_total, world),
+                                        need_hidden, need_weight, need_bias)
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@_vp_backward_op.register_fake
+def _(grad_rows, hidden, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, softcap,
+      group_name, vocab_start, vocab_total, world, need_hidden, need_weight, need_bias):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
+
+
+def _vp_setup_context(ctx, inputs, output):
+    hidden, weight, bias, target = inputs[:4]
+    ctx.options = inputs[4:12]  # ignore_index, label_smoothing, z_loss, softcap, group, start, total, world
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias, target, output[1])
+
+
+def _vp_backward(ctx, grad_rows, _grad_lse, _grad_correct):
+    hidden, weight, bias, target, lse = ctx.saved_tensors
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+    n_inputs = len(ctx.needs_input_grad)
+    if not any(need):
+        return (None,) * n_inputs
+    check_saved_storage(weight, "weight", op=OP)
+    gh, gw, gb = _vp_backward_op(grad_rows, hidden, weight, bias, target, lse, *ctx.options, *need)
+    return tuple(g if n else None for g, n in zip((gh, gw, gb), need)) + (None,) * (n_inputs - 3)
+
+
+torch.library.register_autograd("unigen::flce_vocab_parallel_forward", _vp_backward,
+                                setup_context=_vp_setup_context)
+
+
+@torch.library.custom_op("unigen::flce_vocab_parallel_forward_reduced", mutates_args=())
+def _vp_forward_reduced_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           target: torch.Tensor, row_scale: torch.Tensor, ignore_index: int,
+                           label_smoothing: float, z_loss: float, softcap: float, group_name: str,
+                           vocab_start: int, vocab_total: int, world: int, need_hidden: bool,
+                           need_weight: bool, need_bias: bool, stats: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor, torch.Tensor]:
+    with autocast_disabled(hidden.device):
+        _, lse, correct, total, gh, gw, gb = vocab_parallel_forward(
+            hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap,
+            VocabShard(group_name, vocab_start, vocab_total, world), stats=stats, row_scale=row_scale,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+    return (total, lse, correct) + tuple(g if g is not None else hidden.new_empty(0) for g in (gh, gw, gb))
+
+
+@_vp_forward_reduced_op.register_fake
+def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
+      group_name, vocab_start, vocab_total, world, need_hidden, need_weight, need_bias, stats=True):
+    return _fake_reduced(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
+                         z_loss, need_hidden, need_weight, need_bias, stats)
+
+
+torch.library.register_autograd("unigen::flce_vocab_parallel_forward_reduced", _backward_reduced,
+                                setup_context=_setup_context_reduced)
+
+
 def _register_cpp_op():
     """Fake kernels and autograd for the C++ op ``torch.ops.unigen.fused_linear_cross_entropy``."""
     @torch.library.register_fake("unigen::fused_linear_cross_entropy")
@@ -248,7 +352,8 @@ if cpp_ops_available():
 
 def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
                                label_smoothing=0.0, z_loss=0.0, token_weights=None,
-                               reduction="mean", backend="auto", return_stats=False, softcap=None):
+                               reduction="mean", backend="auto", return_stats=False, softcap=None,
+                               process_group=None):
     """Loss of ``F.cross_entropy(F.linear(hidden, weight, bias), target)`` without the N×V logits.
 
     Args:
@@ -270,6 +375,15 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpp"`` (see :mod:`unigen.kernels`).
         return_stats: also return :class:`CrossEntropyStats` (per-row lse and argmax-correctness,
             detached) for logging.
+        process_group: vocabulary parallelism with plain tensors (Megatron style): ``weight`` and
+            ``bias`` are this rank's contiguous slice of the vocabulary (in rank order, sizes may
+            differ), ``hidden``/``target``/``token_weights`` the same on every rank of the group.
+            Loss, statistics and every gradient equal the unsharded op's; ``hidden``'s gradient
+            is whole on every rank (summed over the slices). A DTensor ``weight`` sharded along
+            the vocabulary (``Shard(0)``, ColwiseParallel's layout) does the same over its mesh,
+            with ``hidden`` a DTensor replicated there; other DTensors are used locally
+            (see :mod:`unigen.kernels.fused_linear_cross_entropy.vocab_parallel`, which also
+            lists the communication per call).
 
     Autocast: under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype (as
     the ``F.linear`` this op fuses would be), the math stays fp32 and the loss is fp32 (as
@@ -278,11 +392,22 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     Returns:
         the loss in ``hidden``'s dtype (fp32 under autocast), and the stats when ``return_stats``.
     """
+    shard = None
+    if process_group is not None or has_dtensor(hidden, weight, bias, target, token_weights):
+        hidden, weight, bias, target, token_weights, shard = resolve_sharding(
+            hidden, weight, bias, target, token_weights, process_group)
     cast_to = autocast_dtype(hidden.device) if isinstance(hidden, torch.Tensor) else None
     hidden, weight, bias = cast_inputs(cast_to, hidden, weight, bias)
     _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, label_smoothing,
-                  z_loss, reduction, softcap)
+                  z_loss, reduction, softcap, vocab=shard.total if shard is not None else None)
     cap = float(softcap or 0.0)
+    if shard is not None:
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"{OP}: backend={backend!r} has no vocabulary-parallel path (the sharded op "
+                             f"runs PyTorch GEMMs on any device); use backend='auto' or 'torch'")
+        return _vocab_parallel_loss(hidden, weight, target, bias, shard, ignore_index,
+                                    float(label_smoothing), float(z_loss), cap, token_weights,
+                                    reduction, return_stats, cast_to)
     impl = resolve_backend(backend, hidden.device, op=OP)
     if impl == "triton" and hidden.dtype == torch.float64:
         raise TypeError(f"{OP}: backend='triton' supports float16, bfloat16 and float32 inputs; "
@@ -320,20 +445,50 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         else:
             rows, lse, correct = _flce_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, cap, impl,
                                                   stats=bool(return_stats))
-        if w is not None:
-            rows = rows * w.to(rows.dtype)
-        if reduction == "none":
-            loss = rows.reshape(lead_shape)
-        elif reduction == "sum":
-            loss = rows.sum()
-        else:
-            denom = torch.where(valid, w.to(rows.dtype), 0.0).sum() if w is not None else valid.sum(dtype=rows.dtype)
-            loss = _safe_mean(rows.sum(), denom)
+        loss = _reduce_rows(rows, w, valid, reduction, lead_shape)
     # under autocast the loss stays in the math dtype, as autocast's F.cross_entropy returns fp32
     loss = loss.to(hidden.dtype) if cast_to is None else loss
     if return_stats:
         return loss, CrossEntropyStats(lse.detach().reshape(lead_shape), correct.reshape(lead_shape))
     return loss
+
+
+def _vocab_parallel_loss(hidden, weight, target, bias, shard, ignore_index, ls, zl, cap,
+                         token_weights, reduction, return_stats, cast_to):
+    """:func:`fused_linear_cross_entropy` over a vocabulary split (the two paths, as above)."""
+    lead_shape = target.shape
+    h2, t1 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    valid = t1 != ignore_index
+    w = token_weights.reshape(-1) if token_weights is not None else None
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    group = (shard.group_name, shard.start, shard.total, shard.world)
+    if reduction != "none" and (w is None or not w.requires_grad):
+        grad_on = torch.is_grad_enabled()
+        need = [grad_on and x is not None and x.requires_grad for x in (h2, weight, bias)]
+        scale = w.to(acc) if w is not None else torch.ones(t1.shape[0], dtype=acc, device=h2.device)
+        total, lse, correct, *_ = _vp_forward_reduced_op(h2, weight, bias, t1, scale, ignore_index, ls, zl,
+                                                         cap, *group, *need, stats=bool(return_stats))
+        loss = total if reduction == "sum" else _safe_mean(total, torch.where(valid, scale, 0.0).sum())
+    else:
+        rows, lse, correct = _vp_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, cap, *group,
+                                            stats=bool(return_stats))
+        loss = _reduce_rows(rows, w, valid, reduction, lead_shape)
+    loss = loss.to(hidden.dtype) if cast_to is None else loss
+    if return_stats:
+        return loss, CrossEntropyStats(lse.detach().reshape(lead_shape), correct.reshape(lead_shape))
+    return loss
+
+
+def _reduce_rows(rows, w, valid, reduction, lead_shape):
+    """The reduction of per-row losses (the ``"none"`` path and weights with a gradient)."""
+    if w is not None:
+        rows = rows * w.to(rows.dtype)
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    if reduction == "sum":
+        return rows.sum()
+    denom = torch.where(valid, w.to(rows.dtype), 0.0).sum() if w is not None else valid.sum(dtype=rows.dtype)
+    return _safe_mean(rows.sum(), denom)
 
 
 def _safe_mean(total, denom):
