@@ -20,7 +20,7 @@ from unigen._extension import cpp_ops_available
 
 from ..common.autocast import autocast_disabled, autocast_dtype, cast_inputs
 from ..common.backend import resolve_backend
-from ..common.checks import check_saved_storage
+from ..common.checks import FLOAT_DTYPES, check_saved_storage, check_tensor
 from .checks import OP, _check_inputs
 from .cpu import reference_forward_reduced
 from .launch import triton_backward, triton_forward, triton_forward_reduced
@@ -353,7 +353,7 @@ if cpp_ops_available():
 def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
                                label_smoothing=0.0, z_loss=0.0, token_weights=None,
                                reduction="mean", backend="auto", return_stats=False, softcap=None,
-                               process_group=None):
+                               process_group=None, class_weights=None):
     """Loss of ``F.cross_entropy(F.linear(hidden, weight, bias), target)`` without the N×V logits.
 
     Args:
@@ -369,7 +369,13 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         token_weights: optional ``[...]`` per-row weights multiplying each row's loss. With
             ``reduction="sum"`` weights ``coef_task / n_task`` give ``Σ_task coef_task·mean_task``;
             with ``"mean"`` the result is ``Σ w·loss / Σ w`` over non-ignored rows (PyTorch's
-            weighted-mean convention).
+            weighted-mean convention) for any non-zero ``Σ w``, negative included (advantages);
+            ``Σ w = 0`` gives nan with zero gradients, as when every row is ignored.
+        class_weights: optional ``[V]`` per-class weights with ``F.cross_entropy(weight=...)``'s
+            exact semantics, label smoothing included (each class's smoothing term weighted, the
+            mean divided by ``Σ_n w[target_n]``); multiplied with ``token_weights`` where both
+            are given. Not with ``z_loss``, with a soft-cap and label smoothing together, or over
+            a vocabulary split.
         reduction: ``"mean"`` (0/0 = nan when every row is ignored, as PyTorch), ``"sum"``
             (0 when every row is ignored) or ``"none"`` (``[...]``, 0 on ignored rows).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpp"`` (see :mod:`unigen.kernels`).
@@ -390,8 +396,15 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     autocast's ``F.cross_entropy``), on every backend and for every reduction.
 
     Returns:
-        the loss in ``hidden``'s dtype (fp32 under autocast), and the stats when ``return_stats``.
+        the loss in fp32 (fp64 for fp64 inputs) — the one rule of every op's loss, with or
+        without autocast (as transformers' loss and Cut Cross-Entropy) — and the stats when
+        ``return_stats``.
     """
+    if class_weights is not None:
+        return _class_weighted(hidden, weight, target, bias, class_weights, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing, z_loss=z_loss, token_weights=token_weights,
+                               reduction=reduction, backend=backend, return_stats=return_stats,
+                               softcap=softcap, process_group=process_group)
     shard = None
     if process_group is not None or has_dtensor(hidden, weight, bias, target, token_weights):
         hidden, weight, bias, target, token_weights, shard = resolve_sharding(
@@ -407,7 +420,7 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
                              f"runs PyTorch GEMMs on any device); use backend='auto' or 'torch'")
         return _vocab_parallel_loss(hidden, weight, target, bias, shard, ignore_index,
                                     float(label_smoothing), float(z_loss), cap, token_weights,
-                                    reduction, return_stats, cast_to)
+                                    reduction, return_stats)
     impl = resolve_backend(backend, hidden.device, op=OP)
     if impl == "triton" and hidden.dtype == torch.float64:
         raise TypeError(f"{OP}: backend='triton' supports float16, bfloat16 and float32 inputs; "
@@ -446,15 +459,14 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
             rows, lse, correct = _flce_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, cap, impl,
                                                   stats=bool(return_stats))
         loss = _reduce_rows(rows, w, valid, reduction, lead_shape)
-    # under autocast the loss stays in the math dtype, as autocast's F.cross_entropy returns fp32
-    loss = loss.to(hidden.dtype) if cast_to is None else loss
+    # the loss stays in the math dtype (fp32; fp64 for fp64 inputs): the ops' one output rule
     if return_stats:
         return loss, CrossEntropyStats(lse.detach().reshape(lead_shape), correct.reshape(lead_shape))
     return loss
 
 
 def _vocab_parallel_loss(hidden, weight, target, bias, shard, ignore_index, ls, zl, cap,
-                         token_weights, reduction, return_stats, cast_to):
+                         token_weights, reduction, return_stats):
     """:func:`fused_linear_cross_entropy` over a vocabulary split (the two paths, as above)."""
     lead_shape = target.shape
     h2, t1 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
@@ -473,7 +485,6 @@ def _vocab_parallel_loss(hidden, weight, target, bias, shard, ignore_index, ls, 
         rows, lse, correct = _vp_forward_op(h2, weight, bias, t1, ignore_index, ls, zl, cap, *group,
                                             stats=bool(return_stats))
         loss = _reduce_rows(rows, w, valid, reduction, lead_shape)
-    loss = loss.to(hidden.dtype) if cast_to is None else loss
     if return_stats:
         return loss, CrossEntropyStats(lse.detach().reshape(lead_shape), correct.reshape(lead_shape))
     return loss
@@ -492,9 +503,84 @@ def _reduce_rows(rows, w, valid, reduction, lead_shape):
 
 
 def _safe_mean(total, denom):
-    """total / denom, nan when every row is ignored (PyTorch's convention) with zero gradients."""
-    inv = torch.where(denom > 0, 1.0 / denom, 0.0)
-    return torch.where(denom > 0, total * inv, torch.full_like(total, float("nan")))
+    """total / denom for any non-zero denom (a weighted mean's weights may be negative, as
+    PyTorch's); nan with zero gradients when it is 0 (every row ignored, or weights summing to
+    0), without a host sync."""
+    nonzero = denom != 0
+    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, denom, 1.0), 0.0)
+    return torch.where(nonzero, total * inv, torch.full_like(total, float("nan")))
+
+
+def _class_weighted(hidden, weight, target, bias, class_weights, *, ignore_index, label_smoothing,
+                    z_loss, token_weights, reduction, backend, return_stats, softcap, process_group):
+    """``F.cross_entropy(F.linear(...), target, weight=class_weights, label_smoothing=ε)``, fused.
+
+    PyTorch's row loss is ``(1-ε)·w_t·(lse - z_t) + (ε/V)·Σ_j w_j·(lse - z_j)`` and its mean
+    divides by ``Σ_n w_{t_n}``. With ``W = Σ_j w_j`` that is
+
+        [(1-ε)·w_t + (ε/V)·W]·(lse - z_t)  +  (ε/V)·(W·z_t - Σ_j w_j·z_j)
+
+    — the op's unsmoothed loss with that row weight, plus a term linear in the hidden states:
+    ``Σ_j w_j·z_j = h·(Wᵀw) + b·w``, ``z_t = h·W_t + b_t`` (one gathered row of W per row; no
+    logits). Without smoothing it is the op with row weights ``w_t``.
+    """
+    check_tensor(class_weights, "class_weights", op=OP, ndim=1, dtypes=FLOAT_DTYPES)
+    if isinstance(weight, torch.Tensor) and class_weights.shape[0] != weight.shape[0]:
+        raise ValueError(f"{OP}: class_weights has {class_weights.shape[0]} entries, weight has "
+                         f"V={weight.shape[0]} rows")
+    if z_loss:
+        raise ValueError(f"{OP}: class_weights with z_loss is not defined (PyTorch has no weighted z-loss); "
+                         f"pass one of them")
+    if process_group is not None or has_dtensor(hidden, weight, bias, target, token_weights, class_weights):
+        raise ValueError(f"{OP}: class_weights is not supported with a vocabulary split (process_group or "
+                         f"DTensor weights)")
+    eps = float(label_smoothing)
+    if eps > 0.0 and softcap:
+        raise ValueError(f"{OP}: class_weights with label_smoothing and softcap together is not supported "
+                         f"(the capped logits' weighted sum is not linear in hidden)")
+    if not isinstance(target, torch.Tensor) or class_weights.device != target.device:
+        raise ValueError(f"{OP}: class_weights is on {class_weights.device} but target is on "
+                         f"{getattr(target, 'device', None)}")
+    valid = target != ignore_index
+    w_t = torch.where(valid, class_weights[torch.where(valid, target, 0).long()], 0.0)
+    if token_weights is not None:
+        w_t = w_t * token_weights.to(w_t.dtype)
+    common = dict(ignore_index=ignore_index, backend=backend, return_stats=return_stats, softcap=softcap)
+    if eps == 0.0:
+        return fused_linear_cross_entropy(hidden, weight, target, bias, token_weights=w_t.to(hidden.dtype),
+                                          reduction=reduction, **common)
+    vocab, total_w = weight.shape[0], class_weights.sum()
+    cw = class_weights[torch.where(valid, target, 0).long()]
+    row_weight = (1.0 - eps) * cw + (eps / vocab) * total_w
+    if token_weights is not None:
+        row_weight = row_weight * token_weights.to(row_weight.dtype)
+    out = fused_linear_cross_entropy(hidden, weight, target, bias, token_weights=row_weight.to(hidden.dtype),
+                                     reduction="none", **common)
+    rows, stats = out if return_stats else (out, None)
+    # the linear term, in the math dtype from the inputs as the op takes them (autocast's cast)
+    cast_to = autocast_dtype(hidden.device)
+    h, w, b = cast_inputs(cast_to, hidden, weight, bias)
+    acc = rows.dtype
+    with autocast_disabled(hidden.device):
+        h, w = h.to(acc), w.to(acc)
+        cwa = class_weights.to(acc)
+        u = cwa @ w  # Σ_j w_j·W_j, [D]
+        t_safe = torch.where(valid, target, 0).long()
+        lin = (h * (total_w.to(acc) * w[t_safe] - u)).sum(-1)
+        if b is not None:
+            b = b.to(acc)
+            lin = lin + total_w.to(acc) * b[t_safe] - (b * cwa).sum()
+        lin = torch.where(valid, (eps / vocab) * lin, 0.0)
+        if token_weights is not None:
+            lin = lin * token_weights.to(acc)
+    rows = rows + lin
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = _safe_mean(rows.sum(), w_t.to(acc).sum())
+    return (loss, stats) if return_stats else loss
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
