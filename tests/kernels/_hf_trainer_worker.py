@@ -84,11 +84,10 @@ def _tiny_tokenizer():
 
 
 def _train_sft(model, out):
-    from trl import SFTConfig, SFTTrainer
-
     import pyarrow as pa
     from datasets import Dataset
     from datasets.table import InMemoryTable
+    from trl import SFTConfig, SFTTrainer
 
     rows = _samples()
     # tokenised rows, as SFTTrainer's own preparation leaves them; the fingerprint is given, so

@@ -36,11 +36,13 @@ TINY = dict(
     decoder_attention_heads=4, encoder_attention_heads=4, decoder_ffn_dim=48, encoder_ffn_dim=48,
     moe_intermediate_size=24, shared_expert_intermediate_size=24, expert_intermediate_size=24,
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
-    n_shared_experts=1, n_group=1, topk_group=1, moe_num_experts=4, moe_topk=2, moe_k=2, top_k=2, first_k_dense_replace=1,
+    n_shared_experts=1, n_group=1, topk_group=1, moe_num_experts=4, moe_topk=2, moe_k=2, top_k=2,
+    first_k_dense_replace=1,
     kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
     num_key_value_groups=2, global_head_dim=8, sliding_window=16, attention_chunk_size=16,
     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
-    mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, attn_layer_period=2, attn_layer_offset=1, mamba_n_groups=1, mamba_expand=2,
+    mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, mamba_n_groups=1, mamba_expand=2,
+    attn_layer_period=2, attn_layer_offset=1,
     ssm_state_size=8, state_size=8, conv_kernel=4, mamba_d_conv=4, time_step_rank=4,
     hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, laurel_rank=4,
     altup_num_inputs=2, num_kv_shared_layers=0, projector_hidden_size=32,
@@ -352,10 +354,10 @@ def main(argv=None):
     parser.add_argument("--out", help="write the markdown report here")
     parser.add_argument("--only", nargs="*", help="model types to check")
     args = parser.parse_args(argv)
+    import resource
+
     import transformers
     import transformers.utils.logging as hf_logging
-
-    import resource
 
     # a family whose tiny build still allocates gigabytes fails with an error, not the OOM killer
     resource.setrlimit(resource.RLIMIT_AS, (12 * 2**30, resource.RLIM_INFINITY))
@@ -366,8 +368,8 @@ def main(argv=None):
         if args.only and model_type not in args.only:
             continue
         r = check_family(model_type, class_name)
-        print(f"{r.status:14s} {class_name:48s} {r.seconds:5.1f}s {r.processing if r.status == 'patched' else r.detail}",
-              flush=True)
+        what = r.processing if r.status == "patched" else r.detail
+        print(f"{r.status:14s} {class_name:48s} {r.seconds:5.1f}s {what}", flush=True)
         results.append(r)
     versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
     text = report(results, versions)
