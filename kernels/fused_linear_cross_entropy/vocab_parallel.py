@@ -185,16 +185,24 @@ def vocab_parallel_forward(hidden, weight, bias, target, ignore_index, label_smo
         if not need_grad or width == 0:
             continue
         dz = _logit_grad(z, lse, t, shard.start, scale, label_smoothing, z_loss, shard.total, softcap)
-        if need_hidden:
-            grad_h.index_copy_(0, r, dz @ w)
-        if need_weight:
-            torch.addmm(grad_w, dz.t(), h, out=grad_w)
-        if need_bias:
-            grad_b += dz.sum(dim=0)
+        _apply_logit_grad(dz, r, h, w, grad_h, grad_w, grad_b)
+    return (rows_out, lse_out, correct, total) + _finish_grads(grad_h, grad_w, grad_b, hidden, weight, bias, group)
+
+
+def _apply_logit_grad(dz, rows, h, w, grad_h, grad_w, grad_b):
+    """This slice's GEMMs: its part of dH (rows ``rows``), its rows of dW and db."""
+    if grad_h is not None:
+        grad_h.index_copy_(0, rows, dz @ w)
+    if grad_w is not None:
+        torch.addmm(grad_w, dz.t(), h, out=grad_w)
+    if grad_b is not None:
+        grad_b += dz.sum(dim=0)
+
+
+def _finish_grads(grad_h, grad_w, grad_b, hidden, weight, bias, group):
     if grad_h is not None:
         _all_reduce(grad_h, group)  # every slice's part of dH: the whole dH on every rank
-    return (rows_out, lse_out, correct, total,
-            grad_h.to(hidden.dtype) if grad_h is not None else None,
+    return (grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,
             grad_b.to(bias.dtype) if grad_b is not None else None)
 
@@ -221,17 +229,8 @@ def vocab_parallel_backward(grad_rows, hidden, weight, bias, target, lse, ignore
         z = _logits(h, w, b, softcap)
         dz = _logit_grad(z, lse.index_select(0, r).to(acc), t, shard.start,
                          grad_rows.index_select(0, r).to(acc), label_smoothing, z_loss, shard.total, softcap)
-        if need_hidden:
-            grad_h.index_copy_(0, r, dz @ w)
-        if need_weight:
-            torch.addmm(grad_w, dz.t(), h, out=grad_w)
-        if need_bias:
-            grad_b += dz.sum(dim=0)
-    if need_hidden:
-        _all_reduce(grad_h, group)
-    return (grad_h.to(hidden.dtype) if need_hidden else None,
-            grad_w.to(weight.dtype) if need_weight else None,
-            grad_b.to(bias.dtype) if need_bias else None)
+        _apply_logit_grad(dz, r, h, w, grad_h, grad_w, grad_b)
+    return _finish_grads(grad_h, grad_w, grad_b, hidden, weight, bias, group)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,15 +11,12 @@ hidden). Exits non-zero (the failing assertion on stderr) when a check fails.
 
 import importlib
 import itertools
-import os
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _hf_sharded_worker import WORLD, spawn
 
-WORLD = 2
 N, D, V = 37, 20, 301
 
 
@@ -145,9 +142,7 @@ def _worker(rank, init_file):
 
 
 def main():
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "rendezvous"),), nprocs=WORLD, join=True)
+    spawn(_worker)
     print("vocabulary-parallel fused_linear_cross_entropy OK")
 
 

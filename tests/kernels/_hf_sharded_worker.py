@@ -180,11 +180,16 @@ def _worker(rank, init_file, which):
         dist.destroy_process_group()
 
 
-def main():
-    which = sys.argv[1]
+def spawn(worker, *args):
+    """``worker(rank, rendezvous_file, *args)`` on WORLD processes, one thread each."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "rendezvous"), which), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(os.path.join(tmp, "rendezvous"), *args), nprocs=WORLD, join=True)
+
+
+def main():
+    which = sys.argv[1]
+    spawn(_worker, which)
     print(f"sharded patch_hf_model OK ({which})")
 
 

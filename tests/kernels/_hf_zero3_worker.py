@@ -8,35 +8,12 @@ model (the mean over the ranks). Exits non-zero on a failed check.
 import copy
 import os
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-WORLD = 2
-VOCAB = 301
-
-
-def _model(tied):
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                   max_position_embeddings=64, tie_word_embeddings=tied)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    return model
-
-
-def _batch(seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (2, 11), generator=g)
-    labels = ids.clone()
-    labels[0, :4] = -100
-    return ids, labels
+from _hf_sharded_worker import WORLD, spawn
+from _hf_sharded_worker import _batch as _batch
+from _hf_sharded_worker import _llama as _model
 
 
 def _worker(rank, init_file):
@@ -82,9 +59,7 @@ def _worker(rank, init_file):
 
 
 def main():
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "rendezvous"),), nprocs=WORLD, join=True)
+    spawn(_worker)
     print("ZeRO-3 patch_hf_model OK")
 
 
