@@ -585,10 +585,11 @@ def _class_weighted(hidden, weight, target, bias, class_weights, *, ignore_index
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
     """Module form of :func:`fused_linear_cross_entropy`: a drop-in for
-    ``nn.CrossEntropyLoss()(F.linear(hidden, weight, bias), target)``."""
+    ``nn.CrossEntropyLoss(weight=class_weights)(F.linear(hidden, weight, bias), target)``
+    (``class_weights`` is a buffer, as ``nn.CrossEntropyLoss``'s ``weight``)."""
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
-                 backend="auto", softcap=None):
+                 backend="auto", softcap=None, class_weights=None, process_group=None):
         super().__init__()
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
@@ -596,13 +597,15 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         self.softcap = softcap
         self.reduction = reduction
         self.backend = backend
+        self.process_group = process_group
+        self.register_buffer("class_weights", class_weights)
 
     def forward(self, hidden, weight, target, bias=None, *, token_weights=None, return_stats=False):
         return fused_linear_cross_entropy(
             hidden, weight, target, bias, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, token_weights=token_weights,
             reduction=self.reduction, backend=self.backend, return_stats=return_stats,
-            softcap=self.softcap)
+            softcap=self.softcap, process_group=self.process_group, class_weights=self.class_weights)
 
     def extra_repr(self):
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "

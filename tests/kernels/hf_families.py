@@ -380,9 +380,6 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # ---------------------------------------------------------------------------------------------
 # vision-language models: a batch with images (the processors' layout, built by hand: no
@@ -467,3 +464,7 @@ def image_batch(model_type, model, seed=2, batch=2):
         mask[:, :, :, 0] = 1  # every text token sees the image's one tile
         inputs["cross_attention_mask"] = mask
     return inputs, n_image
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,8 @@ VLMS = [
 
 @pytest.mark.parametrize("model_type,class_name", VLMS, ids=[v[0] for v in VLMS])
 def test_vlm_with_images_same_loss_and_gradients(model_type, class_name):
+    if not hasattr(transformers, class_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {class_name}")
     model = build_tiny(model_type, class_name)
     if model_type == "mllama":
         import torch

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from unigen._extension import cpp_ops_available
-from unigen.kernels import ClipLoss, contrastive_loss, fused_linear_cross_entropy
+from unigen.kernels import ClipLoss, FusedLinearCrossEntropyLoss, contrastive_loss, fused_linear_cross_entropy
 
 BACKENDS = ["torch"] + (["cpp"] if cpp_ops_available() else []) + (
     ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
@@ -92,6 +92,8 @@ def test_class_weights_with_token_weights_and_bad_input():
     ref = (rows * tw).sum() / (cw[t.clamp(min=0)] * tw * valid).sum()
     ours = fused_linear_cross_entropy(h, w, t, b, class_weights=cw, token_weights=tw, label_smoothing=0.1)
     torch.testing.assert_close(ours, ref)
+    module = FusedLinearCrossEntropyLoss(class_weights=cw, label_smoothing=0.1)
+    torch.testing.assert_close(module(h, w, t, b, token_weights=tw), ref)
     with pytest.raises(ValueError, match="class_weights has 5 entries, weight has V=29"):
         fused_linear_cross_entropy(h, w, t, class_weights=torch.ones(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="class_weights with z_loss"):
