@@ -6,6 +6,13 @@ Providers: ``torch`` (the model as transformers builds it: full logits, ForCausa
 ``liger`` (Liger-Kernel's instance patch) and ``cut_cross_entropy`` (CCE's ``cce_patch``, in
 ``cut_cross_entropy.transformers``, which PyPI's wheel does not ship: the row skips, saying so).
 
+Two-rank rows (CPU, gloo; ``test_hf_llama_two_rank_step``): FSDP2 (each decoder layer and the
+root sharded, each rank its own batch) and a vocabulary-parallel head (``ColwiseParallel`` over
+the two ranks; unpatched, each rank gathers the whole logits for transformers' loss), unpatched
+vs patched; the time is rank 0's step (rank 1 steps in lockstep, its own mean is recorded
+beside), memory the peak of each rank (``peak_mem_mb`` the larger). The CPU model is the one
+below; a GPU machine with one device skips them.
+
 GPU: a 1B-class Llama (Llama 3.2 1B shapes: D = 2048, 16 layers, V = 128256) with random weights,
 batch 1 × sequence 4096, bf16 autocast over fp32 weights. CPU: a small Llama (D = 256, 2 layers,
 V = 32000), batch 2 × 512, fp32. ``peak_mem_mb`` is the peak above the model during the step, the
@@ -13,6 +20,12 @@ parameter gradients included (``outputs_mb``); the logits of the unpatched step 
 ``logits_mb``. Nothing downloads: the models are built from configs.
 Run: ``pytest benchmarks/test_bench_hf_patch.py --benchmark-only``.
 """
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,3 +104,44 @@ def test_hf_llama_train_step(benchmark, provider):
         tokens=BATCH * SEQ, vocab=CONFIG["vocab_size"], peak_mem_mb=mem.extra_mb, outputs_mb=outputs_mb,
         logits_mb=BATCH * SEQ * CONFIG["vocab_size"] * 4 / 2**20)
     benchmark.pedantic(step, rounds=3 if ON_GPU else 2, warmup_rounds=0, iterations=1)
+
+
+@pytest.mark.parametrize("setup", ["fsdp2", "vocab_parallel"])
+@pytest.mark.parametrize("provider", ["torch", "ours"])
+def test_hf_llama_two_rank_step(benchmark, setup, provider, tmp_path):
+    import torch.distributed as dist
+
+    from benchmarks import _hf_parallel
+
+    if ON_GPU:
+        pytest.skip("two ranks need two devices here: the rows are CPU (gloo) ones")
+    if not (dist.is_available() and dist.is_gloo_available()) or dist.is_initialized():
+        pytest.skip("needs gloo and no process group of this process's own")
+    rounds = 2
+    store, out = str(tmp_path / "store"), str(tmp_path / "rank1.json")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rank1 = subprocess.Popen([sys.executable, "-m", "benchmarks._hf_parallel", store, setup, provider,
+                              str(rounds), out], cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per rank
+    _hf_parallel.init(store, 0)
+    try:
+        _, step = _hf_parallel.build(setup, provider, 0)
+        step()  # warm-up (rank 1 does one too)
+        peak0 = _hf_parallel.peak_mb(step)
+        benchmark.group = f"hf_llama_two_rank_{setup}"
+        benchmark.pedantic(step, rounds=rounds, warmup_rounds=0, iterations=1)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        assert rank1.wait(timeout=600) == 0
+    with open(out) as f:
+        other = json.load(f)
+    cfg = _hf_parallel.CONFIG
+    benchmark.extra_info.update(
+        device="CPU, 2 gloo ranks x 1 thread", dtype="float32", ranks=2,
+        tokens_per_rank=_hf_parallel.BATCH * _hf_parallel.SEQ, vocab=cfg["vocab_size"],
+        peak_mem_mb=max(peak0, other["peak_mem_mb"]), peak_mem_mb_rank0=peak0,
+        peak_mem_mb_rank1=other["peak_mem_mb"], mean_ms_rank1=other["mean_ms"],
+        logits_mb=_hf_parallel.BATCH * _hf_parallel.SEQ * cfg["vocab_size"] * 4 / 2**20)

@@ -88,6 +88,9 @@ class ClipLoss(torch.nn.Module):
     returns the loss (or ``{"contrastive_loss": loss}``), as open_clip; with ``negatives`` a tuple
     ``(loss, neg_text_for_image, neg_image_for_text)`` (or a dict with those keys too).
     Under ``torch.autocast`` the features are cast to the autocast dtype and the loss is fp32.
+    Output dtype: the loss is fp32 (fp64 for fp64 features) in every mode, the rule of every
+    fused op; open_clip returns the features' dtype (bf16 for bf16 features without autocast),
+    the same value rounded to it.
     """
 
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0,
@@ -199,6 +202,8 @@ class ClipLoss(torch.nn.Module):
                 loss = loss + 0.0 * logit_bias.sum()
         else:
             loss = self._formula(image_features, text_features, all_image, all_text, logit_scale, logit_bias)
+            # the ops' output rule: fp32 (fp64 for fp64 features), as the fused path returns
+            loss = loss.to(torch.float64 if image_features.dtype == torch.float64 else torch.float32)
             if mode and all_image.shape[0] >= 2:
                 with torch.no_grad():  # mining only: the formula gives the loss and gradients
                     out = _contrastive_on_gathered(all_image, all_text, scale.detach(), None, row_start,

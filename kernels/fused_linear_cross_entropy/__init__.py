@@ -39,6 +39,9 @@ Two paths (the accounting is in each function's docstring):
 
 The argmax statistic (``return_stats``) is computed only when asked (the C++ op always does).
 
+Every loss comes back in fp32 (fp64 for fp64 inputs), with or without autocast: one rule for the
+ops (the contrastive loss and ``ClipLoss`` follow it too).
+
 Autocast (``torch.autocast``, CPU and CUDA): hidden, weight and bias are cast to the autocast
 dtype at entry, as autocast casts the inputs of the ``F.linear`` this op fuses; the math inside
 stays fp32 (every backend runs with autocast disabled) and the loss comes back in fp32, as
@@ -60,10 +63,15 @@ Files of this package, in reading order:
 - ``launch.py``: their launchers (:func:`triton_forward`, :func:`triton_backward`,
   :func:`triton_forward_reduced`, which follows the cost model), the tile candidates and
   per-shape-class picks, the budgets and overrides, and the GEMM glue of the Triton paths;
+- ``vocab_parallel.py``: the vocabulary-parallel path (each rank a slice of the vocabulary:
+  per-row statistics all-gathered, dH all-reduced; its communication per call is in its
+  docstring) and the reading of the user's setup (``process_group=``, DTensor weights) into
+  local tensors and a slice;
 - ``op.py``: the ``torch.library`` custom ops (forward, backward, fake kernels, autograd) that
-  dispatch to the reference, the CPU path, the Triton launchers or the C++ op
-  ``torch.ops.unigen.fused_linear_cross_entropy``, the functional form
-  :func:`fused_linear_cross_entropy` and the module :class:`FusedLinearCrossEntropyLoss`.
+  dispatch to the reference, the CPU path, the Triton launchers, the vocabulary-parallel path
+  or the C++ op ``torch.ops.unigen.fused_linear_cross_entropy``, the functional form
+  :func:`fused_linear_cross_entropy` (with per-class weights) and the module
+  :class:`FusedLinearCrossEntropyLoss`.
 
 This file only re-exports.
 """

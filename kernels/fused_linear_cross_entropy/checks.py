@@ -15,7 +15,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, label_smoothing,
-                  z_loss, reduction, softcap=0.0):
+                  z_loss, reduction, softcap=0.0, vocab=None):
+    """``vocab``: the number of classes when ``weight`` is one rank's slice of them."""
     check_tensor(hidden, "hidden", op=OP, dtypes=FLOAT_DTYPES)
     check_tensor(weight, "weight", op=OP, ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device)
     check_tensor(target, "target", op=OP, dtypes=INDEX_DTYPES, device=hidden.device)
@@ -23,17 +24,17 @@ def _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, lab
         raise ValueError(f"{OP}: hidden must have shape [..., D], got a scalar")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{OP}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    vocab, dim = weight.shape
+    rows, dim = weight.shape
     if hidden.shape[-1] != dim:
         raise ValueError(f"{OP}: hidden has last dimension {hidden.shape[-1]} but weight is "
-                         f"[V={vocab}, D={dim}]")
+                         f"[V={rows}, D={dim}]")
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{OP}: target shape {tuple(target.shape)} must equal hidden's leading "
                          f"shape {tuple(hidden.shape[:-1])}")
     if bias is not None:
         check_tensor(bias, "bias", op=OP, ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
-        if bias.shape[0] != vocab:
-            raise ValueError(f"{OP}: bias has {bias.shape[0]} entries, weight has V={vocab} rows")
+        if bias.shape[0] != rows:
+            raise ValueError(f"{OP}: bias has {bias.shape[0]} entries, weight has V={rows} rows")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"{OP}: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
     if token_weights is not None:
@@ -43,8 +44,9 @@ def _check_inputs(hidden, weight, target, bias, token_weights, ignore_index, lab
                              f"target shape {tuple(target.shape)}")
     if target.numel() == 0:
         raise ValueError(f"{OP}: empty batch (target has no elements)")
-    if vocab == 0 or dim == 0:
+    if (rows == 0 and vocab is None) or dim == 0:
         raise ValueError(f"{OP}: weight must be non-empty, got shape {tuple(weight.shape)}")
+    vocab = rows if vocab is None else vocab
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):

@@ -494,6 +494,10 @@ def triton_forward_reduced(hidden, weight, bias, target, row_scale, ignore_index
         _launch_rows_kernel(z, dz, tgt_c[start:], scale_c[start:], loss_c[start:], lse_c[start:],
                             arg_c[start:] if stats else arg_c, label_smoothing, z_loss, softcap,
                             stats, need_grad)
+        if narrow and dev.type == "cpu" and need_grad:
+            # oneDNN's bf16 GEMM on this view (row stride 2V, K not a multiple of 32) returned NaN
+            # rows on some CPUs (issue 28): the interpreter's CPU path multiplies a dense copy
+            dz = dz.contiguous()
         if need_hidden:
             grad_h.index_copy_(0, idx, torch.mm(dz, weight))
         if need_weight:

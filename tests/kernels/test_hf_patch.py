@@ -156,22 +156,163 @@ def test_without_labels_and_generate_unchanged(arch):
     assert torch.equal(gen_after, gen_before)
 
 
-def test_unknown_architecture_is_refused_clearly():
-    cfg = transformers.OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
-                                 vocab_size=50, word_embed_proj_dim=16, max_position_embeddings=32)
-    model = transformers.OPTForCausalLM(cfg)
-    with pytest.raises(ValueError, match=r"unsupported model OPTForCausalLM.*supported: GPT2LMHeadModel.*Phi3"):
-        patch_hf_model(model)
-    with pytest.raises(TypeError, match="transformers causal-LM instance"):
+def test_refusals_name_the_reason():
+    cfg = transformers.BartConfig(d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=1,
+                                  decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                                  vocab_size=50, max_position_embeddings=32)
+    with pytest.raises(ValueError, match=r"unsupported model BartForCausalLM: .*does not call self.loss_function"):
+        patch_hf_model(transformers.BartForCausalLM(cfg))
+    with pytest.raises(TypeError, match="transformers model instance"):
         patch_hf_model("gpt2")
-    with pytest.raises(ValueError, match=r"unsupported model Linear \(model_type=None\)"):
+    with pytest.raises(ValueError, match=r"unsupported model Linear: not a transformers PreTrainedModel"):
         patch_hf_model(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['z_loss'\]"):
         patch_hf_model(_model("llama"), z_loss=1e-4)
     custom = _model("llama")
     custom.loss_function = lambda *a, **k: torch.zeros(())
-    with pytest.raises(ValueError, match="custom loss_function"):
+    with pytest.raises(ValueError, match="not transformers' ForCausalLMLoss"):
         patch_hf_model(custom)
+
+
+# --------------------------------------------------------------------------------------------
+# the forward is read, not listed: synthetic families exercise what the reader accepts
+# --------------------------------------------------------------------------------------------
+
+
+class _Scaled(transformers.LlamaForCausalLM):
+    """A learnable logit scale and a padded vocabulary, as some families have."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        logits = self.lm_head(outputs.last_hidden_state).float() * self.logit_scale
+        keep = self.config.unpadded_vocab_size
+        if keep is not None and keep < logits.shape[-1]:
+            logits = logits[..., :keep]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=logits.shape[-1], **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _Capped(transformers.LlamaForCausalLM):
+    """A soft-cap written another way (walrus, tanh(x/c)*c) after a scale, and an aux loss."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        logits = self.lm_head(outputs.last_hidden_state)
+        logits /= self.config.logits_scaling
+        if (cap := getattr(self.config, "cap", None)) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = loss + 0.5 * outputs.last_hidden_state.square().mean()  # kept, as a router loss
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _EvalBranch(transformers.LlamaForCausalLM):
+    """A branch the op cannot express (xLSTM's evaluation path): that call runs unfused."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        logits = self.lm_head(outputs.last_hidden_state)
+        if not self.training:
+            logits[:, :, :3] = -1e4
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _Masked(transformers.LlamaForCausalLM):
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+        logits[:, :, 5] = float("-inf")  # Chameleon masks its image tokens so
+        return transformers.modeling_outputs.CausalLMOutputWithPast(
+            loss=self.loss_function(logits, labels, self.vocab_size), logits=logits)
+
+
+class _TwoHeads(transformers.LlamaForCausalLM):
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        hidden = self.model(input_ids=input_ids).last_hidden_state
+        logits = self.lm_head(hidden) + self.lm_head(hidden.flip(1))
+        return transformers.modeling_outputs.CausalLMOutputWithPast(
+            loss=self.loss_function(logits, labels, self.vocab_size), logits=logits)
+
+
+class _ShiftedLabels(transformers.LlamaForCausalLM):
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+        labels = labels.roll(1, dims=-1)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(
+            loss=self.loss_function(logits, labels, self.vocab_size), logits=logits)
+
+
+def _synthetic(cls, seed=0, **config):
+    torch.manual_seed(seed)
+    model = cls(_config("llama", **config)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
+@pytest.mark.parametrize("cls,config,described", [
+    (_Scaled, {"unpadded_vocab_size": VOCAB - 20}, "×self.logit_scale; if keep is not None"),
+    (_Scaled, {"unpadded_vocab_size": None}, "[..., :keep]"),
+    (_Capped, {"logits_scaling": 4.0, "cap": 1.5}, "/self.config.logits_scaling; if (cap := "),
+    (_Capped, {"logits_scaling": 0.5, "cap": None}, "tanh"),
+])
+def test_read_processing_is_fused(cls, config, described):
+    model = _synthetic(cls, **config)
+    ids, labels, mask = _batch()
+    labels[labels >= VOCAB - 20] = -100  # (the padded rows are not classes of the loss)
+    ref, ref_grads = _loss_and_grads(model, ids, labels, mask)
+    assert described in hf_patch.read_hf_model(model).describe()
+    patch_hf_model(model)
+    out, grads = _loss_and_grads(model, ids, labels, mask)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():  # the learnable scale's gradient included
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_branch_the_op_cannot_express_runs_unfused():
+    model = _synthetic(_EvalBranch)
+    ids, labels, mask = _batch()
+    patch_hf_model(model)
+    assert "unfused" in hf_patch.read_hf_model(model).describe()
+    evaluated = model(input_ids=ids, attention_mask=mask, labels=labels)  # eval: the model's own loss
+    assert evaluated.logits is not None and torch.isfinite(evaluated.loss)
+    model.train()
+    trained = model(input_ids=ids, attention_mask=mask, labels=labels)  # training: fused
+    assert trained.logits is None
+    unpatch_hf_model(model)
+    torch.testing.assert_close(trained.loss, model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+
+@pytest.mark.parametrize("cls,reason", [
+    (_Masked, r"line \d+: `logits\[:, :, 5\] = float\('-inf'\)` changes or reads the logits"),
+    (_TwoHeads, r"calls self.lm_head 2 times"),
+    (_ShiftedLabels, r"changes `labels` before its loss"),
+])
+def test_unexpressible_forwards_are_refused_with_the_line(cls, reason):
+    with pytest.raises(ValueError, match=reason):
+        patch_hf_model(_synthetic(cls))
+
+
+def test_a_head_with_its_own_forward_is_refused():
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    model = _model("llama")
+    model.lm_head = ScaledHead(32, VOCAB, bias=False)
+    with pytest.raises(ValueError, match="has a forward of its own"):
+        patch_hf_model(model)
 
 
 def test_double_patch_unpatch_and_context_manager():
@@ -225,29 +366,6 @@ def test_torch_compile_has_no_graph_break(arch):
     loss.backward()  # the backward traces too
     assert model.get_output_embeddings().weight.grad is not None
     torch._dynamo.reset()
-
-
-def test_no_graph_break_where_transformers_has_no_slice_logits_to_keep(monkeypatch):
-    # transformers 5.17 (the GPU machine's) has no modeling_utils.slice_logits_to_keep: the patch
-    # resolves the helper when it patches, so no import is attempted inside the traced forward
-    import transformers.modeling_utils as modeling_utils
-
-    monkeypatch.delattr(modeling_utils, "slice_logits_to_keep", raising=False)
-    model = _model("llama")
-    ids, labels, mask = _batch()
-    patch_hf_model(model)
-    eager = model(ids, attention_mask=mask, labels=labels).loss
-    torch._dynamo.reset()
-    explain = torch._dynamo.explain(model)(ids, attention_mask=mask, labels=labels)
-    assert explain.graph_break_count == 0, explain.break_reasons
-    torch._dynamo.reset()
-    # the inline slice it falls back to keeps the same positions as the helper
-    hidden = torch.randn(2, 7, 4)
-    for keep in (0, 3, torch.tensor([0, 4, 6])):
-        torch.testing.assert_close(hf_patch._inline_slice_to_keep(hidden, keep),
-                                   hidden if isinstance(keep, int) and not keep else
-                                   hidden[:, -keep:] if isinstance(keep, int) else hidden[:, keep])
-    assert torch.isfinite(eager)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,3 +473,27 @@ def test_trainer_steps_give_the_same_losses(tmp_path, monkeypatch):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (fused, plain)
     assert is_hf_model_patched(fused_model)  # the Trainer kept our forward
     assert reductions == ["sum"] * 6  # 3 steps x 2 accumulated micro-batches
+
+
+@pytest.mark.parametrize("model_type,class_name", [
+    ("cohere", "CohereForCausalLM"),  # × logit_scale
+    ("granite", "GraniteForCausalLM"),  # / logits_scaling
+    ("mixtral", "MixtralForCausalLM"),  # a router loss added after the fused one
+])
+def test_torch_compile_no_graph_break_across_logit_processing(model_type, class_name):
+    from .hf_families import build_tiny, text_batch
+
+    model = build_tiny(model_type, class_name)
+    model.config.output_router_logits = True  # Mixtral: its auxiliary loss joins the loss
+    batch = text_batch(model)
+    torch._dynamo.reset()
+    unpatched = torch._dynamo.explain(model)(**batch).graph_break_count
+    patch_hf_model(model)
+    eager = model(**batch).loss
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(model)(**batch)
+    # (unpatched, Mixtral breaks once, in transformers' own loss path; patched, none does)
+    assert explain.graph_break_count == 0, (explain.break_reasons, unpatched)
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(**batch).loss, eager, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

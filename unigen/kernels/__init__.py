@@ -35,6 +35,7 @@ from .dropin.hf_patch import (  # noqa: E402
     SUPPORTED_MODEL_TYPES,
     patch_hf_model,
     patched_hf_model,
+    read_hf_model,
     unpatch_hf_model,
 )
 from .fused_linear_cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy  # noqa: E402
@@ -54,6 +55,7 @@ __all__ = [
     "patch_hf_model",
     "unpatch_hf_model",
     "patched_hf_model",
+    "read_hf_model",
     "SUPPORTED_MODEL_TYPES",
     "ClipLoss",
 ]
