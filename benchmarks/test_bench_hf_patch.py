@@ -21,7 +21,6 @@ parameter gradients included (``outputs_mb``); the logits of the unpatched step 
 Run: ``pytest benchmarks/test_bench_hf_patch.py --benchmark-only``.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
