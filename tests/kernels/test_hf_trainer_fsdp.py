@@ -44,7 +44,6 @@ def test_trainer_with_fsdp2_same_losses(tmp_path):
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 @pytest.mark.timeout(300)
 def test_trl_sft_trainer_with_fsdp2_same_losses(tmp_path):
-    """Skips where trl is not installed (it is not in the lock: trl 1.16.0 with datasets 5.2.0
-    was checked here)."""
+    """TRL's SFTTrainer (trl 1.16.0 in the dev lock; skips in an environment without trl)."""
     pytest.importorskip("trl")
     _same(_losses("sft", tmp_path))

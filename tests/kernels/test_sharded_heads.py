@@ -57,8 +57,8 @@ def test_patched_model_with_a_tensor_parallel_head():
 @pytest.mark.timeout(300)
 def test_patched_model_under_deepspeed_zero3():
     """ZeRO-3 on CPU (gloo): DeepSpeed gathers the partitioned head weight around the head's
-    forward, where the patch reads it. Skips where deepspeed is not installed (it is not in the
-    lock: deepspeed 0.19.8 was checked here, with its JIT-built CPU comm op)."""
+    forward, where the patch reads it. deepspeed 0.19.8 is in the dev lock (its CPU comm
+    op is JIT-built on first use); skips in an environment without deepspeed."""
     pytest.importorskip("transformers")
     pytest.importorskip("deepspeed")
     out = _run("_hf_zero3_worker.py", expect="ZeRO-3 patch_hf_model OK")

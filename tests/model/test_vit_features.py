@@ -143,3 +143,32 @@ def test_batch_and_model_refuse_malformed_features():
         batch.validate()
     with pytest.raises(ValueError, match="image_features must be \\[N, 17, 48\\]"):
         model.encode_image_features(torch.zeros(4, 16, 48))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_batch_refuses_non_finite_pixels_and_features(dtype):
+    """The model runs its ops without their finiteness checks: the batch's own float inputs are
+    checked by its validation, named (fp8 has no inf; its NaN is checked on the bits)."""
+    cfg = UniGenConfig.tiny()
+    torch.manual_seed(0)
+    model = UniGen(cfg)
+    batch = _batch(model, torch.randn(4, 3, 32, 32))
+    batch.validate()
+    batch.images[2, 1, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="UniGenBatch.images contains non-finite values"):
+        batch.validate()
+    batch.images = None
+    feats = torch.zeros(4, 17, 48)
+    batch.image_features = feats.to(dtype)
+    if dtype == torch.float8_e4m3fn:
+        batch.image_feature_scales = torch.ones(4)
+    batch.validate()
+    feats[1, 5, 7] = float("nan") if dtype == torch.float8_e4m3fn else float("inf")
+    batch.image_features = feats.to(dtype)
+    with pytest.raises(ValueError, match="UniGenBatch.image_features contains non-finite values"):
+        batch.validate()
+    if dtype == torch.float8_e4m3fn:
+        batch.image_features = torch.zeros(4, 17, 48).to(dtype)
+        batch.image_feature_scales = torch.tensor([1.0, 0.0, 1.0, 1.0])
+        with pytest.raises(ValueError, match="image_feature_scales must be finite and > 0"):
+            batch.validate()

@@ -178,6 +178,7 @@ class UniGenBatch:
             if image_size is not None and tuple(im.shape[2:]) != (image_size, image_size):
                 raise ValueError(f"UniGenBatch.images must be {image_size}x{image_size} "
                                  f"(vision.image_size), got {tuple(im.shape[2:])}")
+            _check_finite("images", im)
         if self.image_features is not None:
             self._validate_image_features(tensor)
         elif self.image_feature_scales is not None:
@@ -264,3 +265,22 @@ class UniGenBatch:
                 feats.shape[0],):
             raise ValueError(f"UniGenBatch.image_feature_scales must be [{feats.shape[0]}] (one "
                              f"per image), got {tuple(self.image_feature_scales.shape)}")
+        _check_finite("image_features", feats)
+        if fp8:
+            scales = self.image_feature_scales
+            if scales.numel() and not bool((torch.isfinite(scales) & (scales > 0)).all()):
+                raise ValueError("UniGenBatch.image_feature_scales must be finite and > 0")
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    """The model's ops run without their own finiteness checks (unigen.model.losses), so the
+    batch's float inputs are checked here. float8 e4m3fn has no inf and one NaN code per sign
+    (all exponent and mantissa bits set): read on the bits, no float copy of the features."""
+    if not x.numel():
+        return
+    if x.dtype == torch.float8_e4m3fn:
+        bad = bool(((x.view(torch.uint8) & 0x7F) == 0x7F).any())
+    else:
+        bad = not bool(torch.isfinite(x).all())
+    if bad:
+        raise ValueError(f"UniGenBatch.{name} contains non-finite values (nan or inf)")

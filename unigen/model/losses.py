@@ -22,6 +22,11 @@ from unigen.model.baselines import lavis_contrastive_loss, materialized_cross_en
 from unigen.model.config import TASK_NAMES, LossConfig
 from unigen.model.host_collectives import all_gather_host_ints
 
+# The ops' finiteness checks stay off inside the model, on CPU as on a GPU: its inputs are
+# activations, and a non-finite one is a diverging run, which the trainer reports on the loss
+# with the step and the remedy (the batch's own values are checked by UniGenBatch.validate).
+OPS_VALIDATE = False
+
 
 def task_coefficients(cfg: LossConfig, device) -> torch.Tensor:
     """[4] coefficients of (trans, cap, qus, match): 1, 1, α, β in the paper."""
@@ -58,7 +63,8 @@ def generative_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         0, task_of_row, torch.ones_like(task_of_row))
     row_weight = (1.0 / counts.clamp(min=1).to(torch.float32))[task_of_row]
     rows = fused_linear_cross_entropy(hidden, weight, labels, token_weights=row_weight.to(hidden.dtype),
-                                      reduction="none", backend=cfg.kernel_backend)
+                                      reduction="none", backend=cfg.kernel_backend,
+                                      validate=OPS_VALIDATE)
     means = torch.zeros(n_tasks, dtype=torch.float32, device=hidden.device).index_add(
         0, task_of_row, rows.float())
     return (coef * means).sum(), means, counts
@@ -74,7 +80,8 @@ def contrastive(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale
                                       negatives=negatives, generator=generator)
     return contrastive_loss(image_feats, text_feats, logit_scale, ids=ids,
                             label_smoothing=cfg.contrastive_label_smoothing, negatives=negatives,
-                            generator=generator, backend=cfg.kernel_backend)
+                            generator=generator, backend=cfg.kernel_backend,
+                            validate=OPS_VALIDATE)
 
 
 @dataclass
@@ -162,7 +169,7 @@ def pair_contrastive(image_feats: torch.Tensor, text_feats: torch.Tensor,
             loss = contrastive_loss(image_feats, text_feats, logit_scale, ids=global_ids,
                                     label_smoothing=cfg.contrastive_label_smoothing,
                                     negatives=None, backend=cfg.kernel_backend,
-                                    rank_sizes=sizes).loss
+                                    rank_sizes=sizes, validate=OPS_VALIDATE).loss
             # The op's loss is the mean over this rank's rows; weighted by n_local · W / N the
             # ranks' mean (what DDP's gradient average sees) is the global batch's mean also
             # when the ranks hold different numbers of pairs.
