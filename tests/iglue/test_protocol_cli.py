@@ -11,12 +11,14 @@ import unicodedata
 import pytest
 import torch
 
-from unigen.configuration import config_from_argv
+from unigen.configuration import config_from_argv, save_config
+from unigen.data.prepare import main as prepare
 from unigen.data.synthetic_text import synthetic_corpus
 from unigen.evaluate import main as evaluate_main
 from unigen.finetune import main as finetune_main
 from unigen.iglue.fewshot import FewshotConfig, run_fewshot
 from unigen.iglue.fewshot import main as fewshot_main
+from unigen.iglue.finetune import parse_args as finetune_args
 from unigen.iglue.protocol import PROTOCOLS
 from unigen.iglue.table import main as table_main
 from unigen.model.pretrained import read_weights
@@ -109,6 +111,9 @@ def release(tmp_path_factory):
              "left_img": f"{i}.jpg", "right_img": f"{(i + 1) % 4}.jpg",
              "annotator_info": {"annotator_id": f"{lang}_01"}, "chapter": "Time",
              "id": f"{lang}-{i}", "label": i % 2 == 0} for i in range(4)])
+    ann(p.train_file("id", "2"), [
+        {"concept": "39-Panci", "language": "id", "caption": WORDS["id"][i], "left_img": f"{i}.jpg",
+         "right_img": f"{i + 2}.jpg", "id": f"id-train-{i}", "label": i == 0} for i in range(2)])
 
     # xFlickr&CO: Flickr30k training; a test with COCO integer ids and an empty caption
     p = PROTOCOLS["xflickrco"]
@@ -266,6 +271,58 @@ def test_fewshot_runner_resumes_and_table_renders(release, tmp_path):
     assert table["few_shot_setting"] == {"xvnli": "few_shot/5", "xflickrco": "few_shot/5"}
     assert table["table1"]["few_shot"]["WIT IR"] is None
     assert any("not run" in n for n in table["notes"])
+
+
+def _feature_store(pre, ds, images, out, tmp_path):
+    """A feature store of the image folder ``images`` (the extraction reads a fine-tuning config
+    naming it), fp32: fine-tuning from it is bit for bit fine-tuning from the images."""
+    ft = finetune_args(["--task", "marvl", "--pair-images", "two_prefixes", "--model", str(pre),
+                        "--train", str(ds / PROTOCOLS["marvl"].train), "--images", str(images),
+                        "--out", str(tmp_path / "unused")])
+    save_config(ft, str(tmp_path / f"{out}.yaml"))
+    assert prepare(["image-features", str(tmp_path / f"{out}.yaml"), "--out", str(tmp_path / out),
+                    "--dtype", "fp32", "--workers", "0"]) == 0
+    return tmp_path / out
+
+
+def test_fewshot_from_feature_stores_gives_the_results_of_images(release, tmp_path):
+    """MaRVL's zero-shot fine-tune reads the store of NLVR2's images, its few-shot continuation
+    the store of MaRVL's: the same scores and weights as from the images."""
+    root, pre, ds, roots = release
+    english = _feature_store(pre, ds, roots["nlvr2"], "nlvr2_store", tmp_path)
+    target = _feature_store(pre, ds, roots["marvl"], "marvl_store", tmp_path)
+    common = ["--task", "marvl", "--pair-images", "two_prefixes", "--model", pre, "--iglue", ds,
+              "--images", roots["nlvr2"], "--target-images", roots["marvl"], "--languages", "id",
+              "--shots", "2", "--dev", "false", "--epochs", 1, "--few-shot-epochs", 1,
+              "--batch-size", 4, "--workers", 0, "--device", "cpu"]
+    lines = []
+    stored = run_fewshot(config_from_argv(FewshotConfig, [str(a) for a in [
+        *common, "--out", tmp_path / "stored", "--image-features", english,
+        "--target-image-features", target]]), log=lines.append)
+    assert sum(f"from the feature store {store}" in line
+               for line in lines for store in (english, target)) == 2
+    pixels = run_fewshot(config_from_argv(FewshotConfig, [str(a) for a in [
+        *common, "--out", tmp_path / "pixels"]]), log=lambda _: None)
+    assert stored.keys() == pixels.keys() == {"zero_shot id", "few_shot id 2-shot"}
+    timing = {"seconds", "records_per_second"}
+    for cell in stored:
+        scores = [{k: v for k, v in r[cell]["metrics"].items() if k not in timing}
+                  for r in (stored, pixels)]
+        assert scores[0] == scores[1] and "accuracy" in scores[0], cell
+    models = [tmp_path / out / "runs" / "marvl" / "few_shot" / "id" / "2" / "model"
+              / "model.safetensors" for out in ("stored", "pixels")]
+    a, b = (read_weights(str(m)) for m in models)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image-features", "s"], "fewshot: image_features cannot honour pair_images=side_by_side"),
+    (["--pair-images", "two_prefixes", "--target-image-features", "s"],
+     "target_image_features is a store of target_images, which is not set")])
+def test_fewshot_refuses_a_store_it_cannot_use(extra, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_argv(FewshotConfig, ["--task", "marvl", "--model", "m", "--iglue", "d",
+                                         "--images", "i", *extra])
 
 
 def test_table_from_a_results_folder_by_hand(tmp_path, capsys):

@@ -33,10 +33,15 @@ KEYWORD_TASKS = ("xvnli", "marvl")
 TRAINABLE = ("all", "decoder")
 
 
-def check_pair_images(task: str, pair_images: str, op: str) -> None:
+def check_pair_images(task: str, pair_images: str, op: str, store: str = "") -> None:
+    """``store``: the option naming a feature store, when one is given."""
     if pair_images == "two_prefixes" and task != "marvl":
         raise ValueError(f"{op}: pair_images=two_prefixes is for marvl (two images per "
                          f"statement), not {task}")
+    if store and task == "marvl" and pair_images == "side_by_side":
+        raise ValueError(f"{op}: {store} cannot honour pair_images=side_by_side (MaRVL's two "
+                         f"images pasted into one before the ViT; a store holds single images): "
+                         f"set pair_images=two_prefixes")
 
 
 def check_decode(task: str, decode: str, op: str, answers: str = "") -> None:
@@ -154,13 +159,8 @@ class FinetuneConfig:
         check_task(self.task, "finetune")
         check_choices(self, "finetune")
         check_decode(self.task, self.scoring.decode, "finetune", self.scoring.answers)
-        check_pair_images(self.task, self.pair_images, "finetune")
-        if self.data.image_features and self.task == "marvl" and \
-                self.pair_images == "side_by_side":
-            raise ValueError("finetune: data.image_features cannot honour "
-                             "pair_images=side_by_side (MaRVL's two images pasted into one "
-                             "before the ViT; a store holds single images): set "
-                             "pair_images=two_prefixes")
+        check_pair_images(self.task, self.pair_images, "finetune",
+                          "data.image_features" if self.data.image_features else "")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("finetune: model must name a pre-trained model directory")
         if self.distributed.parallelism != "ddp":

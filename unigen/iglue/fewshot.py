@@ -64,6 +64,13 @@ class FewshotConfig:
     target_images: str = ""
     """Image root of the target-language files (test and few-shot training); "" = ``images``.
     MaRVL: the MaRVL release (``<root>/<language>/images/<concept>/``)."""
+    image_features: str = ""
+    """A feature store of ``images`` (``python -m unigen.data.prepare image-features`` on a
+    fine-tuning config whose ``data.images`` is that folder): the zero-shot fine-tune reads the
+    stored ViT outputs instead of the images. "" = the images."""
+    target_image_features: str = ""
+    """A feature store of ``target_images``, for the few-shot fine-tunes; "" = ``image_features``
+    where the target images are ``images``, else the images. Scoring always reads the images."""
     out: str = "runs/iglue"
     """Runs and results folder (shared by the tasks)."""
     languages: tuple[str, ...] = ()
@@ -100,7 +107,13 @@ class FewshotConfig:
     def __post_init__(self):
         check_task(self.task, "fewshot")
         check_choices(self, "fewshot")
-        check_pair_images(self.task, self.pair_images, "fewshot")
+        for store in ("image_features", "target_image_features"):
+            check_pair_images(self.task, self.pair_images, "fewshot",
+                              store if getattr(self, store) else "")
+        if self.target_image_features and not self.target_images:
+            raise ValueError("fewshot: target_image_features is a store of target_images, which "
+                             "is not set (the few-shot fine-tunes read images, so "
+                             "image_features serves them)")
         self.languages, self.shots = tuple(self.languages), tuple(self.shots)
         protocol = PROTOCOLS[self.task]
         unknown = [lang for lang in self.languages if lang not in protocol.languages]
@@ -188,7 +201,7 @@ class FewshotRunner:
 
     # ---- fine-tuning ----------------------------------------------------------------------
     def _finetune(self, out: str, model: str, train: str, dev: str | None, images: str,
-                  epochs: int) -> str:
+                  features: str, epochs: int) -> str:
         """``out``'s fine-tuned model: reused when there, resumed when interrupted."""
         model_dir = os.path.join(out, MODEL_DIR)
         if os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -199,7 +212,8 @@ class FewshotRunner:
         ft = FinetuneConfig(
             task=c.task, model=model, trainable=c.trainable, pair_images=c.pair_images,
             data=FinetuneDataConfig(train=(train,), dev=(dev,) if dev else (), images=images,
-                                    batch_size=c.batch_size, workers=c.workers),
+                                    image_features=features, batch_size=c.batch_size,
+                                    workers=c.workers),
             scoring=c.scoring,
             optim=OptimConfig(lr=c.lr, weight_decay=0.01),
             schedule=ScheduleConfig(steps=0, epochs=epochs, warmup_steps=0, decay="constant"),
@@ -207,6 +221,7 @@ class FewshotRunner:
             checkpoint=CheckpointConfig(every=1000, keep_last=1, resume=resume),
             logging=LoggingConfig(every=50))
         self.log(f"[fewshot] fine-tuning {os.path.basename(train)} → {out}"
+                 + (f" from the feature store {features}" if features else "")
                  + (" (resuming)" if resume == "auto" else ""))
         finetune(ft, log=self.log)
         return model_dir
@@ -215,7 +230,7 @@ class FewshotRunner:
         c = self.cfg
         return self._finetune(os.path.join(self.runs, "zero_shot"), c.model,
                               self.data(self.p.train), self.data(self.p.dev) if c.dev else None,
-                              c.images, c.epochs)
+                              c.images, c.image_features, c.epochs)
 
     # ---- one cell -------------------------------------------------------------------------
     def run_cell(self, cell: Cell, zero_shot_model: str) -> None:
@@ -235,8 +250,9 @@ class FewshotRunner:
                         "task": c.task, "setting": cell.setting, "language": cell.lang,
                         "shot": cell.shot, "not_run": reason})
                     return
+            features = c.target_image_features if c.target_images else c.image_features
             model = self._finetune(os.path.join(self.runs, "few_shot", cell.lang, cell.shot),
-                                   zero_shot_model, train, None, target_images,
+                                   zero_shot_model, train, None, target_images, features,
                                    c.few_shot_epochs)
         ev = EvaluateConfig(task=c.task, model=model, tests=(f"{cell.lang}={self.data(cell.test)}",),
                             images=target_images, device=c.device, precision=c.precision,
