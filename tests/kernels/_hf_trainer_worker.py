@@ -135,6 +135,9 @@ def main():
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    from _hf_sharded_worker import exit_after_success
+
+    exit_after_success()
 
 
 if __name__ == "__main__":
