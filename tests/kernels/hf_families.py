@@ -68,6 +68,19 @@ EXTRA = {
 RETRY = {"num_key_value_heads": 4}
 
 TINY_BUILD_TIMEOUT_S = 60
+
+# Families whose forward computed its own loss (its own nn.CrossEntropyLoss, not
+# self.loss_function) before transformers 5.17, so the patch refuses them there: read in the
+# released wheels, 5.6.0 to 5.16.1 against 5.17.0.
+OWN_LOSS_BEFORE_5_17 = ("gemma3", "blip-2")
+
+
+def computes_its_own_loss(model_type: str) -> bool:
+    """Whether the installed transformers' ``model_type`` computes its loss itself."""
+    import transformers
+    from packaging.version import Version
+
+    return model_type in OWN_LOSS_BEFORE_5_17 and Version(transformers.__version__) < Version("5.17")
 MAX_TINY_PARAMS = 2_000_000
 
 
