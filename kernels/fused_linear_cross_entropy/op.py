@@ -55,16 +55,11 @@ class CrossEntropyStats(NamedTuple):
 _PY_IMPLS = ("torch", "triton")
 
 
-def _forward_impl(impl):
+def _pick(impl, triton_fn, torch_fn):
+    """The custom ops' body for ``impl`` (a string argument, so the ops stay traceable)."""
     if impl not in _PY_IMPLS:
         raise ValueError(f"{OP}: unknown implementation {impl!r}")
-    return triton_forward if impl == "triton" else reference_forward
-
-
-def _backward_impl(impl):
-    if impl not in _PY_IMPLS:
-        raise ValueError(f"{OP}: unknown implementation {impl!r}")
-    return triton_backward if impl == "triton" else reference_backward
+    return triton_fn if impl == "triton" else torch_fn
 
 
 # Every op body runs with autocast disabled: its matmuls must stay in the dtypes it chose (the
@@ -75,8 +70,9 @@ def _flce_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                      softcap: float, impl: str, stats: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with autocast_disabled(hidden.device):
-        return _forward_impl(impl)(hidden, weight, bias, target, ignore_index, label_smoothing,
-                                   z_loss, softcap, stats=stats)
+        forward = _pick(impl, triton_forward, reference_forward)
+        return forward(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
+                       softcap, stats=stats)
 
 
 @_flce_forward_op.register_fake
@@ -94,9 +90,9 @@ def _flce_backward_op(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: tor
                       impl: str, need_hidden: bool, need_weight: bool, need_bias: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with autocast_disabled(hidden.device):
-        grads = _backward_impl(impl)(grad_rows, hidden, weight, bias, target, lse, ignore_index,
-                                     label_smoothing, z_loss, need_hidden, need_weight, need_bias,
-                                     softcap)
+        backward = _pick(impl, triton_backward, reference_backward)
+        grads = backward(grad_rows, hidden, weight, bias, target, lse, ignore_index,
+                         label_smoothing, z_loss, need_hidden, need_weight, need_bias, softcap)
     # custom ops cannot return None: an unneeded gradient is an empty tensor
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
@@ -144,12 +140,6 @@ def _backward(ctx, grad_rows, _grad_lse, _grad_correct):
 torch.library.register_autograd("unigen::flce_forward", _backward, setup_context=_setup_context)
 
 
-def _forward_reduced_impl(impl):
-    if impl not in _PY_IMPLS:
-        raise ValueError(f"{OP}: unknown implementation {impl!r}")
-    return triton_forward_reduced if impl == "triton" else reference_forward_reduced
-
-
 @torch.library.custom_op("unigen::flce_forward_reduced", mutates_args=())
 def _flce_forward_reduced_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              target: torch.Tensor, row_scale: torch.Tensor, ignore_index: int,
@@ -159,10 +149,10 @@ def _flce_forward_reduced_op(hidden: torch.Tensor, weight: torch.Tensor, bias: t
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor, torch.Tensor]:
     with autocast_disabled(hidden.device):
-        out = _forward_reduced_impl(impl)(hidden, weight, bias, target, row_scale, ignore_index,
-                                          label_smoothing, z_loss, need_hidden, need_weight,
-                                          need_bias, softcap, stats=stats,
-                                          fp32_logits=fp32_logits)
+        forward = _pick(impl, triton_forward_reduced, reference_forward_reduced)
+        out = forward(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
+                      z_loss, need_hidden, need_weight, need_bias, softcap, stats=stats,
+                      fp32_logits=fp32_logits)
     return out[:3] + tuple(g if g is not None else hidden.new_empty(0) for g in out[3:])
 
 
